@@ -1,0 +1,3 @@
+"""Command-line interface (``vqsuite ...``)."""
+
+from __future__ import annotations

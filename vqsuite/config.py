@@ -1,0 +1,338 @@
+"""Quantization recipes: :class:`QuantSpec` (one layer), :class:`QuantConfig` (a whole model) and named presets.
+
+Both are frozen, validated dataclasses: a bad value raises ``ValueError`` naming it. They serialise to plain
+dicts (``to_dict``/``from_dict``) carrying a ``version``, stored as JSON beside quantized weights.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+import torch
+
+from vqsuite.formats import get_format, list_formats
+
+CONFIG_VERSION = 1
+
+ActMode = Literal["none", "dynamic_per_token", "dynamic_per_group", "static"]
+KernelPreference = Literal["auto", "triton", "reference"]
+ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
+KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
+SCALE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+def _check_format(value: str | None, field_name: str) -> None:
+    if value is not None and value not in list_formats():
+        raise ValueError(f"{field_name}={value!r} is not a known format; choose one of {', '.join(list_formats())}")
+
+
+def _check_group(value: int | None, field_name: str) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+        raise ValueError(f"{field_name}={value!r} must be a positive integer or None")
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one layer is quantized.
+
+    Attributes:
+        weight: weight format name (see :func:`vqsuite.formats.list_formats`), or ``None`` to keep 16-bit weights.
+        weight_group_size: group length along K (in_features); ``None`` means one scale per output channel.
+            Block formats (NVFP4 16, MXFP4 32) fix it.
+        act: activation format name, or ``None`` for 16-bit activations.
+        act_mode: ``"none"``, ``"dynamic_per_token"`` (one scale per row of ``x [M, K]``),
+            ``"dynamic_per_group"`` (groups of ``act_group_size`` along K, per token) or ``"static"``
+            (one calibrated per-tensor scale).
+        act_group_size: group length for ``dynamic_per_group``.
+        rank: rank of the 16-bit low-rank branch (``QLinearLowRank``); 0 means none.
+        scale_dtype: storage dtype of float weight scales: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        kernel: kernel preference for frozen layers: ``"auto"``, ``"triton"`` or ``"reference"``.
+    """
+
+    weight: str | None = "int8"
+    weight_group_size: int | None = None
+    act: str | None = None
+    act_mode: ActMode = "none"
+    act_group_size: int | None = None
+    rank: int = 0
+    scale_dtype: str = "float32"
+    kernel: KernelPreference = "auto"
+
+    def __post_init__(self) -> None:
+        _check_format(self.weight, "weight")
+        _check_format(self.act, "act")
+        _check_group(self.weight_group_size, "weight_group_size")
+        _check_group(self.act_group_size, "act_group_size")
+        if self.act_mode not in ACT_MODES:
+            raise ValueError(f"act_mode={self.act_mode!r} must be one of {', '.join(ACT_MODES)}")
+        if self.kernel not in KERNEL_PREFERENCES:
+            raise ValueError(f"kernel={self.kernel!r} must be one of {', '.join(KERNEL_PREFERENCES)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise ValueError(f"scale_dtype={self.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            raise ValueError(f"rank={self.rank!r} must be an integer >= 0")
+        if self.weight is None and self.act is None and self.rank == 0:
+            raise ValueError("weight=None and act=None quantize nothing; exclude the layer instead")
+        # block formats carry their group length; fill it in, refuse a contradicting one
+        for fmt_field, group_field in (("weight", "weight_group_size"), ("act", "act_group_size")):
+            fmt_name = getattr(self, fmt_field)
+            if fmt_name is None:
+                continue
+            block = get_format(fmt_name).block_size
+            group = getattr(self, group_field)
+            if block is not None:
+                if group is not None and group != block:
+                    raise ValueError(f"{group_field}={group} is not allowed for {fmt_name}, whose blocks are {block}")
+                object.__setattr__(self, group_field, block)
+        if self.act is None:
+            if self.act_mode != "none":
+                raise ValueError(f"act_mode={self.act_mode!r} needs an activation format (act=None)")
+            if self.act_group_size is not None:
+                raise ValueError(f"act_group_size={self.act_group_size} given without an activation format")
+        else:
+            if self.act_mode == "none":
+                raise ValueError(f"act={self.act!r} needs an act_mode other than 'none'")
+            block = get_format(self.act).block_size
+            if self.act_mode == "dynamic_per_group" and self.act_group_size is None:
+                raise ValueError("act_mode='dynamic_per_group' needs act_group_size")
+            if self.act_mode in ("dynamic_per_token", "static") and self.act_group_size is not None and block is None:
+                raise ValueError(f"act_group_size={self.act_group_size} only applies to act_mode='dynamic_per_group'")
+            if block is not None and self.act_mode != "dynamic_per_group":
+                raise ValueError(f"act={self.act!r} is a block format: act_mode must be 'dynamic_per_group'")
+            if self.act_mode == "static" and get_format(self.act).asymmetric:
+                raise ValueError(f"act_mode='static' supports symmetric formats only, not act={self.act!r}")
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    def incompatibility(self, in_features: int, *, act_features: int | None = None) -> str | None:
+        """Why this spec cannot quantize a layer whose GEMM reduction length is ``in_features``, or ``None``.
+
+        ``act_features`` is the length activation groups run along (the input channels of a conv), when it
+        differs from ``in_features`` (a conv's ``C/groups * kh * kw``).
+        """
+        if self.weight is not None and self.weight_group_size is not None:
+            if in_features % self.weight_group_size != 0:
+                return f"weight_group_size={self.weight_group_size} must divide in_features={in_features}"
+        if self.weight is not None and get_format(self.weight).is_4bit and in_features % 2 != 0:
+            return f"4-bit packing needs an even in_features, got {in_features}"
+        a = in_features if act_features is None else act_features
+        if self.act_mode == "dynamic_per_group" and a % self.act_group_size != 0:
+            return f"act_group_size={self.act_group_size} must divide the activation channels {a}"
+        if self.rank > 0 and act_features is not None:
+            return "the low-rank branch is only for linear layers"
+        return None
+
+    def validate_for(self, in_features: int, **kw: Any) -> None:
+        reason = self.incompatibility(in_features, **kw)
+        if reason is not None:
+            raise ValueError(reason)
+
+    def replace(self, **changes: Any) -> QuantSpec:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantSpec field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    def short(self) -> str:
+        """Compact label like ``W:int4/g64 A:int4/g64 r32``."""
+        w = (
+            "W:16"
+            if self.weight is None
+            else f"W:{self.weight}" + (f"/g{self.weight_group_size}" if self.weight_group_size else "/ch")
+        )
+        if self.act is None:
+            a = "A:16"
+        elif self.act_mode == "dynamic_per_group":
+            a = f"A:{self.act}/g{self.act_group_size}"
+        else:
+            a = f"A:{self.act}/" + ("tok" if self.act_mode == "dynamic_per_token" else "static")
+        return f"{w} {a}" + (f" r{self.rank}" if self.rank else "")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """A model's recipe: a default spec, fnmatch-pattern overrides (first match wins) and exclusions.
+
+    ``overrides`` maps a module-name pattern (``"*.attn.*"``, ``"head"``) to a :class:`QuantSpec`, or to
+    ``None`` to keep matching layers in float. ``exclude`` lists patterns that are never quantized.
+    A dict passed for ``overrides`` is kept in insertion order.
+    """
+
+    default: QuantSpec = field(default_factory=QuantSpec)
+    overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
+    exclude: tuple[str, ...] = ()
+    name: str | None = None
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.default, QuantSpec):
+            raise ValueError(f"default={self.default!r} must be a QuantSpec")
+        ov = self.overrides
+        items = list(ov.items()) if isinstance(ov, dict) else [tuple(p) for p in ov]
+        for item in items:
+            if len(item) != 2 or not isinstance(item[0], str):
+                raise ValueError(f"override {item!r} must be a (pattern, QuantSpec | None) pair")
+            if item[1] is not None and not isinstance(item[1], QuantSpec):
+                raise ValueError(f"override for {item[0]!r} must be a QuantSpec or None, got {item[1]!r}")
+        object.__setattr__(self, "overrides", tuple((p, s) for p, s in items))
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        else:
+            object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.version != CONFIG_VERSION:
+            raise ValueError(f"config version={self.version} is not supported (this vqsuite reads {CONFIG_VERSION})")
+
+    def resolve(self, module_name: str) -> tuple[QuantSpec | None, str]:
+        """The spec for ``module_name`` and why: ``(spec, "default" | "override 'pat'")`` or ``(None, reason)``."""
+        for pat in self.exclude:
+            if fnmatch.fnmatchcase(module_name, pat):
+                return None, f"excluded by pattern {pat!r}"
+        for pat, spec in self.overrides:
+            if fnmatch.fnmatchcase(module_name, pat):
+                if spec is None:
+                    return None, f"kept in float by override {pat!r}"
+                return spec, f"override {pat!r}"
+        return self.default, "default"
+
+    def spec_for(self, module_name: str) -> QuantSpec | None:
+        return self.resolve(module_name)[0]
+
+    def with_overrides(self, **kw: Any) -> QuantConfig:
+        return replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "name": self.name,
+            "default": self.default.to_dict(),
+            "overrides": [[p, None if s is None else s.to_dict()] for p, s in self.overrides],
+            "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
+        if not isinstance(d, dict):
+            raise ValueError(f"a QuantConfig dict is expected, got {type(d).__name__}")
+        version = d.get("version")
+        if version != CONFIG_VERSION:
+            raise ValueError(f"config version={version!r} is not supported (this vqsuite reads {CONFIG_VERSION})")
+        unknown = sorted(set(d) - {"version", "name", "default", "overrides", "exclude"})
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
+        return cls(
+            default=QuantSpec.from_dict(d["default"]),
+            overrides=tuple((p, None if s is None else QuantSpec.from_dict(s)) for p, s in d.get("overrides", [])),
+            exclude=tuple(d.get("exclude", ())),
+            name=d.get("name"),
+            version=version,
+        )
+
+
+# ---------------------------------------------------------------------- presets
+_PRESETS: dict[str, tuple[QuantConfig, str]] = {}
+
+
+def register_preset(name: str, config: QuantConfig, description: str) -> None:
+    if name in _PRESETS:
+        raise ValueError(f"preset {name!r} is already registered")
+    _PRESETS[name] = (replace(config, name=name), description)
+
+
+def list_presets() -> list[str]:
+    """Names of the registered presets, sorted."""
+    return sorted(_PRESETS)
+
+
+def describe_presets() -> dict[str, str]:
+    return {k: _PRESETS[k][1] for k in list_presets()}
+
+
+def get_preset(name: str) -> QuantConfig:
+    try:
+        return _PRESETS[name][0]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}") from None
+
+
+def resolve_config(config: str | QuantConfig | QuantSpec | dict[str, Any]) -> QuantConfig:
+    """Accept a preset name, a QuantConfig, a single QuantSpec (applied everywhere) or a config dict."""
+    if isinstance(config, QuantConfig):
+        return config
+    if isinstance(config, QuantSpec):
+        return QuantConfig(default=config)
+    if isinstance(config, str):
+        return get_preset(config)
+    if isinstance(config, dict):
+        return QuantConfig.from_dict(config)
+    raise ValueError(f"config={config!r} must be a preset name, QuantConfig, QuantSpec or dict")
+
+
+def _spec(**kw: Any) -> QuantConfig:
+    return QuantConfig(default=QuantSpec(**kw))
+
+
+register_preset("w8a16", _spec(weight="int8"), "INT8 per-channel weights, 16-bit activations")
+register_preset(
+    "w8a8",
+    _spec(weight="int8", act="int8", act_mode="dynamic_per_token"),
+    "INT8 per-channel weights, dynamic per-token INT8 activations",
+)
+register_preset(
+    "w8a8-fp8",
+    _spec(weight="fp8_e4m3", act="fp8_e4m3", act_mode="dynamic_per_token"),
+    "FP8 E4M3 per-channel weights, dynamic per-token FP8 E4M3 activations",
+)
+register_preset(
+    "w4a16",
+    _spec(weight="int4", weight_group_size=64, scale_dtype="bfloat16"),
+    "INT4 weights in groups of 64 (bf16 scales), 16-bit activations",
+)
+register_preset(
+    "w4a8",
+    _spec(weight="int4", weight_group_size=64, scale_dtype="bfloat16", act="int8", act_mode="dynamic_per_token"),
+    "INT4 g64 weights, dynamic per-token INT8 activations",
+)
+register_preset(
+    "w4a4",
+    _spec(
+        weight="int4",
+        weight_group_size=64,
+        scale_dtype="bfloat16",
+        act="int4",
+        act_mode="dynamic_per_group",
+        act_group_size=64,
+    ),
+    "INT4 g64 weights and dynamic per-token g64 INT4 activations, no low-rank branch (the RTN baseline)",
+)
+register_preset(
+    "nvfp4",
+    _spec(weight="nvfp4", act="nvfp4", act_mode="dynamic_per_group"),
+    "NVFP4 weights and activations (E2M1, blocks of 16, E4M3 scales, FP32 tensor scale), RTN",
+)
+register_preset(
+    "mxfp4",
+    _spec(weight="mxfp4", act="mxfp4", act_mode="dynamic_per_group"),
+    "MXFP4 weights and activations (E2M1, blocks of 32, E8M0 scales), RTN",
+)
+register_preset(
+    "w4a16-nvfp4",
+    _spec(weight="nvfp4"),
+    "NVFP4 weights, 16-bit activations",
+)

@@ -1,0 +1,82 @@
+"""Integer formats: INT8 and INT4, symmetric (signed codes) and asymmetric (unsigned codes + zero point).
+
+Symmetric: ``scale = amax / qmax`` (``qmax`` = 127 for INT8, 7 for INT4 as in deepcompressor),
+``q = clamp(round_half_even(x / scale), qmin, qmax)`` with ``qmin = -2^(b-1)``.
+Asymmetric: the range is widened to include 0, ``scale = (max - min) / (2^b - 1)``,
+``z = round(-min / scale)``, ``q = clamp(round(x / scale) + z, 0, 2^b - 1)``; ``x^ = (q - z) * scale``.
+An all-zero group gets ``scale = 0`` and codes 0 (no division by zero; it dequantizes to exact zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vqsuite.formats.base import Format, QTensor, register_format
+from vqsuite.formats.grouping import (
+    check_finite,
+    expand_scales,
+    from_groups,
+    group_scales_shape,
+    resolve_group_size,
+    to_groups,
+)
+
+
+def _safe(scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def quantize_int(
+    x: torch.Tensor,
+    fmt: Format,
+    *,
+    group_size: int | None = None,
+    axis: int = -1,
+    per_tensor: bool = False,
+    scale_dtype: torch.dtype = torch.float32,
+    name: str = "x",
+) -> QTensor:
+    check_finite(x, name)
+    group_size = resolve_group_size(fmt.block_size, group_size, fmt.name)
+    xg = to_groups(x, group_size, axis, per_tensor, name)
+    if fmt.asymmetric:
+        lo = xg.amin(dim=-1, keepdim=True).clamp(max=0.0)
+        hi = xg.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        # the stored (possibly 16-bit) scale is the one used to divide, so dequantization inverts exactly it
+        scale = ((hi - lo) / fmt.qmax).to(scale_dtype).float()
+        zero = torch.round(-lo / _safe(scale)).clamp(fmt.qmin, fmt.qmax)
+        q = (torch.round(xg / _safe(scale)) + zero).clamp(fmt.qmin, fmt.qmax)
+        codes = q.to(torch.uint8)
+        zeros = group_scales_shape(zero, per_tensor).to(torch.uint8)
+    else:
+        amax = xg.abs().amax(dim=-1, keepdim=True)
+        scale = (amax / fmt.qmax).to(scale_dtype).float()
+        q = torch.round(xg / _safe(scale)).clamp(fmt.qmin, fmt.qmax)
+        codes = q.to(torch.int8)
+        zeros = None
+    return QTensor(
+        codes=from_groups(codes, x.shape, axis, per_tensor),
+        scales=group_scales_shape(scale, per_tensor).to(scale_dtype),
+        fmt=fmt.name,
+        group_size=group_size,
+        axis=axis,
+        per_tensor=per_tensor,
+        zero_points=zeros,
+    )
+
+
+def dequantize_int(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    cg = to_groups(qt.codes, qt.group_size, qt.axis, qt.per_tensor, "codes")
+    scale = expand_scales(qt.scales.float(), qt.per_tensor)
+    if qt.zero_points is not None:
+        cg = cg - expand_scales(qt.zero_points.float(), qt.per_tensor)
+    return from_groups(cg * scale, qt.codes.shape, qt.axis, qt.per_tensor).to(dtype)
+
+
+INT8 = Format("int8", 8, "int", -128, 127, description="signed INT8, scale = amax/127")
+INT8_ASYM = Format("int8_asym", 8, "int", 0, 255, asymmetric=True, description="unsigned INT8 with zero point")
+INT4 = Format("int4", 4, "int", -8, 7, description="signed INT4 [-8, 7], scale = amax/7")
+INT4_ASYM = Format("int4_asym", 4, "int", 0, 15, asymmetric=True, description="unsigned INT4 [0, 15] with zero point")
+
+for _f in (INT8, INT8_ASYM, INT4, INT4_ASYM):
+    register_format(_f, quantize_int, dequantize_int)

@@ -1,0 +1,11 @@
+"""Kernels: plain-PyTorch references (``reference.py``) and the dispatcher that picks an implementation."""
+
+from __future__ import annotations
+
+from vqsuite.kernels import reference
+from vqsuite.kernels.dispatch import current_preference, prefer, register_fast, register_reference, select
+
+register_reference("qlinear", reference.qlinear)
+register_reference("dequantize_weight", reference.dequantize_weight)
+
+__all__ = ["current_preference", "prefer", "reference", "register_fast", "register_reference", "select"]

@@ -1,0 +1,153 @@
+"""Quantized linear layers: ``QLinear`` and ``QLinearLowRank`` (a 16-bit low-rank branch beside the
+quantized residual, as in SVDQuant)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from vqsuite.config import QuantSpec
+from vqsuite.kernels import select
+from vqsuite.nn.base import QuantLayer, copy_float_params
+
+logger = logging.getLogger(__name__)
+
+
+class QLinear(QuantLayer):
+    """``y = Q_a(x) @ Q_w(W)^T + b`` with ``W: [out_features, in_features]``; the GEMM view is W itself."""
+
+    _ctor_fields = ("in_features", "out_features", "has_bias")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        spec: QuantSpec | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        spec = spec or QuantSpec()
+        spec.validate_for(in_features)
+        self.in_features, self.out_features, self.has_bias = int(in_features), int(out_features), bool(bias)
+        super().__init__(
+            spec,
+            (out_features, in_features),
+            (out_features, in_features),
+            out_features if bias else None,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _to_gemm(self, w: torch.Tensor) -> torch.Tensor:
+        return w
+
+    def _from_gemm(self, w_nk: torch.Tensor) -> torch.Tensor:
+        return w_nk
+
+    @classmethod
+    def from_float(cls, module: nn.Linear, spec: QuantSpec) -> QLinear:
+        q = cls(
+            module.in_features,
+            module.out_features,
+            module.bias is not None,
+            spec,
+            device=module.weight.device,
+            dtype=module.weight.dtype,
+        )
+        return copy_float_params(q, module)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[..., in_features]`` -> ``[..., out_features]``."""
+        _, fn = select(
+            "qlinear", self.spec.kernel, (type(self).__name__, self.spec.short()) + self.gemm_shape, x=x, layer=self
+        )
+        return fn(x, self)
+
+
+class QLinearLowRank(QLinear):
+    """``y = Q_a(x/λ) @ Q_w(R)^T + (x/λ) @ proj_down @ proj_up^T + b``.
+
+    ``R`` (the stored ``weight``) is the residual of the smoothed weight ``W·diag(λ)`` after the rank-``r`` branch;
+    ``proj_down: [in_features, r]`` and ``proj_up: [out_features, r]`` stay 16-bit and see the unquantized
+    smoothed input; ``smooth: [in_features]`` is λ (ones unless a smoothing calibrator set it).
+    With rank 0 this is a ``QLinear`` with smoothing.
+    """
+
+    _ctor_fields = ("in_features", "out_features", "has_bias", "rank")
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        spec: QuantSpec | None = None,
+        rank: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        spec = spec or QuantSpec()
+        super().__init__(in_features, out_features, bias, spec, device=device, dtype=dtype)
+        self.rank = int(spec.rank if rank is None else rank)
+        if self.rank < 0 or self.rank > min(in_features, out_features):
+            raise ValueError(
+                f"rank={self.rank} must lie in [0, min(in_features, out_features)={min(in_features, out_features)}]"
+            )
+        self.register_buffer("smooth", torch.ones(in_features, device=device, dtype=dtype))
+        if self.rank > 0:
+            self.proj_down = nn.Parameter(torch.zeros(in_features, self.rank, device=device, dtype=dtype))
+            self.proj_up = nn.Parameter(torch.zeros(out_features, self.rank, device=device, dtype=dtype))
+        else:
+            self.register_parameter("proj_down", None)
+            self.register_parameter("proj_up", None)
+
+    @classmethod
+    def from_float(
+        cls, module: nn.Linear, spec: QuantSpec, rank: int | None = None, smooth: torch.Tensor | None = None
+    ) -> QLinearLowRank:
+        """Split ``W·diag(λ)`` into a rank-r SVD branch (float64 SVD) and the residual to quantize."""
+        w = module.weight
+        q = cls(
+            module.in_features, module.out_features, module.bias is not None, spec, rank, device=w.device, dtype=w.dtype
+        )
+        copy_float_params(q, module)
+        q.set_smoothing_and_lowrank(smooth)
+        return q
+
+    @torch.no_grad()
+    def set_smoothing_and_lowrank(self, smooth: torch.Tensor | None = None) -> None:
+        """Re-split the layer's float weight ``W = (R + proj_up @ proj_down^T) · diag(λ)^-1`` for a new λ.
+
+        smooth: ``[in_features]`` positive, or ``None`` for ones. Fake-quant state only.
+        """
+        if self.frozen:
+            raise RuntimeError("set_smoothing_and_lowrank needs the float weight; the layer is frozen")
+        w_full = self.float_weight().double()
+        lam = torch.ones_like(self.smooth, dtype=torch.float64) if smooth is None else smooth.double()
+        if lam.shape != self.smooth.shape or not bool((lam > 0).all()) or not bool(torch.isfinite(lam).all()):
+            raise ValueError(f"smooth must be finite, positive and of shape {tuple(self.smooth.shape)}")
+        w_s = w_full * lam
+        if self.rank > 0:
+            up, down = lowrank_factors(w_s, self.rank)
+            self.proj_up.copy_(up)
+            self.proj_down.copy_(down)
+            w_s = w_s - self.proj_up.double() @ self.proj_down.double().t()
+        self.smooth.copy_(lam)
+        self.__dict__["_parameters"]["weight"].copy_(w_s)
+
+    def float_weight(self) -> torch.Tensor:
+        """The float weight this layer represents, ``(R + proj_up @ proj_down^T) / λ``: ``[N, K]``."""
+        w = self.__dict__["_parameters"]["weight"].double()
+        if self.rank > 0:
+            w = w + self.proj_up.double() @ self.proj_down.double().t()
+        return (w / self.smooth.double()).to(self.weight_dtype)
+
+
+def lowrank_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-``rank`` factors of ``w: [N, K]`` by float64 SVD: ``(up [N, r] = U_r S_r, down [K, r] = V_r)``."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return u[:, :rank] * s[:rank], vh[:rank].t()
