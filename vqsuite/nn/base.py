@@ -26,6 +26,9 @@ from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation
 
 logger = logging.getLogger(__name__)
 
+#: buffers holding packed codes and scales; dtype conversions of the module leave them alone
+PROTECTED_BUFFERS: tuple[str, ...] = ("qweight", "wscales", "wzeros", "wtscale", "act_scale")
+
 
 class QuantLayer(nn.Module):
     """Base class of ``QLinear``, ``QLinearLowRank``, ``QConv2d`` and ``QConvTranspose2d``."""
@@ -184,6 +187,22 @@ class QuantLayer(nn.Module):
         if self.quantizes_weight:
             del self._parameters["weight"]
         self.frozen = True
+        return self
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 - torch's own signature
+        """``model.to(dtype)``/``.half()`` must not recast packed codes and scales (FP8 codes would become
+        16-bit, FP32 scales would lose bits): storage buffers follow device moves only. The layer's compute
+        dtype (``weight_dtype``) follows the conversion."""
+        protected = {n: self._buffers.pop(n) for n in PROTECTED_BUFFERS if self._buffers.get(n) is not None}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, buf in protected.items():
+                probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
+                self._buffers[name] = buf if probe.device == buf.device else buf.to(device=probe.device)
+        probe = fn(torch.empty(0, dtype=self.weight_dtype))
+        if probe.is_floating_point():
+            self.weight_dtype = probe.dtype
         return self
 
     # ----------------------------------------------------------------- bookkeeping
