@@ -37,8 +37,17 @@ def quantize(
 
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Codes and scales back to values, shape ``qt.codes.shape``, in ``dtype``."""
-    return _entry(qt.fmt).dequantize(qt, dtype)
+    """Codes and scales back to values, shape ``qt.codes.shape``, in ``dtype``.
+
+    Values past ``dtype``'s finite range saturate to it instead of becoming Inf: an asymmetric zero point
+    rounds, so ``(qmax - z) * scale`` can exceed ``max(x)`` by half a step (past 65504 for a float16 ``x``),
+    and ``qmax * (amax / qmax)`` can round past the float32 maximum.
+    """
+    out = _entry(qt.fmt).dequantize(qt, torch.float32)
+    if dtype.is_floating_point:
+        fmax = torch.finfo(dtype).max
+        out = out.clamp(-fmax, fmax)
+    return out.to(dtype)
 
 
 def fake_quantize(

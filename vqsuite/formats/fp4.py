@@ -7,7 +7,8 @@ rounds to zero keeps its sign (code 8, -0.0), like torch's own float casts.
 
 NVFP4: E2M1 in blocks of 16 along K, E4M3 block scales, one FP32 tensor scale:
 ``s_t = amax(x) / (6 * 448)``, ``s_b = E4M3(amax_b / (6 * s_t))``, ``q = E2M1(x / (s_b * s_t))``,
-``x^ = q * (s_b * s_t)``.
+``x^ = q * (s_b * s_t)``. A block whose E4M3 scale is 0 (all zeros, or ``amax_b / (6 s_t)`` below the
+smallest E4M3 subnormal) gets codes 0, as does any group whose scale is 0.
 
 MXFP4 (OCP MX v1.0): E2M1 in blocks of 32 with an E8M0 power-of-two scale
 ``X = 2^(floor(log2 amax_b) - 2)`` (exponent clamped to [-127, 127]; 0xFF, NaN, is never produced),
@@ -26,6 +27,7 @@ from vqsuite.formats.grouping import (
     from_groups,
     group_scales_shape,
     resolve_group_size,
+    store_scales,
     to_groups,
 )
 
@@ -106,9 +108,10 @@ def quantize_fp4(
         block = pow2(e)
         stored = (e + E8M0_BIAS).to(torch.uint8)
     else:  # plain E2M1 with a float scale
-        block = (amax / E2M1_MAX).to(scale_dtype).float()
+        block = store_scales(amax / E2M1_MAX, scale_dtype, name)
         stored = block.to(scale_dtype)
-    codes = encode_e2m1(xg / _safe(block))
+    # a zero scale means zero codes, not the codes of x / 1
+    codes = torch.where(block == 0, 0, encode_e2m1(xg / _safe(block)))
     return QTensor(
         codes=from_groups(codes, x.shape, axis, per_tensor),
         scales=group_scales_shape(stored, per_tensor),

@@ -3,6 +3,7 @@
 E4M3 (``float8_e4m3fn``): bias 7, max 448, no Inf. E5M2 (``float8_e5m2``): bias 15, max 57344.
 ``scale = amax / max``; ``codes = fp8(clamp(x / scale, -max, max))`` with round-to-nearest-even.
 Values beyond the range saturate (the clamp runs before the cast: torch's E5M2 cast would give Inf).
+A group whose stored scale is 0 (all zeros, or a scale below its dtype's range) gets codes 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from vqsuite.formats.grouping import (
     from_groups,
     group_scales_shape,
     resolve_group_size,
+    store_scales,
     to_groups,
 )
 
@@ -42,9 +44,9 @@ def quantize_fp8(
     group_size = resolve_group_size(fmt.block_size, group_size, fmt.name)
     dtype = FP8_DTYPES[fmt.name]
     xg = to_groups(x, group_size, axis, per_tensor, name)
-    scale = (xg.abs().amax(dim=-1, keepdim=True) / fmt.qmax).to(scale_dtype).float()
+    scale = store_scales(xg.abs().amax(dim=-1, keepdim=True) / fmt.qmax, scale_dtype, name)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    codes = cast_fp8_saturate(xg / safe, dtype)
+    codes = cast_fp8_saturate(torch.where(scale == 0, torch.zeros_like(xg), xg / safe), dtype)
     return QTensor(
         codes=from_groups(codes, x.shape, axis, per_tensor),
         scales=group_scales_shape(scale, per_tensor).to(scale_dtype),

@@ -61,6 +61,21 @@ def from_groups(yg: torch.Tensor, shape: torch.Size, axis: int, per_tensor: bool
     return yg.reshape(moved).movedim(-1, axis)
 
 
+def store_scales(scale: torch.Tensor, scale_dtype: torch.dtype, name: str) -> torch.Tensor:
+    """Round float32 scales to their storage dtype and return them as float32 again.
+
+    The stored scale is the one used to divide, so dequantization inverts exactly it. A scale the storage
+    dtype cannot hold (``amax / 127 > 65504`` in float16) is refused: stored as Inf it would dequantize to NaN.
+    """
+    stored = scale.to(scale_dtype)
+    if not bool(torch.isfinite(stored).all()):
+        raise ValueError(
+            f"{name}: a scale of {float(scale.max()):.6g} overflows scale_dtype={scale_dtype}; "
+            "use a wider scale dtype"
+        )
+    return stored.float()
+
+
 def group_scales_shape(scales: torch.Tensor, per_tensor: bool) -> torch.Tensor:
     """``[*lead, K/G, 1]`` -> stored shape ``[*lead, K/G]``, or a 0-d tensor per tensor."""
     return scales.reshape(()) if per_tensor else scales.squeeze(-1)

@@ -5,6 +5,7 @@ Symmetric: ``scale = amax / qmax`` (``qmax`` = 127 for INT8, 7 for INT4 as in de
 Asymmetric: the range is widened to include 0, ``scale = (max - min) / (2^b - 1)``,
 ``z = round(-min / scale)``, ``q = clamp(round(x / scale) + z, 0, 2^b - 1)``; ``x^ = (q - z) * scale``.
 An all-zero group gets ``scale = 0`` and codes 0 (no division by zero; it dequantizes to exact zeros).
+A group spanning more than the float32 range (``max - min`` overflows) takes ``max/qmax - min/qmax`` instead.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from vqsuite.formats.grouping import (
     from_groups,
     group_scales_shape,
     resolve_group_size,
+    store_scales,
     to_groups,
 )
 
@@ -42,15 +44,18 @@ def quantize_int(
     if fmt.asymmetric:
         lo = xg.amin(dim=-1, keepdim=True).clamp(max=0.0)
         hi = xg.amax(dim=-1, keepdim=True).clamp(min=0.0)
+        span = hi - lo
+        # hi - lo overflows float32 for a group spanning nearly +-3.4e38; dividing each end first does not
+        scale = torch.where(torch.isinf(span), hi / fmt.qmax - lo / fmt.qmax, span / fmt.qmax)
         # the stored (possibly 16-bit) scale is the one used to divide, so dequantization inverts exactly it
-        scale = ((hi - lo) / fmt.qmax).to(scale_dtype).float()
+        scale = store_scales(scale, scale_dtype, name)
         zero = torch.round(-lo / _safe(scale)).clamp(fmt.qmin, fmt.qmax)
         q = (torch.round(xg / _safe(scale)) + zero).clamp(fmt.qmin, fmt.qmax)
         codes = q.to(torch.uint8)
         zeros = group_scales_shape(zero, per_tensor).to(torch.uint8)
     else:
         amax = xg.abs().amax(dim=-1, keepdim=True)
-        scale = (amax / fmt.qmax).to(scale_dtype).float()
+        scale = store_scales(amax / fmt.qmax, scale_dtype, name)
         q = torch.round(xg / _safe(scale)).clamp(fmt.qmin, fmt.qmax)
         codes = q.to(torch.int8)
         zeros = None
