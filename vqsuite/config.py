@@ -18,6 +18,8 @@ CONFIG_VERSION = 1
 
 ActMode = Literal["none", "dynamic_per_token", "dynamic_per_group", "static"]
 KernelPreference = Literal["auto", "triton", "reference"]
+#: how layer state is computed: plain round-to-nearest, or SVDQuant (smoothing + low-rank + quantized residual)
+METHODS: tuple[str, ...] = ("rtn", "svdquant")
 ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
 KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
 SCALE_DTYPES: dict[str, torch.dtype] = {
@@ -179,9 +181,16 @@ class QuantConfig:
     overrides: tuple[tuple[str, QuantSpec | None], ...] = ()
     exclude: tuple[str, ...] = ()
     name: str | None = None
+    method: str = "rtn"
+    method_options: tuple[tuple[str, Any], ...] = ()
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} must be one of {', '.join(METHODS)}")
+        opts = self.method_options
+        opts = tuple(sorted(opts.items())) if isinstance(opts, dict) else tuple(tuple(o) for o in opts)
+        object.__setattr__(self, "method_options", opts)
         if not isinstance(self.default, QuantSpec):
             raise ValueError(f"default={self.default!r} must be a QuantSpec")
         ov = self.overrides
@@ -224,7 +233,14 @@ class QuantConfig:
             "default": self.default.to_dict(),
             "overrides": [[p, None if s is None else s.to_dict()] for p, s in self.overrides],
             "exclude": list(self.exclude),
+            "method": self.method,
+            "method_options": dict(self.method_options),
         }
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """``method_options`` as a dict (e.g. SVDQuant's ``num_grids``, ``gptq``)."""
+        return dict(self.method_options)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
@@ -233,7 +249,7 @@ class QuantConfig:
         version = d.get("version")
         if version != CONFIG_VERSION:
             raise ValueError(f"config version={version!r} is not supported (this vqsuite reads {CONFIG_VERSION})")
-        unknown = sorted(set(d) - {"version", "name", "default", "overrides", "exclude"})
+        unknown = sorted(set(d) - {"version", "name", "default", "overrides", "exclude", "method", "method_options"})
         if unknown:
             raise ValueError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
         return cls(
@@ -241,6 +257,8 @@ class QuantConfig:
             overrides=tuple((p, None if s is None else QuantSpec.from_dict(s)) for p, s in d.get("overrides", [])),
             exclude=tuple(d.get("exclude", ())),
             name=d.get("name"),
+            method=d.get("method", "rtn"),
+            method_options=d.get("method_options", {}),
             version=version,
         )
 
@@ -284,8 +302,8 @@ def resolve_config(config: str | QuantConfig | QuantSpec | dict[str, Any]) -> Qu
     raise ValueError(f"config={config!r} must be a preset name, QuantConfig, QuantSpec or dict")
 
 
-def _spec(**kw: Any) -> QuantConfig:
-    return QuantConfig(default=QuantSpec(**kw))
+def _spec(method: str = "rtn", **kw: Any) -> QuantConfig:
+    return QuantConfig(default=QuantSpec(**kw), method=method)
 
 
 register_preset("w8a16", _spec(weight="int8"), "INT8 per-channel weights, 16-bit activations")
@@ -335,4 +353,28 @@ register_preset(
     "w4a16-nvfp4",
     _spec(weight="nvfp4"),
     "NVFP4 weights, 16-bit activations",
+)
+register_preset(
+    "svdquant-int4",
+    _spec(
+        method="svdquant",
+        weight="int4",
+        weight_group_size=64,
+        scale_dtype="bfloat16",
+        act="int4",
+        act_mode="dynamic_per_group",
+        act_group_size=64,
+        rank=32,
+    ),
+    "SVDQuant W4A4: smoothing + rank-32 16-bit branch, INT4 g64 residual and dynamic INT4 g64 activations",
+)
+register_preset(
+    "svdquant-nvfp4",
+    _spec(method="svdquant", weight="nvfp4", act="nvfp4", act_mode="dynamic_per_group", rank=32),
+    "SVDQuant W4A4 NVFP4: smoothing + rank-32 16-bit branch, NVFP4 residual and activations",
+)
+register_preset(
+    "svdquant-int4-w8a8",
+    _spec(method="svdquant", weight="int8", act="int8", act_mode="dynamic_per_token", rank=32),
+    "SVDQuant with 8-bit both sides: smoothing + rank-32 branch, INT8 per-channel residual, per-token INT8 acts",
 )
