@@ -22,6 +22,7 @@ from torch import nn
 
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.pipelines.modules import module_references, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -204,13 +205,15 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
         import timm
 
         try:
-            return timm.create_model(src["name"], pretrained=False, **src.get("kwargs", {}))
+            # eval: a checkpoint loaded without a model is for inference (train-mode BN would use batch stats)
+            return timm.create_model(src["name"], pretrained=False, **src.get("kwargs", {})).eval()
         except Exception as e:  # an unknown name or bad kwargs: one readable line
             raise CheckpointError(f"cannot build timm model {src.get('name')!r}: {e}") from None
     raise CheckpointError(f"unknown model source {src!r}; pass the float model: load_quantized(path, model=...)")
 
 
-def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
+def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dict[int, list[str]]) -> nn.Module:
+    """Swap the model's layer ``name`` (everywhere it is used) for an empty quantized one; returns the old one."""
     try:
         cls, float_type = LAYER_CLASSES[entry["class"]]
     except (KeyError, TypeError):
@@ -235,9 +238,20 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any]) -> None:
     q.train(current.training)
     if entry.get("frozen", True):
         q.freeze_empty("meta")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, q)
+    replace_module(model, refs, current, q)
+    return current
+
+
+def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
+    """Make each alias hold the very Parameter/buffer of its canonical name again (a tie, not two Parameters
+    on one storage, which ``.to()`` would split into two copies)."""
+    for alias, canonical in aliases.items():
+        a_mod, _, a_attr = alias.rpartition(".")
+        c_mod, _, c_attr = canonical.rpartition(".")
+        a, c = model.get_submodule(a_mod), model.get_submodule(c_mod)
+        for table in ("_parameters", "_buffers"):
+            if c_attr in getattr(c, table) and a_attr in getattr(a, table):
+                getattr(a, table)[a_attr] = getattr(c, table)[c_attr]
 
 
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -265,34 +279,47 @@ def load_quantized(
 
     ``model`` is the float architecture (weights are replaced, so random init is fine; ``torch.device("meta")``
     construction is fine too); without it the checkpoint's recorded source (timm) builds one. Returns the model
-    with its quantized layers restored and frozen storage loaded, in eval/train mode as given.
+    with its quantized layers restored and frozen storage loaded, in eval/train mode as given (eval when built
+    here). If loading fails, a given ``model`` is left as it was.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    if model is None:
-        model = _build_model(meta)
-    for name, entry in meta["layers"].items():
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"layer {name!r}: invalid entry in checkpoint")
-        _rebuild_layer(model, name, entry)
-    try:
-        tensors = load_file(str(path / WEIGHTS_NAME), device=str(device))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({e})") from None
-    for alias, canonical in (meta.get("aliases") or {}).items():
-        if canonical not in tensors:
-            raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {canonical!r}")
-        tensors[alias] = tensors[canonical]
-    _check_tensors(model, tensors, path)
-    model.load_state_dict(tensors, strict=True, assign=True)
+    config = None
     if meta.get("config"):
         try:
-            model.vqsuite_config = QuantConfig.from_dict(meta["config"])
+            config = QuantConfig.from_dict(meta["config"])
         except ValueError as e:
             raise CheckpointError(f"{path / CONFIG_NAME}: bad config ({e})") from None
+    if model is None:
+        model = _build_model(meta)
+    refs = module_references(model)
+    replaced: dict[str, nn.Module] = {}
+    try:
+        for name, entry in meta["layers"].items():
+            if not isinstance(entry, dict):
+                raise CheckpointError(f"layer {name!r}: invalid entry in checkpoint")
+            replaced[name] = _rebuild_layer(model, name, entry, refs)
+        try:
+            tensors = load_file(str(path / WEIGHTS_NAME), device=str(device))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({e})") from None
+        aliases = meta.get("aliases") or {}
+        for alias, canonical in aliases.items():
+            if canonical not in tensors:
+                raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {canonical!r}")
+            tensors[alias] = tensors[canonical]
+        _check_tensors(model, tensors, path)
+    except BaseException:
+        for original in replaced.values():  # put the float layers back: a failed load changes nothing
+            replace_module(model, refs, original, original)
+        raise
+    model.load_state_dict(tensors, strict=True, assign=True)
+    _retie(model, aliases)
+    if config is not None:
+        model.vqsuite_config = config
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"{path}: tensor {leftover[0]!r} was not loaded (non-persistent buffer on meta?)")

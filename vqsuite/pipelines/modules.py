@@ -87,6 +87,21 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def module_references(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module)`` -> every name it is registered under (a layer reused in several places has several)."""
+    refs: dict[int, list[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if name:
+            refs.setdefault(id(m), []).append(name)
+    return refs
+
+
+def replace_module(model: nn.Module, refs: dict[int, list[str]], old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` wherever ``old`` is registered (``refs`` from :func:`module_references`)."""
+    for name in refs[id(old)]:
+        _set_submodule(model, name, new)
+
+
 def quantize_model(
     model: nn.Module,
     config: str | QuantConfig | QuantSpec | dict = "w8a8",
@@ -152,28 +167,38 @@ def quantize_model(
             continue
         targets.append((name, module, spec, rule))
 
-    swapped: dict[str, QuantLayer] = {}
-    with torch.no_grad():
-        for name, module, spec, rule in targets:
-            q = rule[1](module, spec)
-            q.layer_name = name
-            _set_submodule(model, name, q)
-            swapped[name] = q
-            report.layers.append(
-                LayerEntry(name, type(module).__name__, "quantized", "", spec.short(), module.weight.numel())
-            )
+    static_names = [name for name, _, spec, _ in targets if spec.act_mode == "static"]
+    if static_names and calib_data is None:  # refuse before touching the model
+        raise ValueError(
+            f"{len(static_names)} layer(s) use static activation scales (e.g. {static_names[0]!r}); pass calib_data"
+        )
 
-    static = {n: q for n, q in swapped.items() if q.spec.act_mode == "static"}
-    if static:
-        if calib_data is None:
-            raise ValueError(
-                f"{len(static)} layer(s) use static activation scales (e.g. {next(iter(static))!r}); pass calib_data"
-            )
-        amax = collect_input_amax(model, static, calib_data)
-        for n, q in static.items():
-            q.act_scale.copy_(static_scale_from_amax(amax[n], q.spec.act).to(q.act_scale.device))
-    elif calib_data is not None:
-        logger.info("calib_data given but no layer needs static calibration; it was not used")
+    swapped: dict[str, QuantLayer] = {}
+    refs = module_references(model)
+    try:
+        with torch.no_grad():
+            for name, module, spec, rule in targets:
+                q = rule[1](module, spec)
+                q.layer_name = name
+                replace_module(model, refs, module, q)  # a reused layer is swapped everywhere it is used
+                swapped[name] = q
+                report.layers.append(
+                    LayerEntry(name, type(module).__name__, "quantized", "", spec.short(), module.weight.numel())
+                )
+
+        static = {n: q for n, q in swapped.items() if q.spec.act_mode == "static"}
+        if static:
+            amax = collect_input_amax(model, static, calib_data)
+            for n, q in static.items():
+                q.act_scale.copy_(static_scale_from_amax(amax[n], q.spec.act).to(q.act_scale.device))
+        elif calib_data is not None:
+            logger.info("calib_data given but no layer needs static calibration; it was not used")
+    except BaseException:
+        # a failed call (bad calibration data, say) leaves the model as it was, not half quantized
+        for name, module, _, _ in targets:
+            if name in swapped:
+                replace_module(model, refs, module, module)
+        raise
 
     if freeze:
         for q in swapped.values():
