@@ -72,6 +72,14 @@ class QuantLayer(nn.Module):
             return self._from_gemm(self.quantized_gemm_weight(self.weight_dtype))
         raise AttributeError("weight")
 
+    @property
+    def kernel_key(self) -> tuple:
+        """What identifies this layer's kernel choice in the dispatcher's log (computed once)."""
+        key = self.__dict__.get("_kernel_key")
+        if key is None:
+            key = self.__dict__["_kernel_key"] = (type(self).__name__, self.spec.short(), *self.gemm_shape)
+        return key
+
     # ----------------------------------------------------------------- layout hooks
     def _to_gemm(self, w: torch.Tensor) -> torch.Tensor:
         """Layer weight (``self.weight_shape``) -> GEMM view ``[N, K]``."""
@@ -90,7 +98,7 @@ class QuantLayer(nn.Module):
         """The weight the forward uses, as ``[N, K]`` in ``dtype``: dequantized storage when frozen,
         fake-quantized master weight (with STE gradient) otherwise, the float weight if weights stay 16-bit."""
         if self.frozen and self.quantizes_weight:
-            _, fn = select("dequantize_weight", self.spec.kernel, (self.spec.weight,) + self.gemm_shape)
+            _, fn = select("dequantize_weight", self.spec.kernel, self.kernel_key)
             return fn(
                 self.qweight,
                 self.wscales,

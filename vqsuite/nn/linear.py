@@ -62,9 +62,7 @@ class QLinear(QuantLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: ``[..., in_features]`` -> ``[..., out_features]``."""
-        _, fn = select(
-            "qlinear", self.spec.kernel, (type(self).__name__, self.spec.short()) + self.gemm_shape, x=x, layer=self
-        )
+        _, fn = select("qlinear", self.spec.kernel, self.kernel_key, x=x, layer=self)
         return fn(x, self)
 
 
