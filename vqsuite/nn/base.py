@@ -7,6 +7,14 @@
 (``qweight``, ``wscales`` [, ``wzeros``, ``wtscale``]) and memory really drops. ``layer.weight`` still answers,
 with the dequantized weight computed on the fly, for code that reads ``.weight.dtype``/``.device``.
 
+*Externally chosen codes* (GPTQ): ``freeze(qtensor)`` stores a given :class:`~vqsuite.formats.QTensor` as is, and
+``set_pending_qtensor(qtensor)`` adopts one while staying in the fake-quant state: the master weight becomes
+``dequantize(qtensor)``, the fake-quant forward uses exactly that (re-quantizing it by round-to-nearest need not
+give the same codes: an INT4 group may use code -8, a 16-bit scale rounds), and a later ``freeze()`` stores the
+QTensor, so fake-quant and frozen outputs stay bit-identical. If the master weight is changed afterwards (an
+optimizer step), the layer notices, logs a warning and goes back to round-to-nearest. The pending QTensor follows
+device moves and deep copies but is not part of ``state_dict``: save GPTQ results frozen.
+
 Every layer sees its weight as a GEMM matrix ``[N, K]`` (groups run along K); subclasses say how their
 weight tensor maps to that view (``_to_gemm``/``_from_gemm``).
 """
@@ -20,14 +28,41 @@ import torch
 from torch import nn
 
 from vqsuite.config import QuantSpec
-from vqsuite.formats import get_format, pack_4bit, quantize
+from vqsuite.formats import QTensor, dequantize, get_format, pack_4bit, quantize
 from vqsuite.kernels import select
-from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation
+from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation, ste
 
 logger = logging.getLogger(__name__)
 
 #: buffers holding packed codes and scales; dtype conversions of the module leave them alone
 PROTECTED_BUFFERS: tuple[str, ...] = ("qweight", "wscales", "wzeros", "wtscale", "act_scale")
+#: elements of the master weight remembered to notice that it changed after ``set_pending_qtensor``
+PENDING_PROBE_ELEMENTS = 256
+
+
+def _probe(w: torch.Tensor) -> torch.Tensor:
+    """A fixed, evenly spread sample of ``w``'s elements (a fingerprint that survives copies and moves)."""
+    flat = w.detach().reshape(-1)
+    steps = min(PENDING_PROBE_ELEMENTS, flat.numel())
+    # integer arithmetic: a float linspace cannot address every element of a >16M-element weight
+    idx = torch.arange(steps, device=flat.device) * (flat.numel() - 1) // max(steps - 1, 1)
+    return flat[idx].clone()
+
+
+def _qtensor_to(qt: QTensor, device: torch.device) -> QTensor:
+    def mv(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device)
+
+    return QTensor(
+        codes=mv(qt.codes),
+        scales=mv(qt.scales),
+        fmt=qt.fmt,
+        group_size=qt.group_size,
+        axis=qt.axis,
+        per_tensor=qt.per_tensor,
+        zero_points=mv(qt.zero_points),
+        tensor_scale=mv(qt.tensor_scale),
+    )
 
 
 class QuantLayer(nn.Module):
@@ -54,6 +89,8 @@ class QuantLayer(nn.Module):
         self.weight_dtype = dtype or torch.get_default_dtype()
         self.layer_name = ""  # set by quantize_model, used in messages
         self.act_observing = False
+        self._pending_qtensor: QTensor | None = None  # codes chosen by a calibrator (GPTQ), see set_pending_qtensor
+        self._pending_probe: torch.Tensor | None = None
         self.weight = nn.Parameter(torch.empty(self.weight_shape, device=device, dtype=dtype))
         if bias_features is not None:
             self.bias = nn.Parameter(torch.empty(bias_features, device=device, dtype=dtype))
@@ -112,6 +149,9 @@ class QuantLayer(nn.Module):
             w = w.to(dtype)
         if not self.quantizes_weight:
             return w
+        pending = self.pending_qtensor()
+        if pending is not None:  # the very values freeze() will store (same dequantize as the frozen path)
+            return ste(w, dequantize(pending, w.dtype).to(w.device))
         return fake_quantize_weight(w, self.spec, name=f"{self.layer_name or type(self).__name__}.weight")
 
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -154,35 +194,120 @@ class QuantLayer(nn.Module):
             out["wtscale"] = ((), torch.float32)
         return out
 
+    def _storage_from_qtensor(self, qt: QTensor, *, given: bool) -> dict[str, torch.Tensor]:
+        """Frozen buffers (``qweight`` packed, ``wscales`` [, ``wzeros``, ``wtscale``]) holding ``qt``.
+
+        ``given``: ``qt`` came from the caller (a bad one is a ``ValueError`` naming the mismatch); otherwise it
+        came from :func:`quantize` and a mismatch is an internal invariant (``AssertionError``).
+        """
+        name = self.layer_name or type(self).__name__
+        if given:
+            if not isinstance(qt, QTensor):
+                raise ValueError(f"{name}: qtensor must be a vqsuite.formats.QTensor, got {type(qt).__name__}")
+            if qt.fmt != self.spec.weight:
+                raise ValueError(f"{name}: qtensor.fmt={qt.fmt!r} does not match spec.weight={self.spec.weight!r}")
+            if qt.group_size != self.spec.weight_group_size:
+                raise ValueError(
+                    f"{name}: qtensor.group_size={qt.group_size} does not match "
+                    f"spec.weight_group_size={self.spec.weight_group_size}"
+                )
+            if qt.per_tensor or qt.axis not in (-1, 1):
+                raise ValueError(f"{name}: qtensor must be grouped along K (axis=-1, per_tensor=False)")
+            if tuple(qt.codes.shape) != self.gemm_shape:
+                raise ValueError(
+                    f"{name}: qtensor.codes has shape {tuple(qt.codes.shape)}, the GEMM weight is {self.gemm_shape}"
+                )
+        store = {
+            "qweight": pack_4bit(qt.codes) if get_format(self.spec.weight).bits == 4 else qt.codes,
+            "wscales": qt.scales,
+            "wzeros": qt.zero_points,
+            "wtscale": qt.tensor_scale,
+        }
+        out = {}
+        for bname, (shape, dtype) in self.frozen_buffer_specs().items():
+            t = store[bname]
+            if t is None or tuple(t.shape) != shape or t.dtype != dtype:
+                got = "None" if t is None else f"{tuple(t.shape)} {t.dtype}"
+                msg = f"{name}: {bname}: got {got}, expected {shape} {dtype}"
+                if given:
+                    raise ValueError(msg)
+                raise AssertionError(msg)  # an internal invariant, not user input
+            out[bname] = t.contiguous()
+        return out
+
+    def pending_qtensor(self) -> QTensor | None:
+        """The QTensor adopted by :meth:`set_pending_qtensor`, or ``None`` (none, or the master weight changed
+        since; that case logs a warning once and drops it)."""
+        qt = self.__dict__.get("_pending_qtensor")
+        if qt is None:
+            return None
+        param = self.__dict__["_parameters"].get("weight")
+        probe = self.__dict__.get("_pending_probe")
+        cur = None if param is None else _probe(param)
+        if cur is None or probe is None or cur.dtype != probe.dtype or not torch.equal(cur, probe.to(cur.device)):
+            logger.warning(
+                "%s: the master weight changed after its codes were chosen (GPTQ); falling back to round-to-nearest",
+                self.layer_name or type(self).__name__,
+            )
+            self.clear_pending_qtensor()
+            return None
+        return qt
+
+    def clear_pending_qtensor(self) -> None:
+        self._pending_qtensor = None
+        self._pending_probe = None
+
     @torch.no_grad()
-    def freeze(self) -> QuantLayer:
-        """Quantize the master weight into packed storage and drop it. Idempotent."""
+    def set_pending_qtensor(self, qtensor: QTensor) -> None:
+        """Adopt externally chosen codes and scales (GPTQ) in the fake-quant state.
+
+        The master weight becomes ``dequantize(qtensor)`` (in its own dtype), the fake-quant forward uses exactly
+        ``dequantize(qtensor)`` and :meth:`freeze` stores ``qtensor`` as is (see the module docstring).
+        qtensor: codes ``[N, K]`` (the GEMM view) in ``spec.weight`` with ``spec.weight_group_size``.
+        """
         if self.frozen:
+            raise RuntimeError("set_pending_qtensor needs the fake-quant state; the layer is frozen")
+        if not self.quantizes_weight:
+            raise ValueError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to adopt")
+        param = self.__dict__["_parameters"]["weight"]
+        self._storage_from_qtensor(qtensor, given=True)  # validates
+        param.copy_(self._from_gemm(dequantize(qtensor, torch.float32).to(param.device)).to(param.dtype))
+        self._pending_qtensor = _qtensor_to(qtensor, param.device)
+        self._pending_probe = _probe(param)
+
+    @torch.no_grad()
+    def freeze(self, qtensor: QTensor | None = None) -> QuantLayer:
+        """Quantize the master weight into packed storage and drop it. Idempotent.
+
+        qtensor: codes and scales to store instead of round-to-nearest ones (GPTQ's); codes ``[N, K]`` in the
+        GEMM view, ``spec.weight`` format and group. Without it, a QTensor adopted by :meth:`set_pending_qtensor`
+        is stored; otherwise the master weight is quantized.
+        """
+        if self.frozen:
+            if qtensor is not None:
+                raise RuntimeError("the layer is already frozen; cannot freeze it from a QTensor")
             return self
+        if qtensor is not None and not self.quantizes_weight:
+            raise ValueError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to store")
         if self.quantizes_weight:
             w = self._to_gemm(self.__dict__["_parameters"]["weight"].detach())
-            qt = quantize(
-                w,
-                self.spec.weight,
-                group_size=self.spec.weight_group_size,
-                axis=-1,
-                scale_dtype=self.spec.torch_scale_dtype,
-                name=f"{self.layer_name or type(self).__name__}.weight",
-            )
-            store = {
-                "qweight": pack_4bit(qt.codes) if get_format(self.spec.weight).bits == 4 else qt.codes,
-                "wscales": qt.scales,
-                "wzeros": qt.zero_points,
-                "wtscale": qt.tensor_scale,
-            }
-            expected = self.frozen_buffer_specs()
-            for name, (shape, dtype) in expected.items():
-                t = store[name]
-                if tuple(t.shape) != shape or t.dtype != dtype:  # an internal invariant, not user input
-                    raise AssertionError(f"{name}: got {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}")
-                self.register_buffer(name, t.contiguous())
+            given = qtensor is not None
+            qt = qtensor if given else self.pending_qtensor()
+            if qt is None:
+                qt = quantize(
+                    w,
+                    self.spec.weight,
+                    group_size=self.spec.weight_group_size,
+                    axis=-1,
+                    scale_dtype=self.spec.torch_scale_dtype,
+                    name=f"{self.layer_name or type(self).__name__}.weight",
+                )
+            store = self._storage_from_qtensor(qt, given=given)
+            for name, t in store.items():
+                self.register_buffer(name, t.to(w.device))
             self.weight_dtype = w.dtype
             del self._parameters["weight"]
+        self.clear_pending_qtensor()
         self.frozen = True
         return self
 
@@ -202,12 +327,17 @@ class QuantLayer(nn.Module):
         16-bit, FP32 scales would lose bits): storage buffers follow device moves only. The layer's compute
         dtype (``weight_dtype``) follows the conversion."""
         protected = {n: self._buffers.pop(n) for n in PROTECTED_BUFFERS if self._buffers.get(n) is not None}
+        pending = self.pending_qtensor()  # checked before the conversion changes the master weight
         try:
             super()._apply(fn, recurse)
         finally:
             for name, buf in protected.items():
                 probe = fn(torch.empty(0, dtype=buf.dtype, device=buf.device))
                 self._buffers[name] = buf if probe.device == buf.device else buf.to(device=probe.device)
+            param = self.__dict__["_parameters"].get("weight")
+            if pending is not None and param is not None:  # the codes follow the weight; the fingerprint is renewed
+                self._pending_qtensor = _qtensor_to(pending, param.device)
+                self._pending_probe = _probe(param)
         probe = fn(torch.empty(0, dtype=self.weight_dtype))
         if probe.is_floating_point():
             self.weight_dtype = probe.dtype

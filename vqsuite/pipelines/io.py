@@ -44,6 +44,15 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be read or does not fit the model; the message is one readable line."""
 
 
+#: marker file of a quantized diffusers pipeline folder (see ``vqsuite.pipelines.diffusers_io``)
+PIPELINE_META_NAME = "vqsuite_pipeline.json"
+
+
+def _is_diffusion_pipeline(obj: Any) -> bool:
+    """A diffusers ``DiffusionPipeline``, recognised by class name so diffusers is never imported here."""
+    return any(c.__name__ == "DiffusionPipeline" and c.__module__.startswith("diffusers") for c in type(obj).__mro__)
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -102,9 +111,15 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, model_source: d
     ``model_source`` (e.g. ``{"library": "timm", "name": "vit_small_patch16_224", "kwargs": {}}``) lets
     ``load_quantized(path)`` rebuild the architecture without a model; timm models record it themselves.
     An existing checkpoint folder at ``path`` is replaced atomically; any other existing path is refused.
+    A diffusers pipeline (quantized by :func:`vqsuite.quantize_pipeline`) is saved as a pipeline folder
+    (:func:`vqsuite.pipelines.diffusers_io.save_quantized_pipeline`).
     """
     from safetensors.torch import save_file
 
+    if _is_diffusion_pipeline(model):
+        from vqsuite.pipelines.diffusers_io import save_quantized_pipeline
+
+        return save_quantized_pipeline(model, path)
     path = Path(path)
     if path.exists() and not (path.is_dir() and ((path / CONFIG_NAME).exists() or not any(path.iterdir()))):
         raise CheckpointError(f"{path} exists and is not a vqsuite checkpoint folder; refusing to overwrite it")
@@ -281,10 +296,18 @@ def load_quantized(
     construction is fine too); without it the checkpoint's recorded source (timm) builds one. Returns the model
     with its quantized layers restored and frozen storage loaded, in eval/train mode as given (eval when built
     here). If loading fails, a given ``model`` is left as it was.
+
+    A folder written for a diffusers pipeline returns the pipeline (rebuilt, or ``model`` itself when a float
+    pipeline of the same class is given: its quantized components are replaced), see
+    :func:`vqsuite.pipelines.diffusers_io.load_quantized_pipeline`.
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    if _is_diffusion_pipeline(model) or (Path(path) / PIPELINE_META_NAME).is_file():
+        from vqsuite.pipelines.diffusers_io import load_quantized_pipeline
+
+        return load_quantized_pipeline(path, model, device=device)
     path = Path(path)
     meta = read_checkpoint_meta(path)
     config = None

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from vqsuite.calibrators import collect_input_amax
-from vqsuite.calibrators.data import CalibData
+from vqsuite.calibrators.capture import capture_inputs
+from vqsuite.calibrators.data import CalibData, run_calibration_data
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.nn.quantizers import static_scale_from_amax
@@ -31,6 +32,12 @@ LOW_COVERAGE_WARN_FRACTION = 0.5
 
 def _linear_rule(module: nn.Linear, spec: QuantSpec) -> QuantLayer:
     return (QLinearLowRank if spec.rank > 0 else QLinear).from_float(module, spec)
+
+
+def _linear_reason(module: nn.Linear, spec: QuantSpec) -> str | None:
+    if spec.rank > min(module.in_features, module.out_features):
+        return f"rank={spec.rank} exceeds min(in_features, out_features)={min(module.in_features, module.out_features)}"
+    return spec.incompatibility(module.in_features)
 
 
 def _conv_reason(module: nn.Conv2d, spec: QuantSpec) -> str | None:
@@ -48,7 +55,7 @@ def _convt_reason(module: nn.ConvTranspose2d, spec: QuantSpec) -> str | None:
 LAYER_RULES: dict[
     type[nn.Module], tuple[Callable[[Any, QuantSpec], str | None], Callable[[Any, QuantSpec], QuantLayer]]
 ] = {
-    nn.Linear: (lambda m, s: s.incompatibility(m.in_features), _linear_rule),
+    nn.Linear: (_linear_reason, _linear_rule),
     nn.Conv2d: (_conv_reason, QConv2d.from_float),
     nn.ConvTranspose2d: (_convt_reason, QConvTranspose2d.from_float),
 }
@@ -117,8 +124,11 @@ def quantize_model(
         model: any ``nn.Module`` (a timm or torchvision model, a diffusers denoiser, ...).
         config: a preset name (see :func:`vqsuite.list_presets`), a :class:`QuantConfig`, a single
             :class:`QuantSpec` applied everywhere, or a config dict.
-        calib_data: batches for static activation ranges (needed only by ``act_mode="static"`` specs); a tensor,
-            an iterable of tensors/tuples/dicts, or a callable ``fn(model)``.
+        calib_data: batches for static activation ranges (``act_mode="static"`` specs) and for SVDQuant
+            (``method="svdquant"``: smoothing search, low-rank refinement, optional GPTQ, from one pass that
+            captures a bounded sample of every low-rank layer's input); a tensor, an iterable of
+            tensors/tuples/dicts, or a callable ``fn(model)`` (a whole diffusion pipeline run, say).
+            ``method="svdquant"`` without it falls back to a data-free branch (λ = 1, SVD of W) with a warning.
         include: if given, only layers whose name matches one of these fnmatch patterns are quantized.
         exclude: extra fnmatch patterns to leave in float (added to the config's).
         freeze: pack weights into low-bit storage now (memory drops). ``False`` keeps the fake-quant state
@@ -176,14 +186,18 @@ def quantize_model(
     swapped: dict[str, QuantLayer] = {}
     refs = module_references(model)
     try:
+        # SVDQuant calibrates on the float model, before any layer is swapped
+        prebuilt = _svdquant_layers(model, targets, cfg, calib_data) if cfg.method == "svdquant" else {}
         with torch.no_grad():
             for name, module, spec, rule in targets:
-                q = rule[1](module, spec)
+                q, how = prebuilt.get(name, (None, ""))
+                if q is None:
+                    q = rule[1](module, spec)
                 q.layer_name = name
                 replace_module(model, refs, module, q)  # a reused layer is swapped everywhere it is used
                 swapped[name] = q
                 report.layers.append(
-                    LayerEntry(name, type(module).__name__, "quantized", "", spec.short(), module.weight.numel())
+                    LayerEntry(name, type(module).__name__, "quantized", how, spec.short(), module.weight.numel())
                 )
 
         static = {n: q for n, q in swapped.items() if q.spec.act_mode == "static"}
@@ -191,8 +205,8 @@ def quantize_model(
             amax = collect_input_amax(model, static, calib_data)
             for n, q in static.items():
                 q.act_scale.copy_(static_scale_from_amax(amax[n], q.spec.act).to(q.act_scale.device))
-        elif calib_data is not None:
-            logger.info("calib_data given but no layer needs static calibration; it was not used")
+        elif calib_data is not None and not any(q is not None for q, _ in prebuilt.values()):
+            logger.info("calib_data given but no layer needs static calibration or SVDQuant; it was not used")
     except BaseException:
         # a failed call (bad calibration data, say) leaves the model as it was, not half quantized
         for name, module, _, _ in targets:
@@ -209,6 +223,76 @@ def quantize_model(
     model.vqsuite_config = cfg
     _log_report(report)
     return model
+
+
+def _progress(items: list, desc: str):
+    """``tqdm`` over ``items`` when tqdm is installed, the list itself otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="group", leave=False, disable=len(items) <= 1)
+
+
+def _svdquant_layers(
+    model: nn.Module, targets: list[tuple[str, nn.Module, QuantSpec, Any]], cfg: QuantConfig, calib_data: CalibData
+) -> dict[str, tuple[QuantLayer | None, str]]:
+    """SVDQuant for the Linear targets with ``rank > 0``: name -> (calibrated layer or ``None``, report note).
+
+    One pass over ``calib_data`` captures each layer's :class:`InputStats` and which layers receive the identical
+    input tensor; such layers form a shared-input group (one λ, one shared ``proj_down``). A ``None`` layer means
+    the ordinary rule builds it (the data-free low-rank init: λ = 1, SVD of W).
+    """
+    from vqsuite.calibrators.shared_inputs import track_shared_inputs
+    from vqsuite.calibrators.svdquant import SVDQuantOptions, svdquant_group
+
+    opts = SVDQuantOptions.from_dict(cfg.options)
+    lowrank = {
+        name: (module, spec) for name, module, spec, _ in targets if isinstance(module, nn.Linear) and spec.rank > 0
+    }
+    if not lowrank:
+        return {}
+    data_free = "svdquant data-free: lambda=1, rank-r SVD of W (no calibration data)"
+    if calib_data is None:
+        logger.warning(
+            "method='svdquant' without calib_data: %d layer(s) get a data-free low-rank branch (lambda = 1, rank-r "
+            "SVD of W: no smoothing search, no refinement, no GPTQ); pass calib_data for SVDQuant proper",
+            len(lowrank),
+        )
+        return {name: (None, data_free) for name in lowrank}
+    modules = {name: module for name, (module, _) in lowrank.items()}
+    with (
+        capture_inputs(modules, reservoir=opts.reservoir, track_gram=opts.gptq and opts.gptq_gram) as stats,
+        track_shared_inputs(modules) as tracker,
+    ):
+        run_calibration_data(model, calib_data)
+    out: dict[str, tuple[QuantLayer | None, str]] = {}
+    missing = [name for name in lowrank if name not in stats]
+    if missing:
+        logger.warning(
+            "calibration data never reached %d low-rank layer(s) (e.g. %r); they get the data-free init",
+            len(missing),
+            missing[0],
+        )
+        out.update({name: (None, data_free) for name in missing})
+    groups: list[list[str]] = []
+    for group in tracker.groups([name for name in lowrank if name in stats]):
+        # only layers with the same recipe, dtype and device can share λ and a proj_down Parameter
+        by_kind: dict[tuple, list[str]] = {}
+        for name in group:
+            module, spec = lowrank[name]
+            by_kind.setdefault((spec, module.weight.dtype, module.weight.device), []).append(name)
+        groups.extend(by_kind.values())
+    n_shared = sum(len(g) for g in groups if len(g) > 1)
+    logger.info("svdquant: %d layer(s) in %d group(s), %d in shared-input groups", len(stats), len(groups), n_shared)
+    for group in _progress(groups, "svdquant"):
+        layers = svdquant_group([lowrank[n][0] for n in group], stats[group[0]], lowrank[group[0]][1], opts)
+        for name, q in zip(group, layers, strict=True):
+            note = q.svdquant_info["summary"]
+            if len(group) > 1:
+                note += "; shares lambda and proj_down with " + ", ".join(n for n in group if n != name)
+            out[name] = (q, note)
+    return out
 
 
 def _log_report(report: QuantReport) -> None:

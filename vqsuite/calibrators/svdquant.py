@@ -1,0 +1,414 @@
+"""SVDQuant calibration (deepcompressor's algorithm): smoothing grid search, shared low-rank branch, iterative
+refinement, optional GPTQ on the residual.
+
+For a group of linear layers that read the same input (q/k/v; in FLUX single blocks also the MLP up-projection)::
+
+    for (α, β) in smoothing_grid(num_grids):                    # 39 candidates for num_grids=20
+        λ = max|X|^α / max|W_group|^β                            # one λ for the whole group
+        up, down = svd_r(concat_rows(W_i · diag(λ)))             # shared down-projection
+        err = Σ_i ||Y_i - (Q_x(X/λ) Q_w(R_i)^T + (X/λ) down up_i^T)||²   on the calibration rows
+    keep the (α, β) with the smallest err (a later candidate wins a tie, as in deepcompressor)
+    refine_lowrank(...)                                          # iterate SVD(Ŵ - Q_prev), early stop
+    optionally GPTQ(R_i) with the Hessian of X/λ                 # codes kept exactly (QTensor)
+
+Calibrators produce plain state (:class:`SVDQuantGroupState`); :func:`build_lowrank_layers` turns it into
+``QLinearLowRank`` layers (fake-quant state) whose ``proj_down`` is one shared Parameter.
+
+Differences from deepcompressor, on purpose:
+* The objective of a q/k/v group is the summed output error of its projections; deepcompressor evaluates the
+  output of the whole attention module (``eval_module=attn``), which needs model-specific code.
+* In FLUX single blocks deepcompressor shares λ between q/k/v and the MLP up-projection but gives the MLP its
+  own low-rank branch (``splits``); here a detected shared-input group shares both λ and ``proj_down``.
+* Calibration statistics come from one pass of the float model (deepcompressor re-collects block by block).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from vqsuite.calibrators.capture import DEFAULT_RESERVOIR, InputStats
+from vqsuite.calibrators.gptq import DEFAULT_BLOCK, DEFAULT_DAMP, gptq_quantize, hessian_from_inputs
+from vqsuite.calibrators.lowrank import (
+    DEFAULT_LOWRANK_ITERS,
+    SVD_METHODS,
+    lowrank_svd,
+    output_error,
+    quantize_input_rows,
+    quantize_weight_rows,
+    refine_lowrank,
+)
+from vqsuite.calibrators.smoothing import (
+    DEFAULT_NUM_GRIDS,
+    FAST_NUM_GRIDS,
+    smooth_factors,
+    smoothing_grid,
+    weight_column_absmax,
+)
+from vqsuite.config import QuantSpec
+from vqsuite.formats import QTensor, dequantize
+from vqsuite.nn import QLinearLowRank
+from vqsuite.nn.base import copy_float_params
+from vqsuite.nn.quantizers import static_scale_from_amax
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SVDQuantOptions:
+    """Knobs of the SVDQuant calibration (``QuantConfig.options`` of ``method="svdquant"`` carries them).
+
+    The branch rank is the spec's ``rank`` (32 in the presets), so layer validation and calibration agree.
+
+    Attributes:
+        num_grids: smoothing grid resolution (``2·num_grids - 1`` candidates); deepcompressor default 20.
+        fast: deepcompressor's ``fast.yaml`` grid (``num_grids=10``); overrides ``num_grids``.
+        lowrank_iters: maximum low-rank refinement iterations (100); early_stop: stop at the first increase.
+        gptq: quantize the residual with GPTQ (damp ``gptq_damp``, block ``gptq_block``); ``gptq_scale_mode``
+            ``"dynamic"`` (group scales on entry) or ``"static"`` (deepcompressor: up front, act order).
+        gptq_gram: let ``quantize_model`` capture the full ``X^T X`` of every layer for the Hessian
+            (``K²`` float64 per layer) instead of using the reservoir sample.
+        svd: ``"auto"``, ``"full"`` or ``"randomized"`` (see :func:`vqsuite.calibrators.lowrank.lowrank_svd`).
+        max_samples: use at most this many calibration rows (tokens) in the objectives; ``None``: all kept.
+        reservoir: rows ``quantize_model`` keeps per layer while capturing (bounded memory).
+        device: where the calibration math runs (``"cuda"``, ``"cpu"``); ``None``: the layer's device.
+    """
+
+    num_grids: int = DEFAULT_NUM_GRIDS
+    fast: bool = False
+    lowrank_iters: int = DEFAULT_LOWRANK_ITERS
+    early_stop: bool = True
+    gptq: bool = False
+    gptq_damp: float = DEFAULT_DAMP
+    gptq_block: int = DEFAULT_BLOCK
+    gptq_scale_mode: str = "dynamic"
+    gptq_gram: bool = False
+    svd: str = "auto"
+    max_samples: int | None = None
+    reservoir: int = DEFAULT_RESERVOIR
+    device: str | None = None
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, allow_none: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None and allow_none:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}={v!r} must be an integer >= 1" + (" or None" if allow_none else ""))
+
+        positive_int("num_grids")
+        positive_int("lowrank_iters")
+        positive_int("gptq_block")
+        positive_int("max_samples", allow_none=True)
+        positive_int("reservoir")
+        for name in ("fast", "early_stop", "gptq", "gptq_gram"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+        if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or self.gptq_damp < 0:
+            raise ValueError(f"gptq_damp={self.gptq_damp!r} must be a number >= 0")
+        if self.gptq_scale_mode not in ("dynamic", "static"):
+            raise ValueError(f"gptq_scale_mode={self.gptq_scale_mode!r} must be 'dynamic' or 'static'")
+        if self.svd not in SVD_METHODS:
+            raise ValueError(f"svd={self.svd!r} must be one of {', '.join(SVD_METHODS)}")
+
+    @property
+    def grid(self) -> list[tuple[float, float]]:
+        return smoothing_grid(FAST_NUM_GRIDS if self.fast else self.num_grids)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> SVDQuantOptions:
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown SVDQuant option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+
+@dataclass
+class SVDQuantGroupState:
+    """Plain calibration result for a group of ``n`` layers sharing one input of ``K`` channels.
+
+    Attributes:
+        smooth: ``[K]`` float64 λ (already rounded to the layers' dtype); alpha, beta: the chosen pair.
+        down: ``[K, r]`` float64 shared down-projection; ups: ``n`` × ``[N_i, r]`` float64.
+        residuals: ``n`` × ``[N_i, K]`` float64 ``W_i·diag(λ) - up_i @ down^T``.
+        qtensors: ``n`` GPTQ results (``None`` without GPTQ).
+        grid_errors: output error of every grid candidate (``inf`` for an unusable λ), in grid order.
+        lowrank_errors: output error of every refinement iteration run.
+        error: the final output error on the calibration rows (after GPTQ when used); error_rtn: the same before
+            GPTQ (the refinement's best).
+        reference_energy: ``Σ||Y_i||²`` on the calibration rows (SQNR = 10·log10(energy / error)).
+        act_scale: 0-d static activation scale of the smoothed input (``act_mode="static"`` specs), else ``None``.
+    """
+
+    smooth: torch.Tensor
+    alpha: float
+    beta: float
+    rank: int
+    down: torch.Tensor
+    ups: list[torch.Tensor]
+    residuals: list[torch.Tensor]
+    qtensors: list[QTensor | None]
+    grid_errors: list[float] = field(default_factory=list)
+    lowrank_errors: list[float] = field(default_factory=list)
+    error: float = float("nan")
+    error_rtn: float = float("nan")
+    reference_energy: float = float("nan")
+    n_rows: int = 0
+    act_scale: torch.Tensor | None = None
+
+    @property
+    def sqnr_db(self) -> float:
+        """Output SQNR of the group on its calibration rows."""
+        return 10 * math.log10(self.reference_energy / self.error) if self.error > 0 else float("inf")
+
+    def summary(self) -> str:
+        """One line for reports: rank, (α, β), refinement iterations, calibration SQNR."""
+        gptq = ", GPTQ" if any(q is not None for q in self.qtensors) else ""
+        return (
+            f"svdquant rank {self.rank}, alpha={self.alpha:.3g} beta={self.beta:.3g}, "
+            f"{len(self.lowrank_errors)} low-rank iter(s){gptq}, calib SQNR {self.sqnr_db:.1f} dB "
+            f"on {self.n_rows} rows"
+        )
+
+    def info(self) -> dict[str, Any]:
+        """The numbers of this state without its tensors (what a layer keeps as ``svdquant_info``)."""
+        return {
+            "alpha": self.alpha,
+            "beta": self.beta,
+            "rank": self.rank,
+            "grid_errors": list(self.grid_errors),
+            "lowrank_errors": list(self.lowrank_errors),
+            "error": self.error,
+            "error_rtn": self.error_rtn,
+            "reference_energy": self.reference_energy,
+            "sqnr_db": self.sqnr_db,
+            "n_rows": self.n_rows,
+            "gptq": any(q is not None for q in self.qtensors),
+            "summary": self.summary(),
+        }
+
+
+def _calibration_rows(stats: InputStats, max_samples: int | None, device: torch.device) -> torch.Tensor:
+    x = stats.sample
+    if x.shape[0] == 0:
+        raise ValueError("the input statistics hold no rows; run calibration data through the layers first")
+    if max_samples is not None and x.shape[0] > max_samples:
+        x = x[:max_samples]  # the reservoir is already a uniform random sample: its first rows are one too
+    return x.to(device=device, dtype=torch.float32)
+
+
+def _static_act_scale(spec: QuantSpec, x_absmax: torch.Tensor, lam: torch.Tensor) -> torch.Tensor | None:
+    """A static per-tensor scale for the smoothed input (exact: λ is per channel, so max|X/λ| = max(absmax/λ))."""
+    if spec.act_mode != "static":
+        return None
+    return static_scale_from_amax((x_absmax.double().to(lam.device) / lam).amax(), spec.act)
+
+
+@torch.no_grad()
+def calibrate_svdquant_group(
+    weights: list[torch.Tensor],
+    stats: InputStats,
+    spec: QuantSpec,
+    options: SVDQuantOptions | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+) -> SVDQuantGroupState:
+    """SVDQuant state for layers ``weights`` (``[N_i, K]`` each) that all read the input described by ``stats``.
+
+    ``dtype``: the layers' parameter dtype; λ is rounded to it before anything is computed with it, so the
+    stored smoothing vector is the one the search scored. The math runs on ``options.device`` (default: the
+    first weight's device).
+    """
+    options = options or SVDQuantOptions()
+    if not weights:
+        raise ValueError("weights is empty")
+    k = weights[0].shape[1]
+    if stats.in_features != k:
+        raise ValueError(f"stats describe {stats.in_features} input channels, the weights have K={k}")
+    rank = spec.rank
+    for w in weights:
+        if w.ndim != 2 or w.shape[1] != k:
+            raise ValueError(f"every weight must be [N, {k}], got {tuple(w.shape)}")
+        if rank > min(w.shape):
+            raise ValueError(f"rank={rank} exceeds min(out_features, in_features)={min(w.shape)} of a layer")
+    device = torch.device(options.device) if options.device is not None else weights[0].device
+    dtype = dtype or weights[0].dtype
+    splits = [w.shape[0] for w in weights]
+    w_cat = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights], dim=0)
+    x = _calibration_rows(stats, options.max_samples, device)
+    y = x @ w_cat.float().t()  # reference output without bias (the bias cancels in every error)
+    x_absmax = stats.absmax.double().to(device)
+    w_absmax = weight_column_absmax(weights).to(device)
+
+    grid_errors: list[float] = []
+    best: tuple[float, float, float, torch.Tensor] | None = None  # (err, alpha, beta, lam)
+    for alpha, beta in options.grid:
+        lam = smooth_factors(x_absmax, w_absmax, alpha, beta).to(dtype).double()
+        if not bool(torch.isfinite(lam).all()) or not bool((lam > 0).all()):
+            grid_errors.append(float("inf"))  # λ does not survive rounding to the layer dtype
+            continue
+        x_hat = x / lam.float()
+        w_hat = w_cat * lam
+        xq = quantize_input_rows(x_hat, spec, _static_act_scale(spec, x_absmax, lam))
+        up, down = lowrank_svd(w_hat, rank, options.svd)
+        wq = quantize_weight_rows(torch.addmm(w_hat, up, down.t(), alpha=-1), spec, splits)
+        err = output_error(y, xq, x_hat, wq, up, down)
+        grid_errors.append(err)
+        if best is None or err <= best[0]:
+            best = (err, alpha, beta, lam)
+    if best is None:
+        raise RuntimeError("no smoothing candidate gave a usable λ (all overflow the layer dtype)")
+    _, alpha, beta, lam = best
+
+    x_hat = x / lam.float()
+    w_hat = w_cat * lam
+    act_scale = _static_act_scale(spec, x_absmax, lam)
+    xq = quantize_input_rows(x_hat, spec, act_scale)
+    lr = refine_lowrank(
+        w_hat,
+        x_hat,
+        spec,
+        rank,
+        y=y,
+        xq=xq,
+        splits=splits,
+        num_iters=options.lowrank_iters,
+        early_stop=options.early_stop,
+        svd=options.svd,
+        act_scale=act_scale,
+    )
+    residuals = list(torch.split(lr.residual, splits, dim=0))
+    ups = list(torch.split(lr.up, splits, dim=0))
+    qtensors: list[QTensor | None] = [None] * len(weights)
+    error = lr.error
+    if options.gptq and spec.weight is not None:
+        if stats.gram is not None and stats.n_rows > 0:
+            inv = 1.0 / lam
+            h = stats.gram.to(device=device, dtype=torch.float64) * inv[:, None] * inv[None, :] * (2.0 / stats.n_rows)
+        else:
+            h = hessian_from_inputs(x_hat)
+        qtensors = [
+            gptq_quantize(
+                r.float(),
+                h,
+                spec,
+                damp=options.gptq_damp,
+                block_size=options.gptq_block,
+                scale_mode=options.gptq_scale_mode,
+            )
+            for r in residuals
+        ]
+        wq = torch.cat([dequantize(qt, torch.float32) for qt in qtensors], dim=0)
+        error = output_error(y, xq, x_hat, wq, lr.up, lr.down)
+    state = SVDQuantGroupState(
+        smooth=lam,
+        alpha=alpha,
+        beta=beta,
+        rank=rank,
+        down=lr.down,
+        ups=ups,
+        residuals=residuals,
+        qtensors=qtensors,
+        grid_errors=grid_errors,
+        lowrank_errors=list(lr.errors),
+        error=error,
+        error_rtn=lr.error,
+        reference_energy=float(y.double().pow(2).sum()),
+        n_rows=x.shape[0],
+        act_scale=act_scale,
+    )
+    logger.debug("svdquant group of %d layer(s): %s", len(weights), state.summary())
+    return state
+
+
+@torch.no_grad()
+def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, spec: QuantSpec) -> list[QLinearLowRank]:
+    """``QLinearLowRank`` layers (fake-quant state) holding ``state``.
+
+    Every layer gets λ, its residual as master weight, its slice of ``proj_up``; they all hold the *same*
+    ``proj_down`` Parameter object (``save_quantized`` stores it once, ``load_quantized`` re-ties it). A GPTQ
+    QTensor is adopted with ``set_pending_qtensor``, so ``freeze()`` stores exactly GPTQ's codes. A static
+    activation scale (``act_mode="static"``) is set from the calibration rows. Do not re-split one member with
+    ``set_smoothing_and_lowrank``: it would rewrite the ``proj_down`` the other members share.
+    """
+    if len(linears) != len(state.residuals):
+        raise ValueError(f"{len(linears)} layers for a state of {len(state.residuals)}")
+    first = linears[0].weight
+    shared_down = None
+    if state.rank > 0:
+        shared_down = nn.Parameter(state.down.to(device=first.device, dtype=first.dtype))
+    out = []
+    for lin, residual, up, qt in zip(linears, state.residuals, state.ups, state.qtensors, strict=True):
+        w = lin.weight
+        q = QLinearLowRank(
+            lin.in_features, lin.out_features, lin.bias is not None, spec, state.rank, device=w.device, dtype=w.dtype
+        )
+        copy_float_params(q, lin)
+        q.smooth.copy_(state.smooth.to(q.smooth.device))
+        q.__dict__["_parameters"]["weight"].copy_(residual.to(w.device))
+        if shared_down is not None:
+            q.proj_up.copy_(up.to(w.device))
+            q.proj_down = shared_down
+        if qt is not None:
+            q.set_pending_qtensor(qt)
+        if state.act_scale is not None and getattr(q, "act_scale", None) is not None:
+            q.act_scale.copy_(state.act_scale.to(q.act_scale.device))
+        out.append(q)
+    return out
+
+
+@torch.no_grad()
+def svdquant_group(
+    linears: list[nn.Linear],
+    stats: InputStats,
+    spec: QuantSpec,
+    options: SVDQuantOptions | None = None,
+) -> list[QLinearLowRank]:
+    """Calibrate SVDQuant for ``linears`` (which all read the input ``stats`` describes) and build their
+    ``QLinearLowRank`` replacements in the fake-quant state; ``layer.svdquant_info`` holds the group's numbers
+    (:meth:`SVDQuantGroupState.info`: α, β, rank, errors, calibration SQNR)."""
+    if not linears:
+        raise ValueError("linears is empty")
+    for lin in linears:
+        if not isinstance(lin, nn.Linear):
+            raise ValueError(f"svdquant_group takes nn.Linear layers, got {type(lin).__name__}")
+    state = calibrate_svdquant_group(
+        [lin.weight for lin in linears], stats, spec, options, dtype=linears[0].weight.dtype
+    )
+    layers = build_lowrank_layers(linears, state, spec)
+    info = state.info()
+    for q in layers:
+        q.svdquant_info = info
+    return layers
+
+
+def data_free_lowrank_layer(linear: nn.Linear, spec: QuantSpec) -> QLinearLowRank:
+    """SVDQuant without calibration data: λ = 1 and the rank-r SVD of W (no search, no refinement)."""
+    return QLinearLowRank.from_float(linear, spec)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """``10·log10(||ref||² / ||ref - approx||²)`` in dB (float64)."""
+    ref = reference.detach().double()
+    err = (ref - approx.detach().double().to(ref.device)).pow(2).sum()
+    if float(err) == 0:
+        return float("inf")
+    return 10 * math.log10(float(ref.pow(2).sum()) / float(err))
+
+
+__all__ = [
+    "SVDQuantGroupState",
+    "SVDQuantOptions",
+    "build_lowrank_layers",
+    "calibrate_svdquant_group",
+    "data_free_lowrank_layer",
+    "sqnr_db",
+    "svdquant_group",
+]
