@@ -34,6 +34,14 @@ from vqsuite.pipelines import (
 
 __version__ = "0.1.0"
 
+
+def quantize_pipeline(pipe, config="svdquant-int4", **kw):  # noqa: ANN001, ANN201 - see the real docstring
+    """Quantize a loaded diffusers pipeline in place; see :func:`vqsuite.pipelines.diffusers.quantize_pipeline`."""
+    from vqsuite.pipelines.diffusers import quantize_pipeline as _quantize_pipeline
+
+    return _quantize_pipeline(pipe, config, **kw)
+
+
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
@@ -49,6 +57,7 @@ __all__ = [
     "load_quantized",
     "module_nbytes",
     "quantize_model",
+    "quantize_pipeline",
     "register_preset",
     "save_quantized",
 ]

@@ -44,7 +44,7 @@ def dequantize(qt: QTensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     and ``qmax * (amax / qmax)`` can round past the float32 maximum.
     """
     out = _entry(qt.fmt).dequantize(qt, torch.float32)
-    if dtype.is_floating_point:
+    if dtype.is_floating_point and torch.finfo(dtype).max <= torch.finfo(torch.float32).max:
         fmax = torch.finfo(dtype).max
         out = out.clamp(-fmax, fmax)
     return out.to(dtype)

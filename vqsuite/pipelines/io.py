@@ -327,6 +327,9 @@ def load_quantized(
             replaced[name] = _rebuild_layer(model, name, entry, refs)
         try:
             tensors = load_file(str(path / WEIGHTS_NAME), device=str(device))
+            # safetensors hands out tensors at unaligned addresses on CPU, where GEMMs round differently:
+            # fresh, aligned copies keep loaded outputs bit-identical to the saved model's
+            tensors = {k: v.clone() for k, v in tensors.items()}
         except (SafetensorError, OSError, ValueError) as e:
             raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({e})") from None
         aliases = meta.get("aliases") or {}
