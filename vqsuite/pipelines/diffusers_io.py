@@ -22,9 +22,7 @@ import inspect
 import json
 import logging
 import os
-import shutil
 import struct
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +30,14 @@ import torch
 from torch import nn
 
 from vqsuite.nn import QuantLayer
-from vqsuite.pipelines.io import CONFIG_NAME, PIPELINE_META_NAME, WEIGHTS_NAME, CheckpointError, _fsync_dir
+from vqsuite.pipelines.io import (
+    CONFIG_NAME,
+    PIPELINE_META_NAME,
+    WEIGHTS_NAME,
+    CheckpointError,
+    atomic_folder,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -136,10 +141,7 @@ def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
             if isinstance(mod, nn.Module) and _module_dtype(mod) is not None
         },
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(path) as tmp:
         pipe.save_config(str(tmp))  # model_index.json
         for name, comp in components.items():
             if comp is None:
@@ -149,22 +151,7 @@ def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
                 _save_architecture(comp, tmp / name, name)
             else:
                 _save_component(comp, tmp / name)
-        with open(tmp / PIPELINE_META_NAME, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / PIPELINE_META_NAME, meta)
     logger.info("saved %s with quantized %s to %s", type(pipe).__name__, ", ".join(quantized), path)
     return path
 

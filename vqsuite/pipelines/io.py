@@ -9,11 +9,13 @@ damages an existing one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,37 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON and fsync it (used inside an :func:`atomic_folder`)."""
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` by rename, on any error it is
+    removed and an existing ``path`` is untouched. A crash never leaves a half-written checkpoint at ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, model_source: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (quantized by :func:`vqsuite.quantize_model`) to the folder ``path``.
 
@@ -148,27 +181,9 @@ def save_quantized(model: nn.Module, path: str | os.PathLike, *, model_source: d
         "layers": layers,
         "aliases": aliases,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_folder(path) as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "producer": CHECKPOINT_FORMAT})
-        with open(tmp / CONFIG_NAME, "w") as f:
-            json.dump(meta, f, indent=2, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_json(tmp / CONFIG_NAME, meta)
     logger.info("saved %d quantized layers to %s", len(layers), path)
     return path
 
