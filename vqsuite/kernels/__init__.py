@@ -8,4 +8,8 @@ from vqsuite.kernels.dispatch import current_preference, prefer, register_fast, 
 register_reference("qlinear", reference.qlinear)
 register_reference("dequantize_weight", reference.dequantize_weight)
 
+from vqsuite.kernels.triton import register_triton_kernels  # noqa: E402
+
+register_triton_kernels()
+
 __all__ = ["current_preference", "prefer", "reference", "register_fast", "register_reference", "select"]

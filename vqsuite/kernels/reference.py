@@ -48,6 +48,17 @@ def dequantize_weight(
     return dequantize(qt, dtype)
 
 
+def static_act_scale(layer) -> torch.Tensor | None:
+    """The static activation scale this forward uses (0-d), or ``None`` (dynamic, observing, or none).
+
+    Every kernel reads the static scale through this one function, so a layer whose scale depends on the
+    denoising step resolves it in one place.
+    """
+    if layer.act_observing:
+        return None
+    return getattr(layer, "act_scale", None)
+
+
 def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
     """Reference forward of a ``QLinear``/``QLinearLowRank`` (fake-quant or frozen): ``x [..., K] -> [..., N]``."""
     return linear_with_weight(
@@ -55,7 +66,7 @@ def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
         layer.quantized_gemm_weight(x.dtype),
         layer.bias,
         layer.spec,
-        act_scale=None if layer.act_observing else getattr(layer, "act_scale", None),
+        act_scale=static_act_scale(layer),
         smooth=getattr(layer, "smooth", None),
         proj_down=getattr(layer, "proj_down", None),
         proj_up=getattr(layer, "proj_up", None),
