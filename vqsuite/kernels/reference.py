@@ -100,3 +100,165 @@ def linear_with_weight(
     if proj_down is not None and proj_up is not None:
         y = y + (x @ proj_down.to(x.dtype)) @ proj_up.to(x.dtype).t()
     return y
+
+
+def gemm_w4a16_reference(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    wzeros: torch.Tensor | None = None,
+    wtscale: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    proj_down: torch.Tensor | None = None,
+    proj_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Twin of the Triton W4A16 GEMM (``vqsuite.kernels.triton.w4a16``): the same math, plain torch.
+
+    ``xs = x / λ`` rounded to x's dtype; ``W`` dequantized in fp32 and rounded to x's dtype; ``t = xs @ proj_down``
+    in x's dtype; then one fp32 accumulator ``xs @ W^T + t @ proj_up^T + bias`` (16-bit operands, exact products),
+    rounded once to x's dtype. Only the fp32 summation order differs from the kernel.
+
+    x: ``[..., K]`` fp16/bf16; qweight ``[N, K/2]`` uint8; wscales ``[N, K/G]``; smooth ``[K]``;
+    proj_down ``[K, r]``; proj_up ``[N, r]``; bias ``[N]``. Returns ``[..., N]`` in x's dtype.
+    """
+    dt = x.dtype
+    xs = x / smooth.to(dt) if smooth is not None else x
+    w = dequantize_weight(qweight, wscales, spec, wzeros=wzeros, wtscale=wtscale, dtype=dt)
+    acc = xs.float() @ w.float().t()
+    if proj_down is not None and proj_up is not None and proj_down.shape[-1] > 0:
+        t = xs @ proj_down.to(dt)
+        acc = acc + t.float() @ proj_up.to(dt).float().t()
+    if bias is not None:
+        acc = acc + bias.to(dt).float()
+    return acc.to(dt)
+
+
+# ---------------------------------------------------------------------- twins of the 8-bit-MMA family (mma8)
+#: largest magnitude of an E2M1 value times the largest E4M3 block scale (the NVFP4 tensor-scale divisor)
+_NVFP4_TENSOR_DIVISOR = 6.0 * 448.0
+
+
+def act_quant_lowrank_reference(
+    x: torch.Tensor,
+    *,
+    act: str,
+    act_mode: str,
+    group_size: int | None = None,
+    static_scale: torch.Tensor | None = None,
+    smooth: torch.Tensor | None = None,
+    proj_down: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Twin of ``vqsuite.kernels.triton.act_quant.act_quant_lowrank``: the same codes, scales and branch input.
+
+    ``xs = x / λ`` rounded to x's dtype; codes and scales are :func:`vqsuite.formats.quantize`'s (dynamic modes)
+    or ``fake_quantize_static``'s (static mode), in the layout the 8-bit GEMM reads:
+        codes ``[M, K]``: int8 (int8/int4) or float8_e4m3fn (fp8_e4m3; NVFP4's E2M1 values, exact in E4M3)
+        scales ``[M, K/GA]`` float32 (``GA = K`` per token and static; NVFP4: the block multiplier ``s_b * s_t``)
+        lowrank ``[M, r]`` in x's dtype: ``xs @ proj_down`` accumulated in fp32, rounded once; ``None`` if no branch
+    x: ``[M, K]`` fp16/bf16/fp32; smooth ``[K]``; proj_down ``[K, r]``; static_scale 0-d.
+    """
+    from vqsuite.formats import quantize
+    from vqsuite.formats.fp4 import decode_e2m1
+    from vqsuite.formats.fp8 import cast_fp8_saturate
+
+    dt = x.dtype
+    xs = x / smooth.to(dt) if smooth is not None else x
+    lowrank = None
+    if proj_down is not None and proj_down.shape[-1] > 0:
+        lowrank = (xs.float() @ proj_down.to(dt).float()).to(dt)
+    fmt = get_format(act)
+    if act_mode == "static":
+        s = static_scale.float().clamp(min=torch.finfo(torch.float32).tiny)
+        v = xs.float() / s
+        if fmt.kind == "int":
+            codes = torch.round(v).clamp(fmt.qmin, fmt.qmax).to(torch.int8)
+        else:
+            codes = cast_fp8_saturate(v, torch.float8_e4m3fn)
+        scales = s.reshape(1, 1).expand(x.shape[0], 1).contiguous()
+        return codes, scales, lowrank
+    group = group_size if act_mode == "dynamic_per_group" else None
+    qt = quantize(xs, act, group_size=group, axis=-1)
+    if act == "nvfp4":
+        codes = decode_e2m1(qt.codes).to(torch.float8_e4m3fn)
+        scales = qt.scales.float() * qt.tensor_scale.float()
+    else:
+        codes, scales = qt.codes, qt.scales.float()
+    return codes, scales.reshape(x.shape[0], -1), lowrank
+
+
+def _weight_operand(qweight: torch.Tensor, weight_fmt: str) -> torch.Tensor:
+    """Stored codes -> the GEMM's B operand ``[N, K]``: int64 (int8/int4) or float32 values (fp8, E2M1)."""
+    from vqsuite.formats.fp4 import decode_e2m1
+
+    codes = unpack_weight_codes(qweight, weight_fmt)
+    if weight_fmt == "nvfp4":
+        return decode_e2m1(codes)
+    return codes.long() if get_format(weight_fmt).kind == "int" else codes.float()
+
+
+def gemm_mma8_reference(
+    a_codes: torch.Tensor,
+    a_scales: torch.Tensor,
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    *,
+    weight_fmt: str,
+    weight_group_size: int | None,
+    wtscale: torch.Tensor | None = None,
+    lowrank: torch.Tensor | None = None,
+    proj_up: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float16,
+    raw_int32: bool = False,
+) -> torch.Tensor:
+    """Twin of ``vqsuite.kernels.triton.mma8.gemm_mma8``: 8-bit products, exact per-group accumulation, fp32 rescale.
+
+    ``GA = K / a_scales.shape[1]`` and ``GW = weight_group_size or K``. Both per-token/per-channel: one exact
+    accumulator over K (int32 for integer codes), then ``acc * sa[m] * sw[n]``. Otherwise ``GK = min(GA, GW)``:
+    for each K-group ``g`` in order ``acc += dot_g * (sa[m, g] * sw[n, g])`` (the grouped scales only), then the
+    per-token/per-channel scales, then the NVFP4 weight tensor scale. Then ``acc += lowrank @ proj_up^T``
+    (x-dtype operands, fp32 accumulation), ``+ bias``, one rounding to ``out_dtype``.
+    ``raw_int32`` (integer codes, ungrouped only): return the int32 accumulator ``[M, N]`` instead.
+
+    a_codes ``[M, K]`` int8/float8_e4m3fn; a_scales ``[M, K/GA]`` fp32; qweight/wscales as stored by frozen layers;
+    lowrank ``[M, r]``; proj_up ``[N, r]``; bias ``[N]``. Returns ``[M, N]`` in ``out_dtype``.
+    """
+    M, K = a_codes.shape
+    w = _weight_operand(qweight, weight_fmt)
+    is_int = w.dtype == torch.int64
+    a = a_codes.long() if is_int else a_codes.float()
+    ga = K // a_scales.shape[1]
+    gw = weight_group_size or K
+    sa = a_scales.float()
+    sw = wscales.float()
+    if ga == K and gw == K:
+        acc = a @ w.t()
+        if raw_int32:
+            return acc.to(torch.int32)
+        acc = acc.float() * sa[:, :1] * sw[:, :1].t()
+    else:
+        if raw_int32:
+            raise ValueError("raw_int32 applies to per-token x per-channel scales only")
+        gk = min(ga, gw)
+        acc = torch.zeros(M, w.shape[0], dtype=torch.float32, device=a.device)
+        for g in range(K // gk):
+            sl = slice(g * gk, (g + 1) * gk)
+            part = (a[:, sl] @ w[:, sl].t()).float()
+            fa = sa[:, (g * gk) // ga][:, None] if ga < K else 1.0
+            fw = sw[:, (g * gk) // gw][None, :] if gw < K else 1.0
+            acc = acc + part * (fa * fw)
+        if ga == K:
+            acc = acc * sa[:, :1]
+        if gw == K:
+            acc = acc * sw[:, :1].t()
+    if wtscale is not None:
+        acc = acc * wtscale.float()
+    if lowrank is not None and proj_up is not None and lowrank.shape[-1] > 0:
+        dt = lowrank.dtype
+        acc = acc + lowrank.float() @ proj_up.to(dt).float().t()
+    if bias is not None:
+        acc = acc + bias.to(out_dtype).float()
+    return acc.to(out_dtype)

@@ -1,0 +1,243 @@
+"""The Triton W4A16 GEMM (run on CPU tensors by Triton's interpreter) against its plain-PyTorch twin.
+
+``vqsuite.kernels.triton.w4a16`` builds interpreted kernels for CPU tensors itself, whatever ``TRITON_INTERPRET``
+said when triton was first imported; the dispatcher only offers Triton for CPU tensors while ``TRITON_INTERPRET=1``,
+so the tests that go through the dispatcher set it for their own duration (a fixture) and restore it after, leaving
+every other test's kernel choice alone. Interpreter trap: ``tl.dot`` on bf16 operands is wrong under the
+interpreter; the interpreted kernel upcasts its (already 16-bit-rounded) operands to fp32, so bf16 is tested too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+import vqsuite.kernels as vk  # noqa: E402
+from vqsuite.config import QuantSpec, get_preset  # noqa: E402
+from vqsuite.formats import pack_4bit, quantize  # noqa: E402
+from vqsuite.kernels.reference import dequantize_weight, gemm_w4a16_reference  # noqa: E402
+from vqsuite.kernels.triton import w4a16  # noqa: E402
+from vqsuite.nn.linear import QLinear, QLinearLowRank  # noqa: E402
+
+#: float outputs of the kernel against the twin (they differ only in fp32 summation order)
+MIN_SQNR_DB = 40.0
+#: frozen layer forward, Triton path against the reference path (the reference rounds the GEMM and the low-rank
+#: branch to 16 bits separately, so a few more dB are lost than against the twin)
+MIN_LAYER_SQNR_DB = 40.0
+
+FORMATS = [
+    pytest.param("int4", 64, id="int4_g64"),
+    pytest.param("int4", 128, id="int4_g128"),
+    pytest.param("int4_asym", 64, id="int4asym_g64"),
+    pytest.param("nvfp4", 16, id="nvfp4"),
+]
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.double(), out.double()
+    noise = (ref - out).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))
+
+
+@pytest.fixture
+def interpret_env():
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    yield
+    if old is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = old
+
+
+def make_weight(fmt: str, group: int, n: int, k: int, scale_dtype: torch.dtype = torch.bfloat16) -> dict:
+    w = torch.randn(n, k)
+    w[:, :3] *= 8  # a few outlier input channels, so groups get different scales
+    qt = quantize(w, fmt, group_size=group, scale_dtype=scale_dtype)
+    return {
+        "qweight": pack_4bit(qt.codes),
+        "wscales": qt.scales,
+        "wzeros": qt.zero_points,
+        "wtscale": qt.tensor_scale,
+        "spec": QuantSpec(weight=fmt, weight_group_size=group, scale_dtype="bfloat16"),
+    }
+
+
+def run_both(x, wt, *, rank=0, smooth=True, bias=True, split_k=None):
+    n, k = wt["qweight"].shape[0], x.shape[-1]
+    extra = {
+        "wzeros": wt["wzeros"],
+        "wtscale": wt["wtscale"],
+        "smooth": torch.rand(k) + 0.5 if smooth else None,
+        "proj_down": torch.randn(k, rank) / k**0.5 if rank else None,
+        "proj_up": torch.randn(n, rank) if rank else None,
+        "bias": torch.randn(n) if bias else None,
+    }
+    spec = wt["spec"]
+    y = w4a16.gemm_w4a16(x, wt["qweight"], wt["wscales"], spec.weight, spec.weight_group_size, split_k=split_k, **extra)
+    ref = gemm_w4a16_reference(x, wt["qweight"], wt["wscales"], spec, **extra)
+    return y, ref
+
+
+@pytest.mark.parametrize(("fmt", "group"), FORMATS)
+@pytest.mark.parametrize("m", [1, 37], ids=["M1", "M37"])
+@pytest.mark.parametrize("rank", [0, 32], ids=["r0", "r32"])
+def test_gemm_matches_twin(fmt, group, m, rank):
+    """M=1 and M=37 (not a multiple of BLOCK_M=16), K = 3 blocks of 64 plus one group boundary inside a block."""
+    k, n = 3 * 128, 80  # N=80: not a multiple of BLOCK_N=32
+    wt = make_weight(fmt, group, n, k)
+    x = torch.randn(m, k, dtype=torch.float16)
+    y, ref = run_both(x, wt, rank=rank)
+    assert y.dtype == x.dtype and y.shape == (m, n)
+    assert sqnr_db(ref, y) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("split_k", [True, False], ids=["splitk", "tiled"])
+@pytest.mark.parametrize("m", [1, 16, 17], ids=["M1", "M16", "M17"])
+def test_both_variants_any_m(split_k, m):
+    """Either launch shape is correct at any M (the split-K one is chosen for M ≤ 16, the tiled one above)."""
+    wt = make_weight("int4", 64, 48, 320)  # K=320: five g64 groups, the last K block is partial
+    x = torch.randn(m, 320, dtype=torch.float16)
+    y, ref = run_both(x, wt, rank=32, split_k=split_k)
+    assert sqnr_db(ref, y) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize(("fmt", "group"), FORMATS)
+def test_bf16_and_batched_input(fmt, group):
+    wt = make_weight(fmt, group, 64, 256)
+    x = torch.randn(2, 3, 256, dtype=torch.bfloat16)
+    y, ref = run_both(x, wt, rank=16)
+    assert y.shape == (2, 3, 64) and y.dtype == torch.bfloat16
+    assert sqnr_db(ref, y) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize(("fmt", "group"), FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("split_k", [False, True], ids=["tiled", "splitk"])
+def test_dequantized_tiles_bit_exact(fmt, group, dtype, split_k):
+    """With x = I (no smoothing, bias or low rank) the kernel writes W^T itself: the in-register dequantized tiles
+    (codes, zero points, group scales, E4M3 decoding, saturation, rounding to x's dtype) equal the reference
+    dequantization bit for bit (each output sums one exact product and zeros)."""
+    k, n = 128, 48
+    wt = make_weight(fmt, group, n, k)
+    eye = torch.eye(k, dtype=dtype)
+    spec = wt["spec"]
+    y = w4a16.gemm_w4a16(
+        eye,
+        wt["qweight"],
+        wt["wscales"],
+        spec.weight,
+        spec.weight_group_size,
+        wzeros=wt["wzeros"],
+        wtscale=wt["wtscale"],
+        split_k=split_k,
+    )
+    ref = dequantize_weight(wt["qweight"], wt["wscales"], spec, wzeros=wt["wzeros"], wtscale=wt["wtscale"], dtype=dtype)
+    assert torch.equal(y.t(), ref)
+
+
+def test_saturation_matches_reference():
+    """An fp16 weight whose dequantized value passes 65504 saturates in both, instead of becoming Inf."""
+    spec = QuantSpec(weight="int4_asym", weight_group_size=64, scale_dtype="float32")
+    w = torch.zeros(16, 64)
+    w[:, 0] = 1.0e5
+    w[:, 1] = -1.0e5
+    qt = quantize(w, "int4_asym", group_size=64, scale_dtype=torch.float32)
+    qw = pack_4bit(qt.codes)
+    eye = torch.eye(64, dtype=torch.float16)
+    y = w4a16.gemm_w4a16(eye, qw, qt.scales, "int4_asym", 64, wzeros=qt.zero_points)
+    ref = dequantize_weight(qw, qt.scales, spec, wzeros=qt.zero_points, dtype=torch.float16)
+    assert torch.isfinite(y).all()
+    assert torch.equal(y.t(), ref)
+
+
+def frozen_layer(preset: str, *, rank: int, k: int = 192, n: int = 96) -> QLinear:
+    spec = get_preset(preset).default.replace(rank=rank)
+    lin = nn.Linear(k, n).half()
+    if rank or preset.startswith("w4a16"):
+        smooth = (torch.rand(k) + 0.5).half()
+        layer = QLinearLowRank.from_float(lin, spec, rank=rank, smooth=smooth)
+    else:
+        layer = QLinear.from_float(lin, spec)
+    return layer.freeze().eval()
+
+
+@pytest.mark.parametrize("preset", ["w4a16", "w4a16-nvfp4"])
+@pytest.mark.parametrize("rank", [0, 32], ids=["r0", "r32"])
+@pytest.mark.parametrize("m", [1, 33], ids=["M1", "M33"])
+def test_frozen_lowrank_layer_through_dispatcher(interpret_env, preset, rank, m):
+    layer = frozen_layer(preset, rank=rank)
+    x = torch.randn(m, 192, dtype=torch.float16)
+    name, _ = vk.select("qlinear", layer.spec.kernel, layer.kernel_key, x=x, layer=layer)
+    assert name == "triton.w4a16"
+    with torch.no_grad(), vk.prefer("triton"):
+        y = layer(x)
+    with torch.no_grad(), vk.prefer("reference"):
+        ref = layer(x)
+    assert y.dtype == ref.dtype == torch.float16
+    assert sqnr_db(ref, y) >= MIN_LAYER_SQNR_DB
+
+
+def test_accepts_only_what_it_runs(interpret_env):
+    x = torch.randn(4, 192, dtype=torch.float16)
+    assert w4a16.accepts(x, frozen_layer("w4a16", rank=32))
+    assert w4a16.accepts(x, frozen_layer("w4a16-nvfp4", rank=0))
+    assert not w4a16.accepts(x.float(), frozen_layer("w4a16", rank=0)), "fp32 activations would be TF32 MMA"
+    assert not w4a16.accepts(x, frozen_layer("w4a8", rank=0)), "8-bit activations belong to another family"
+    assert not w4a16.accepts(x, frozen_layer("w8a16", rank=0)), "8-bit weights"
+    per_channel = QLinear.from_float(nn.Linear(192, 96).half(), QuantSpec(weight="int4")).freeze()
+    assert not w4a16.accepts(x, per_channel), "per-channel INT4 is not a grouped layout this kernel reads"
+    fake_quant = QLinear.from_float(nn.Linear(192, 96).half(), get_preset("w4a16").default)
+    assert not w4a16.accepts(x, fake_quant), "fake-quant layers have no packed storage"
+    assert not w4a16.accepts(torch.randn(4, 128, dtype=torch.float16), frozen_layer("w4a16", rank=0))
+
+
+def test_reference_preference_still_wins(interpret_env):
+    layer = frozen_layer("w4a16", rank=32)
+    x = torch.randn(3, 192, dtype=torch.float16)
+    with vk.prefer("reference"):
+        name, _ = vk.select("qlinear", layer.spec.kernel, layer.kernel_key, x=x, layer=layer)
+    assert name == "reference"
+
+
+def test_dispatcher_ignores_cpu_without_interpreter():
+    """Without TRITON_INTERPRET the dispatcher never offers Triton for CPU tensors."""
+    old = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        layer = frozen_layer("w4a16", rank=0)
+        x = torch.randn(2, 192, dtype=torch.float16)
+        name, _ = vk.select("qlinear", layer.spec.kernel, layer.kernel_key, x=x, layer=layer)
+        assert name == "reference"
+    finally:
+        if old is not None:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(("fmt", "group"), FORMATS)
+@pytest.mark.parametrize("m", [1, 16, 300], ids=["M1", "M16", "M300"])
+def test_gpu_matches_twin(fmt, group, m):
+    wt = make_weight(fmt, group, 512, 1024)
+    wt = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in wt.items()}
+    x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
+    n, k = 512, 1024
+    extra = {
+        "wzeros": wt["wzeros"],
+        "wtscale": wt["wtscale"],
+        "smooth": torch.rand(k, device="cuda") + 0.5,
+        "proj_down": torch.randn(k, 32, device="cuda") / k**0.5,
+        "proj_up": torch.randn(n, 32, device="cuda"),
+        "bias": torch.randn(n, device="cuda"),
+    }
+    spec = wt["spec"]
+    y = w4a16.gemm_w4a16(x, wt["qweight"], wt["wscales"], spec.weight, spec.weight_group_size, **extra)
+    ref = gemm_w4a16_reference(x, wt["qweight"], wt["wscales"], spec, **extra)
+    assert sqnr_db(ref, y) >= MIN_SQNR_DB
