@@ -22,6 +22,13 @@ KernelPreference = Literal["auto", "triton", "reference"]
 METHODS: tuple[str, ...] = ("rtn", "svdquant")
 ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
 KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
+#: how static activation scales follow the denoising step (see :mod:`vqsuite.nn.steps`)
+ACT_GRANULARITIES: tuple[str, ...] = ("pooled", "per_step", "bucketed")
+#: how a static activation range is chosen from calibration data (see :mod:`vqsuite.calibrators.ranges`)
+ACT_RANGES: tuple[str, ...] = ("minmax", "ema", "percentile", "mse")
+#: QuantSpec fields added after version 1 first shipped; ``to_dict`` leaves them out at their defaults, so a
+#: recipe that does not use them reads the same in older vqsuite versions
+_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"act_granularity": "pooled", "n_buckets": None, "act_range": "minmax"}
 SCALE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -55,6 +62,13 @@ class QuantSpec:
         rank: rank of the 16-bit low-rank branch (``QLinearLowRank``); 0 means none.
         scale_dtype: storage dtype of float weight scales: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         kernel: kernel preference for frozen layers: ``"auto"``, ``"triton"`` or ``"reference"``.
+        act_granularity: static scales only: one scale for every step (``"pooled"``), one per step of the
+            calibration trajectory (``"per_step"``) or one per bucket of steps (``"bucketed"``); the layer reads
+            the current step from the denoiser's step hook.
+        n_buckets: number of scale slots: the buckets of ``"bucketed"`` (required), or the steps of
+            ``"per_step"`` (filled in by calibration when ``None``).
+        act_range: how calibration chooses a static range: ``"minmax"``, ``"ema"`` (running min/max, momentum
+            0.95), ``"percentile"`` (99.99 % of |x|) or ``"mse"`` (L_p search, p = 2.4, 1 % steps).
     """
 
     weight: str | None = "int8"
@@ -65,6 +79,9 @@ class QuantSpec:
     rank: int = 0
     scale_dtype: str = "float32"
     kernel: KernelPreference = "auto"
+    act_granularity: str = "pooled"
+    n_buckets: int | None = None
+    act_range: str = "minmax"
 
     def __post_init__(self) -> None:
         _check_format(self.weight, "weight")
@@ -109,6 +126,20 @@ class QuantSpec:
                 raise ValueError(f"act={self.act!r} is a block format: act_mode must be 'dynamic_per_group'")
             if self.act_mode == "static" and get_format(self.act).asymmetric:
                 raise ValueError(f"act_mode='static' supports symmetric formats only, not act={self.act!r}")
+        if self.act_granularity not in ACT_GRANULARITIES:
+            raise ValueError(f"act_granularity={self.act_granularity!r} must be one of {', '.join(ACT_GRANULARITIES)}")
+        if self.act_range not in ACT_RANGES:
+            raise ValueError(f"act_range={self.act_range!r} must be one of {', '.join(ACT_RANGES)}")
+        if self.act_mode != "static" and (self.act_granularity != "pooled" or self.act_range != "minmax"):
+            raise ValueError(
+                f"act_granularity={self.act_granularity!r} and act_range={self.act_range!r} apply to "
+                f"act_mode='static' only, not act_mode={self.act_mode!r}"
+            )
+        _check_group(self.n_buckets, "n_buckets")
+        if self.act_granularity == "pooled" and self.n_buckets is not None:
+            raise ValueError(f"n_buckets={self.n_buckets} needs act_granularity='per_step' or 'bucketed'")
+        if self.act_granularity == "bucketed" and self.n_buckets is None:
+            raise ValueError("act_granularity='bucketed' needs n_buckets")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -142,7 +173,11 @@ class QuantSpec:
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        for k, default in _OPTIONAL_SPEC_FIELDS.items():
+            if d[k] == default:
+                del d[k]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
@@ -165,6 +200,8 @@ class QuantSpec:
             a = f"A:{self.act}/g{self.act_group_size}"
         else:
             a = f"A:{self.act}/" + ("tok" if self.act_mode == "dynamic_per_token" else "static")
+            if self.act_granularity != "pooled":
+                a += "/step" if self.act_granularity == "per_step" else f"/b{self.n_buckets}"
         return f"{w} {a}" + (f" r{self.rank}" if self.rank else "")
 
 

@@ -30,12 +30,21 @@ from torch import nn
 from vqsuite.config import QuantSpec
 from vqsuite.formats import QTensor, dequantize, get_format, pack_4bit, quantize
 from vqsuite.kernels import select
+from vqsuite.nn import steps as _steps
 from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation, ste
 
 logger = logging.getLogger(__name__)
 
 #: buffers holding packed codes and scales; dtype conversions of the module leave them alone
-PROTECTED_BUFFERS: tuple[str, ...] = ("qweight", "wscales", "wzeros", "wtscale", "act_scale")
+PROTECTED_BUFFERS: tuple[str, ...] = (
+    "qweight",
+    "wscales",
+    "wzeros",
+    "wtscale",
+    "act_scale",
+    "act_scale_steps",
+    "act_scale_t",
+)
 #: elements of the master weight remembered to notice that it changed after ``set_pending_qtensor``
 PENDING_PROBE_ELEMENTS = 256
 
@@ -98,6 +107,79 @@ class QuantLayer(nn.Module):
             self.register_parameter("bias", None)
         if spec.act_mode == "static":
             self.register_buffer("act_scale", torch.full((), math.nan, device=device))
+            if spec.act_granularity != "pooled" and spec.n_buckets is not None:
+                self.register_buffer("act_scale_steps", torch.full((spec.n_buckets,), math.nan, device=device))
+                self.register_buffer("act_scale_t", torch.full((spec.n_buckets,), math.nan, device=device))
+
+    # ----------------------------------------------------------------- per-step static scales
+    def __getattr__(self, name: str):
+        # ``act_scale`` is what every kernel reads (``kernels.reference.static_act_scale``): with a per-step
+        # table and a published step it resolves to that step's slot, so no kernel needs to know about steps
+        if name == "act_scale":
+            buffers = self.__dict__.get("_buffers", {})
+            if buffers.get("act_scale_steps") is not None and _steps.current_steps():
+                return self.current_act_scale()
+        return super().__getattr__(name)
+
+    @property
+    def has_step_scales(self) -> bool:
+        """Static activation scales per step or bucket (``act_scale_steps``) are present."""
+        return self.__dict__["_buffers"].get("act_scale_steps") is not None
+
+    def _slot_lists(self) -> tuple[list[bool], list[float]]:
+        """(calibrated?, mean timestep) per slot as Python lists, recomputed only when the buffers change."""
+        table, keys = self._buffers["act_scale_steps"], self._buffers["act_scale_t"]
+        tag = (id(table), table._version, id(keys), keys._version)
+        cache = self.__dict__.get("_slot_cache")
+        if cache is None or cache[0] != tag:
+            valid = [bool(v) for v in torch.isfinite(table).tolist()] if table.device.type != "meta" else []
+            keys_t = [float(v) for v in keys.tolist()] if keys.device.type != "meta" else []
+            cache = self.__dict__["_slot_cache"] = (tag, valid, keys_t)
+        return cache[1], cache[2]
+
+    def current_act_scale(self) -> torch.Tensor | None:
+        """The static scale (0-d) for the step in progress: its slot of ``act_scale_steps`` when the denoiser's
+        step hook published one, the pooled ``act_scale`` otherwise (or ``None`` for non-static layers)."""
+        buffers = self.__dict__["_buffers"]
+        pooled = buffers.get("act_scale")
+        table = buffers.get("act_scale_steps")
+        step = _steps.current_step()
+        if table is None or step is None:
+            if table is not None and not self.__dict__.get("_warned_no_step"):
+                self._warned_no_step = True
+                logger.warning(
+                    "%s: per-step activation scales but no step published (attach a step tracker to the "
+                    "denoiser: vqsuite.calibrators.timestep.attach_step_tracker); using the pooled scale",
+                    self.layer_name or type(self).__name__,
+                )
+            return pooled
+        valid, keys_t = self._slot_lists()
+        slot = _steps.slot_for(step, self.spec.act_granularity, valid, keys_t)
+        return pooled if slot is None else table[slot]
+
+    @torch.no_grad()
+    def set_act_scale_table(self, scales: torch.Tensor, keys_t: torch.Tensor, pooled: torch.Tensor) -> None:
+        """Store calibrated static scales: ``scales [S]`` per slot (NaN = never calibrated), ``keys_t [S]`` the mean
+        timestep of each slot, ``pooled`` (0-d) the scale used when no step is published.
+
+        A ``per_step`` spec without ``n_buckets`` learns ``S`` here (the layer's spec gets ``n_buckets=S``, so a
+        checkpoint rebuilds buffers of the right shape).
+        """
+        if self.spec.act_mode != "static" or self.spec.act_granularity == "pooled":
+            raise ValueError(f"{self.layer_name or type(self).__name__}: spec {self.spec.short()} has no step scales")
+        scales = scales.detach().float().reshape(-1)
+        keys_t = keys_t.detach().float().reshape(-1)
+        if keys_t.shape != scales.shape:
+            raise ValueError(f"keys_t {tuple(keys_t.shape)} must match scales {tuple(scales.shape)}")
+        if self.spec.n_buckets is None:
+            self.spec = self.spec.replace(n_buckets=int(scales.numel()))
+            self.__dict__.pop("_kernel_key", None)
+        if scales.numel() != self.spec.n_buckets:
+            raise ValueError(f"{scales.numel()} scales given, spec.n_buckets={self.spec.n_buckets}")
+        dev = self._buffers["act_scale"].device
+        self._buffers["act_scale"] = pooled.detach().float().reshape(()).to(dev).clone()
+        self._buffers["act_scale_steps"] = scales.to(dev).clone()
+        self._buffers["act_scale_t"] = keys_t.to(dev).clone()
 
     # ----------------------------------------------------------------- weight property
     @property
@@ -163,9 +245,10 @@ class QuantLayer(nn.Module):
         if self.act_observing or self.spec.act is None:
             return x
         name = f"{self.layer_name or type(self).__name__}.input"
+        scale = self.current_act_scale()
         if channel_dim in (-1, x.ndim - 1):
-            return quantize_activation(x, self.spec, getattr(self, "act_scale", None), name)
-        xq = quantize_activation(x.movedim(channel_dim, -1), self.spec, getattr(self, "act_scale", None), name)
+            return quantize_activation(x, self.spec, scale, name)
+        xq = quantize_activation(x.movedim(channel_dim, -1), self.spec, scale, name)
         return xq.movedim(-1, channel_dim)
 
     # ----------------------------------------------------------------- frozen storage

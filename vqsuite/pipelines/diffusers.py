@@ -441,6 +441,13 @@ def quantize_pipeline(
             stats["steps"],
         )
 
+    specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+    if any(s.act_mode == "static" and s.act_granularity != "pooled" for s in specs):
+        from vqsuite.calibrators.timestep import attach_step_tracker
+
+        # per-step static scales: the denoiser publishes the step (index, t, CFG branch) while calibrating and
+        # whenever the pipeline samples afterwards
+        attach_step_tracker(pipe, denoiser=den)
     t0 = time.perf_counter()
     quantize_model(den, cfg, calib_data=calib, freeze=freeze)
     stats["quantize_seconds"] = time.perf_counter() - t0

@@ -16,12 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqsuite.calibrators import collect_input_amax
 from vqsuite.calibrators.capture import capture_inputs
 from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.nn.quantizers import static_scale_from_amax
 from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
 
 logger = logging.getLogger(__name__)
@@ -202,9 +201,10 @@ def quantize_model(
 
         static = {n: q for n, q in swapped.items() if q.spec.act_mode == "static"}
         if static:
-            amax = collect_input_amax(model, static, calib_data)
-            for n, q in static.items():
-                q.act_scale.copy_(static_scale_from_amax(amax[n], q.spec.act).to(q.act_scale.device))
+            if any(q.spec.act_granularity != "pooled" for q in static.values()) and step_tracker_of(model) is None:
+                # per-step scales need the step at calibration and inference; a bare model publishes its timestep
+                attach_step_tracker(model)
+            calibrate_static_scales(model, static, calib_data)
         elif calib_data is not None and not any(q is not None for q, _ in prebuilt.values()):
             logger.info("calib_data given but no layer needs static calibration or SVDQuant; it was not used")
     except BaseException:
