@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
+from vqsuite.calibrators.allocation import allocate_bits, solve_allocation
 from vqsuite.calibrators.data import run_calibration_data
 from vqsuite.calibrators.minmax import collect_input_amax
+from vqsuite.calibrators.ranges import RangeObserver, calibrate_weight_ranges, search_weight_qtensor
+from vqsuite.calibrators.sensitivity import Sensitivity, layer_sensitivity
+from vqsuite.calibrators.timestep import (
+    StepTracker,
+    all_steps,
+    attach_step_tracker,
+    calibrate_static_scales,
+    normal_steps,
+    uniform_steps,
+)
 
-__all__ = ["collect_input_amax", "run_calibration_data"]
+__all__ = [
+    "RangeObserver",
+    "Sensitivity",
+    "StepTracker",
+    "all_steps",
+    "allocate_bits",
+    "attach_step_tracker",
+    "calibrate_static_scales",
+    "calibrate_weight_ranges",
+    "collect_input_amax",
+    "layer_sensitivity",
+    "normal_steps",
+    "run_calibration_data",
+    "search_weight_qtensor",
+    "solve_allocation",
+    "uniform_steps",
+]
