@@ -427,6 +427,7 @@ def gemm_w4a16(
     return y.reshape(*lead, n)
 
 
+@torch.compiler.disable  # torch.compile treats the launch as opaque (a graph break) instead of tracing the host code
 def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
     """Frozen ``QLinear``/``QLinearLowRank`` forward through :func:`gemm_w4a16`: ``x [..., K] -> [..., N]``."""
     spec = layer.spec
