@@ -102,7 +102,7 @@ def clip_score(
     batch_size: int = 16,
     progress: bool = True,
 ) -> float:
-    """Mean CLIP score ``100 * max(cos(image, text), 0)`` over pairs (torchmetrics' definition).
+    """CLIP score ``max(100 * mean cos(image, text), 0)`` over the pairs (torchmetrics' definition).
 
     Args:
         images: uint8 ``[N, 3, H, W]`` (or float in [0, 1]).

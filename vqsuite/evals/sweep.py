@@ -153,6 +153,8 @@ class ConfigSpec:
         src = self.name if self.config is None else self.config
         if isinstance(src, QuantConfig):
             return src
+        if isinstance(src, dict):
+            src = _config_dict(src)
         return resolve_config(src)
 
     def identity(self) -> dict[str, Any]:
@@ -179,6 +181,21 @@ class SweepSpec:
         if self.include_fp and not any(c.name == FP_CONFIG for c in configs):
             configs = [ConfigSpec(FP_CONFIG)] + configs
         return [(m, c, list(m.metrics or self.metrics)) for m in self.models for c in configs]
+
+
+def _config_dict(d: dict[str, Any]) -> dict[str, Any]:
+    """A QuantConfig dict as written in TOML: ``version`` defaults to the current one, ``overrides`` may be a table
+    ``{pattern = spec}`` and ``"float"`` stands for ``None`` (keep the layer in float; TOML has no null)."""
+    from vqsuite.config import CONFIG_VERSION
+
+    d = dict(d)
+    d.setdefault("version", CONFIG_VERSION)
+    ov = d.get("overrides")
+    if isinstance(ov, dict):
+        ov = list(ov.items())
+    if ov is not None:
+        d["overrides"] = [(p, None if s in ("float", "none") else s) for p, s in ov]
+    return d
 
 
 def _config_spec(entry: Any) -> ConfigSpec:

@@ -1,0 +1,252 @@
+"""Sweeps: TOML declarations, one JSON line per cell, resuming after a kill or a truncated line, pipelines/GANs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from evals_helpers import TinyExtractor, tiny_classifier
+from torch import nn
+
+from vqsuite.evals import sweep as sw
+from vqsuite.evals.sweep import (
+    ConfigSpec,
+    GeneratorTarget,
+    ModelSpec,
+    SweepError,
+    SweepSpec,
+    load_sweep,
+    read_results,
+    run_sweep,
+)
+
+HERE = Path(__file__).resolve().parent
+
+TOML = """
+name = "toy"
+metrics = ["agreement", "sqnr"]
+batch_size = 8
+configs = [
+    "w8a8",
+    "w4a16",
+    {name = "w4-g32", config = {default = {weight = "int4", weight_group_size = 32}, overrides = {head = "float"}}},
+]
+
+[[models]]
+name = "tiny"
+source = "python:evals_helpers:tiny_classifier"
+data = {random = 8, size = 8}
+"""
+
+
+def _spec(**kw) -> SweepSpec:
+    x, y = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    return SweepSpec(
+        models=[ModelSpec("tiny", tiny_classifier, data=(x, y), key="tiny")],
+        configs=[ConfigSpec("w8a8"), ConfigSpec("w4a16"), ConfigSpec("w4a4")],
+        metrics=["accuracy", "agreement"],
+        name="toy",
+        **kw,
+    )
+
+
+def test_toml_declaration_runs(tmp_path) -> None:
+    (tmp_path / "s.toml").write_text(TOML)
+    spec = load_sweep(tmp_path / "s.toml")
+    assert [c.name for c in spec.configs] == ["w8a8", "w4a16", "w4-g32"]
+    assert len(spec.cells()) == 4  # + the FP row
+    rows = run_sweep(spec, tmp_path / "out", progress=False, stop_on_error=True)
+    assert [r["config_name"] for r in rows] == ["fp", "w8a8", "w4a16", "w4-g32"]
+    by = {r["config_name"]: r for r in rows}
+    assert by["fp"]["metrics"]["top1_agreement"] == 1.0 and by["fp"]["memory"]["compression"] == 1.0
+    assert by["w8a8"]["metrics"]["sqnr_min_db"] > by["w4a16"]["metrics"]["sqnr_min_db"]
+    assert by["w4-g32"]["config"]["default"]["weight_group_size"] == 32
+    assert by["w4-g32"]["config"]["overrides"] == [["head", None]]  # kept in float
+    assert by["w8a8"]["memory"]["bits_per_weight"] < by["fp"]["memory"]["bits_per_weight"]
+    for r in rows:
+        assert set(r) >= {"hash", "metrics", "memory", "wall_s", "versions", "time"}
+        assert r["versions"]["torch"] == torch.__version__.split("+")[0] or r["versions"]["torch"] == torch.__version__
+    assert (tmp_path / "out" / "artifacts" / by["w8a8"]["hash"] / "sqnr.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("configs = ['w8a8']", "no \\[\\[models\\]\\]"),
+        (TOML.replace('"agreement", "sqnr"', '"agreement", "nope"'), "unknown metric set 'nope'"),
+        (TOML.replace("batch_size = 8", "batchsize = 8"), "unknown sweep keys \\['batchsize'\\]"),
+        (TOML.replace("data = {random = 8, size = 8}", 'colour = "red"'), "unknown keys \\['colour'\\]"),
+        ("name = [", "not valid TOML"),
+    ],
+    ids=["no-models", "bad-metric", "bad-key", "bad-model-key", "bad-toml"],
+)
+def test_toml_errors(tmp_path, text: str, match: str) -> None:
+    (tmp_path / "s.toml").write_text(text)
+    with pytest.raises(SweepError, match=match):
+        load_sweep(tmp_path / "s.toml")
+
+
+def test_source_errors(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load_sweep(tmp_path / "missing.toml")
+    for source, match in [
+        ("builtin:nope", "unknown builtin model 'nope'"),
+        ("pipeline:" + str(tmp_path), "not a diffusers pipeline folder"),
+        ("python:nomodule_xyz:f", "cannot import"),
+        ("weird", "must be timm:NAME"),
+    ]:
+        with pytest.raises(SweepError, match=match):
+            sw.build_target(ModelSpec("m", source))
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_sweep(
+            SweepSpec([ModelSpec("t", tiny_classifier, data={"random": 2, "size": 8})], [ConfigSpec("zz")]),
+            tmp_path / "o",
+            progress=False,
+            stop_on_error=True,
+        )
+
+
+def test_resume_never_recomputes_and_tolerates_truncated_line(tmp_path, monkeypatch) -> None:
+    out = tmp_path / "out"
+    spec = _spec()
+    first = run_sweep(spec, out, progress=False, max_cells=2, stop_on_error=True)
+    assert [r["config_name"] for r in first] == ["fp", "w8a8"]
+    before = (out / "results.jsonl").read_bytes()
+    calls = []
+    real_run_cell = sw.run_cell
+    monkeypatch.setattr(sw, "run_cell", lambda *a, **k: calls.append(a[2].name) or real_run_cell(*a, **k))
+    rows = run_sweep(spec, out, progress=False, stop_on_error=True)
+    assert calls == ["w4a16", "w4a4"]  # only the unfinished cells
+    assert (out / "results.jsonl").read_bytes().startswith(before)  # finished lines untouched
+    assert len(rows) == 4 and len({r["hash"] for r in rows}) == 4
+    calls.clear()
+    run_sweep(spec, out, progress=False)
+    assert calls == []  # all done: nothing recomputed
+    # a kill in the middle of writing the last line: it is ignored and its cell recomputed, the rest kept
+    data = (out / "results.jsonl").read_bytes()
+    last_start = data.rstrip(b"\n").rfind(b"\n") + 1
+    (out / "results.jsonl").write_bytes(data[: last_start + 40])
+    rows = run_sweep(spec, out, progress=False, stop_on_error=True)
+    assert calls == ["w4a4"]
+    assert sorted(r["config_name"] for r in rows) == ["fp", "w4a16", "w4a4", "w8a8"]
+    assert sum(1 for line in (out / "results.jsonl").read_bytes().split(b"\n") if line.strip()) == 5  # + the stub
+
+
+def test_changed_setting_is_a_new_cell(tmp_path) -> None:
+    a = sw.cell_hash(*_spec().cells()[1], _spec())
+    spec_b = _spec(batch_size=4)
+    assert sw.cell_hash(*spec_b.cells()[1], spec_b) != a
+    assert sw.cell_hash(*_spec().cells()[1], _spec()) == a  # stable across processes: content only
+
+
+KILL_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+from evals_helpers import tiny_classifier
+from vqsuite.evals import sweep as sw
+calls = []
+def m(ctx):
+    calls.append(ctx.config.name)
+    if ctx.config.name == "w4a4":
+        os._exit(9)  # killed hard in the middle of the third quantized cell: no cleanup runs
+    return {{"ok": 1.0}}
+sw.register_metric_set("killer", ["classifier"], m)
+spec = sw.SweepSpec([sw.ModelSpec("tiny", tiny_classifier, data={{"random": 4, "size": 8}}, key="tiny")],
+                    [sw.ConfigSpec(c) for c in ("w8a8", "w4a16", "w4a4", "nvfp4")], metrics=["killer"], name="k")
+sw.run_sweep(spec, {out!r}, progress=False, stop_on_error=True)
+"""
+
+
+def test_killed_process_resumes(tmp_path) -> None:
+    out = tmp_path / "out"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = KILL_SCRIPT.format(here=str(HERE), out=str(out))
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    done = [r["config_name"] for r in read_results(out / "results.jsonl")]
+    assert done == ["fp", "w8a8", "w4a16"]
+    resumed = []
+    sw.register_metric_set("killer", ["classifier"], lambda ctx: resumed.append(ctx.config.name) or {"ok": 1.0})
+    spec = SweepSpec(
+        [ModelSpec("tiny", tiny_classifier, data={"random": 4, "size": 8}, key="tiny")],
+        [ConfigSpec(c) for c in ("w8a8", "w4a16", "w4a4", "nvfp4")],
+        metrics=["killer"],
+        name="k",
+    )
+    rows = run_sweep(spec, out, progress=False, stop_on_error=True)
+    assert resumed == ["w4a4", "nvfp4"]
+    assert [r["config_name"] for r in rows] == ["fp", "w8a8", "w4a16", "w4a4", "nvfp4"]
+    sw.METRIC_SETS.pop("killer")
+
+
+def test_error_cell_is_recorded_and_retried(tmp_path) -> None:
+    spec = SweepSpec(
+        [ModelSpec("tiny", tiny_classifier, data={"random": 4, "size": 8}, key="tiny")],
+        [ConfigSpec("w8a8")],
+        metrics=["accuracy"],  # random data has no labels: the cell fails with a one-line reason
+        include_fp=False,
+    )
+    assert run_sweep(spec, tmp_path, progress=False) == []
+    (err,) = read_results(tmp_path / "results.jsonl")
+    assert err["status"] == "error" and "needs labelled data" in err["error"]
+    with pytest.raises(SweepError, match="needs labelled data"):
+        run_sweep(spec, tmp_path, progress=False, stop_on_error=True)
+
+
+class _TinyGen(nn.Module):
+    """z [N, 64] -> 3x8x8 images in [-1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 192)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.out(torch.relu(self.fc(z)))).view(-1, 3, 8, 8)
+
+
+def _gen_sample(model: nn.Module, seeds: list[int]) -> torch.Tensor:
+    z = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return ((model(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_generator_and_pipeline_sweep(tmp_path) -> None:
+    """A GAN-like generator and a local diffusers pipeline folder: PSNR/SSIM and FID vs FP beside the floor."""
+    tp = pytest.importorskip("tiny_pipelines")
+    pipe = tp.ddpm(32)
+    pipe.save_pretrained(tmp_path / "ddpm")
+    spec = SweepSpec(
+        models=[
+            ModelSpec("gen", lambda: GeneratorTarget(_TinyGen().eval(), _gen_sample), key="gen", num_samples=6),
+            ModelSpec("ddpm", f"pipeline:{tmp_path / 'ddpm'}", num_samples=3, steps=2),
+        ],
+        configs=[ConfigSpec("w8a8"), ConfigSpec("w4a4")],
+        metrics=["fidelity", "fid-vs-fp"],
+        extractor=TinyExtractor(),
+        batch_size=3,
+        name="gen",
+    )
+    rows = run_sweep(spec, tmp_path / "out", progress=False, stop_on_error=True)
+    assert [(r["model"], r["config_name"]) for r in rows] == [
+        (m, c) for m in ("gen", "ddpm") for c in ("fp", "w8a8", "w4a4")
+    ]
+    for r in rows:
+        m = r["metrics"]
+        assert set(m) >= {"psnr", "ssim", "fid_vs_fp", "fid_floor", "fid_n", "fid_resize"}
+        assert (tmp_path / "out" / r["samples"]).is_file()
+        if r["config_name"] == "fp":
+            assert m["psnr"] == 200.0 and m["fid_vs_fp"] == 0.0
+    gen = {r["config_name"]: r["metrics"] for r in rows if r["model"] == "gen"}
+    assert gen["w8a8"]["psnr"] > gen["w4a4"]["psnr"] > 15.0
+    assert gen["w8a8"]["fid_floor"] == gen["w4a4"]["fid_floor"] > 0  # one cached FP floor per model
+    cached = sorted(p.name for p in (tmp_path / "out" / "cache" / "gen").iterdir())
+    assert any(n.startswith("samples_fp_main") for n in cached) and any(n.startswith("gen-fp-floor") for n in cached)
+    ddpm = [r for r in rows if r["model"] == "ddpm"]
+    assert ddpm[1]["kind"] == "pipeline" and ddpm[1]["memory"]["compression"] > 1.5
+    assert json.loads(json.dumps(rows)) == rows  # plain JSON
