@@ -9,7 +9,9 @@ interpreter; the interpreted kernel upcasts its (already 16-bit-rounded) operand
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,3 +243,41 @@ def test_gpu_matches_twin(fmt, group, m):
     y = w4a16.gemm_w4a16(x, wt["qweight"], wt["wscales"], spec.weight, spec.weight_group_size, **extra)
     ref = gemm_w4a16_reference(x, wt["qweight"], wt["wscales"], spec, **extra)
     assert sqnr_db(ref, y) >= MIN_SQNR_DB
+
+
+# ------------------------------------------------------------------------------------------ benchmark scripts
+# Never timed here: only that they refuse politely without a GPU and that their code path runs end to end.
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH_DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+@pytest.mark.parametrize("name", ["gemm", "block"])
+def test_bench_refuses_without_gpu(name, capsys):
+    mod = load_bench(name)
+    assert mod.main(["--quick"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a CUDA GPU" in err[0]
+
+
+def test_gemm_bench_rows_smoke_cpu(interpret_env):
+    """The GEMM benchmark's whole path (layers, reference check, ratios) on a tiny shape on CPU, w4a16 only."""
+    mod = load_bench("gemm")
+    args = mod.parse_args(
+        ["--smoke-cpu", "--shapes", "128,64", "--m", "1", "--kernels", "w4a16 int4", "--dtype", "fp16"]
+    )
+    rows = mod.run(args)
+    by_kernel = {r["kernel"]: r for r in rows}
+    assert by_kernel["torch fp16 F.linear"]["ratio_vs_bf16"] == 1.0
+    for label in ("w4a16 int4-g64", "w4a16 int4-g64 +r32"):
+        row = by_kernel[label]
+        assert row["impl"] == "triton.w4a16"
+        assert row["sqnr_vs_reference_db"] >= MIN_LAYER_SQNR_DB
+        assert row["us"] > 0 and row["M"] == 1 and (row["K"], row["N"]) == (128, 64)
+    assert "lowrank_overhead_pct" in by_kernel["w4a16 int4-g64 +r32"]
