@@ -297,3 +297,29 @@ def test_spec_fields_validate_and_serialise() -> None:
         static_spec(act_range="p99")
     with pytest.raises(ValueError, match="n_buckets=3 needs"):
         static_spec(n_buckets=3)
+
+
+def test_quantize_pipeline_per_step_static_round_trip(tmp_path: Path) -> None:
+    """quantize_pipeline attaches the hook, calibrates one scale per step (CFG batches split), samples with another
+    step count (nearest slot) and a saved pipeline loads with its hook and gives the same images."""
+    import tiny_pipelines as tp
+
+    from vqsuite.config import QuantConfig
+
+    cfg = QuantConfig(default=static_spec("per_step"))
+    pipe = tp.quantize("sd15", "w8a8", config=cfg, num_inference_steps=3)
+    tracker = step_tracker_of(pipe.unet)
+    assert tracker is not None
+    layers = [m for m in pipe.unet.modules() if isinstance(m, QuantLayer)]
+    assert layers and all(m.has_step_scales and m.spec.n_buckets == 3 for m in layers)
+    assert all(bool(torch.isfinite(m.act_scale_steps).all()) for m in layers)
+    assert sum(bool((m.act_scale_steps != m.act_scale_steps[0]).any()) for m in layers) > len(layers) // 2
+    images = tp.generate(pipe, "sd15", steps=3)
+    other = tp.generate(pipe, "sd15", steps=5)  # nearest calibrated step for each of the 5
+    assert bool(torch.isfinite(images).all()) and bool(torch.isfinite(other).all())
+    save_quantized(pipe, tmp_path / "q")
+    loaded = load_quantized(tmp_path / "q")
+    assert step_tracker_of(loaded.unet) is not None and step_tracker_of(loaded.unet)._scheduler is not None
+    assert torch.equal(tp.generate(loaded, "sd15", steps=3), images)
+    step_tracker_of(loaded.unet).remove()  # without the hook the layers fall back to their pooled scales
+    assert not torch.equal(tp.generate(loaded, "sd15", steps=3), images)

@@ -443,3 +443,19 @@ def calibrate_static_scales(
         keys_t = torch.tensor([math.nan if o is None else o.mean_t for o in table], dtype=torch.float32)
         q.set_act_scale_table(scales, keys_t, pooled)
     return stats
+
+
+def attach_step_tracker_if_needed(target: Any) -> StepTracker | None:
+    """Attach a step tracker to a loaded model or pipeline whose quantized layers keep per-step static scales
+    (no-op otherwise, or when its denoiser already has one, unless ``target`` is a pipeline and the existing
+    tracker is a bare one). Returns the tracker attached, if any."""
+    from vqsuite.nn import QuantLayer
+
+    is_module = isinstance(target, nn.Module)
+    den = target if is_module else _pipeline_denoiser(target)
+    if den is None or not any(isinstance(m, QuantLayer) and m.has_step_scales for m in den.modules()):
+        return None
+    old = step_tracker_of(den)
+    if old is not None and (is_module or old._scheduler is not None):
+        return None
+    return attach_step_tracker(target, denoiser=den)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.nn import QuantLayer
 from vqsuite.pipelines.io import (
     CONFIG_NAME,
@@ -367,6 +368,7 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
                 )
         for name, mod in loaded.items():
             setattr(pipe, name, mod)
+        attach_step_tracker_if_needed(pipe)  # per-step static scales read the step from the denoiser's hook
         return pipe
 
     import diffusers
@@ -389,4 +391,5 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
             _realign(comp)  # from_pretrained's tensors are views into the file buffer too
     if str(device) != "cpu":
         pipe.to(device)
+    attach_step_tracker_if_needed(pipe)
     return pipe

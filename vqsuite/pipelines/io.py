@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.modules import module_references, replace_module
@@ -359,6 +360,7 @@ def load_quantized(
         raise
     model.load_state_dict(tensors, strict=True, assign=True)
     _retie(model, aliases)
+    attach_step_tracker_if_needed(model)  # per-step static scales: the model publishes its timestep
     if config is not None:
         model.vqsuite_config = config
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
