@@ -204,3 +204,45 @@ def test_auto_never_picks_triton_on_cpu_without_interpreter(monkeypatch: pytest.
     x = torch.randn(2, 128).half()
     name, _ = vk.select("qlinear", "auto", q.kernel_key, x=x, layer=q)
     assert name == "reference"
+
+
+def _ptxas_available() -> bool:
+    import os
+
+    from triton.backends.nvidia import compiler as nvc
+
+    return os.path.exists(os.path.join(os.path.dirname(nvc.__file__), "bin", "ptxas"))
+
+
+#: (weight, weight group, act, act group) -> the wgmma operand types the main loop must use on sm_90
+HOPPER_VARIANTS = [
+    pytest.param("int8", None, "int8", None, "s32.s8.s8", id="w8a8_int8"),
+    pytest.param("fp8_e4m3", None, "fp8_e4m3", None, "f32.e4m3.e4m3", id="w8a8_fp8"),
+    pytest.param("int4", 64, "int4", 64, "s32.s8.s8", id="w4a4_int4g64"),
+    pytest.param("nvfp4", 16, "nvfp4", 16, "f32.e4m3.e4m3", id="w4a4_nvfp4"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+@pytest.mark.parametrize(("wfmt", "wgroup", "act", "agroup", "mma"), HOPPER_VARIANTS)
+def test_gemm_compiles_for_sm90_with_8bit_wgmma(wfmt, wgroup, act, agroup, mma) -> None:
+    """Ahead-of-time sm_90 compile (no GPU needed): the main loop is an 8-bit wgmma, the low-rank branch a 16-bit
+    one, and there is no Ampere-style mma.sync fallback."""
+    import re
+
+    from vqsuite.kernels.triton.mma8 import hopper_asm
+
+    ptx = hopper_asm(weight_fmt=wfmt, weight_group_size=wgroup, act=act, act_group_size=agroup, rank=32)["ptx"]
+    kinds = set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k\d+\.(\w+\.\w+\.\w+)", ptx))
+    assert kinds == {mma, "f32.bf16.bf16"}
+    assert "mma.sync" not in ptx
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _ptxas_available(), reason="triton's bundled ptxas is missing")
+def test_act_stage_compiles_for_sm90() -> None:
+    from vqsuite.kernels.triton.act_quant import hopper_asm
+
+    asm = hopper_asm(act="nvfp4", act_mode="dynamic_per_group", group_size=16, rank=32)
+    assert "cubin" in asm and ".entry _act_quant_body" in asm["ptx"]

@@ -34,7 +34,7 @@ MODE_PER_TOKEN, MODE_PER_GROUP, MODE_STATIC = 0, 1, 2
 #: the largest rank the fused down-projection takes (it lives in registers next to the tile)
 MAX_RANK = 128
 #: 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude < 2^22 to an integer, ties to even
-_RNE_MAGIC = 12582912.0
+_RNE_MAGIC = tl.constexpr(12582912.0)
 _E4M3_MAX = 448.0
 _E2M1_MAX = 6.0
 
@@ -86,6 +86,7 @@ def _act_quant_body(
     DOT_F32: tl.constexpr,
     DOT_PREC: tl.constexpr,
     AMAX_ONLY: tl.constexpr,
+    X_BF16: tl.constexpr,
 ):
     """One program: rows ``[pid*BM, pid*BM + BM)``. ``stat_ptr``: the static scale (MODE_STATIC) or the NVFP4
     tensor scale (KIND_NVFP4); with ``AMAX_ONLY`` the kernel only writes row amax of x̂ into ``scales_ptr``.
@@ -125,7 +126,7 @@ def _act_quant_body(
                 lam = tl.load(lam_ptr + cols, mask=cmask, other=1.0)
                 xf = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(lam.to(tl.float32)[None, :], (BM, BK)))
                 # x / λ rounded to x.dtype as the reference does (bf16: round to nearest even by hand)
-                if x_dtype == tl.bfloat16:
+                if X_BF16:
                     xb = xf.to(tl.int32, bitcast=True)
                     xb = (xb + 0x7FFF + ((xb >> 16) & 1)) & -65536
                     xf = xb.to(tl.float32, bitcast=True)
@@ -212,7 +213,7 @@ def _act_quant_body(
     elif MODE == 2:
         tl.store(scales_ptr + rows * stride_sm, tl.full([BM], 0, tl.float32) + s_static, mask=rmask)
     if RB > 0 and not AMAX_ONLY:
-        if x_dtype == tl.bfloat16:
+        if X_BF16:
             lb = lr.to(tl.int32, bitcast=True)
             lr = ((lb + 0x7FFF + ((lb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         tl.store(
@@ -237,15 +238,13 @@ def _pow2_at_least(n: int, lo: int) -> int:
 
 
 def _block_sizes(M: int, K: int, group: int, rank_block: int, interpret: bool) -> tuple[int, int, int]:
-    """(BM, BK, num_warps). Interpreter: tiny fixed blocks. CUDA: BK a multiple of the group, fewer rows per
-    program when the fused down-projection makes the register tile large."""
+    """(BM, BK, num_warps). Interpreter: tiny fixed blocks. CUDA: 16 rows x 128 columns (a multiple of the
+    group) per step; ptxas for sm_90 reports no spills for any variant up to rank 128 (see :func:`hopper_asm`).
+    Untimed: tune on a GPU."""
+    del M, K, rank_block  # the same blocks for every shape until a GPU says otherwise
     if interpret:
         return 16, max(32, group), 4
-    bk = max(128, group)
-    bm = 32 if rank_block <= 64 else 16
-    if M <= 16:
-        bm = 16
-    return bm, bk, 4
+    return 16, max(128, group), 4
 
 
 def act_quant_lowrank(
@@ -295,7 +294,7 @@ def act_quant_lowrank(
     prec = "ieee" if x.dtype == torch.float32 else None
     kernel = _kernel(interpret)
     grid = (triton.cdiv(M, bm),)
-    common = dict(BM=bm, BK=bk, DOT_F32=dot_f32, DOT_PREC=prec, num_warps=warps)
+    common = dict(BM=bm, BK=bk, DOT_F32=dot_f32, DOT_PREC=prec, X_BF16=x.dtype == torch.bfloat16, num_warps=warps)
     stat = dummy
     if mode == MODE_STATIC:
         stat = static_scale.to(device=dev, dtype=torch.float32).reshape(1)
@@ -319,3 +318,36 @@ def act_quant_lowrank(
         AMAX_ONLY=False, **common,
     )  # fmt: skip
     return QuantizedActs(codes, scales, lr)
+
+
+def hopper_asm(
+    *, act: str, act_mode: str, group_size: int | None = None, rank: int = 32, x_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, str]:
+    """Compile one activation-stage variant for sm_90 ahead of time (no GPU needed: triton ships ``ptxas``) and
+    return its assembly; inputs assumed 16-byte aligned with strides divisible by 16. Launch blocks as for
+    M > 16 on CUDA."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kind = act_kind(act)
+    mode = {"dynamic_per_token": MODE_PER_TOKEN, "dynamic_per_group": MODE_PER_GROUP, "static": MODE_STATIC}[act_mode]
+    group = int(group_size) if mode == MODE_PER_GROUP else 0
+    rb = _pow2_at_least(rank, 16) if rank else 0
+    bm, bk, warps = _block_sizes(1024, 4096, group, rb, False)
+    fn = _kernel(False)
+    xt = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}[x_dtype]
+    sig = {name: "constexpr" for name in fn.arg_names}
+    sig.update(x_ptr=xt, lam_ptr=xt, pd_ptr=xt, codes_ptr="*i8" if kind == KIND_INT else "*u8", scales_ptr="*fp32")
+    sig.update(lr_ptr=xt, stat_ptr="*fp32")
+    sig.update({n: "i32" for n in ("M", "K", "R", "stride_xm", "stride_pk", "stride_cm", "stride_sm", "stride_lm")})
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n == "K" or n.startswith("stride_")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    const = dict(
+        HAS_SMOOTH=True, RB=rb, KIND=kind, MODE=mode, QMAX=act_qmax(act), GROUP=max(group, 16), BM=bm, BK=bk,
+        DOT_F32=False, DOT_PREC="ieee" if x_dtype == torch.float32 else None, AMAX_ONLY=False,
+        X_BF16=x_dtype == torch.bfloat16,
+    )  # fmt: skip
+    compiled = triton.compile(
+        ASTSource(fn, sig, const, attrs), target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}
+    )
+    return dict(compiled.asm)

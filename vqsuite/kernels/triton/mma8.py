@@ -89,6 +89,7 @@ def _gemm_body(
     BN: tl.constexpr,
     BK: tl.constexpr,
     GROUP_M: tl.constexpr,
+    Y_BF16: tl.constexpr,
 ):
     """y[BM, BN] tile. GA/GW: activation/weight group length (0 = per token/per channel); GK: the K-group of
     the exact partial dots (0 = one accumulator over K)."""
@@ -130,7 +131,7 @@ def _gemm_body(
                     bits = tl.where(mag == 0, 0, ((e + 7) << 3) | man) | tl.where(wi < 0, 0x80, 0)
                     w = bits.to(tl.uint8)
                 else:
-                    w = wi
+                    w = wi.to(tl.int8)
             else:
                 # E2M1 bits s e1 e0 m -> E4M3 bits: exponent rebiased by 6, mantissa bit on top; 0.5 and 0 by hand
                 idx = (nib & 7).to(tl.int32)
@@ -191,35 +192,42 @@ def _gemm_body(
                 accf = tl.dot(lr, up, accf, input_precision=DOT_PREC)
         if HAS_BIAS:
             accf += tl.load(bias_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
-        if y_ptr.dtype.element_ty == tl.bfloat16:  # round to nearest even by hand: the interpreter's cast does not
+        if Y_BF16:  # round to nearest even by hand: the interpreter's cast does not
             yb = accf.to(tl.int32, bitcast=True)
             accf = ((yb + 0x7FFF + ((yb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], accf.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
+#: (BM, BN, BK, num_warps, num_stages) for per-token x per-channel GEMMs; 64/128-row tiles so Triton emits wgmma.
+#: Checked with ptxas for sm_90 (see :func:`hopper_asm`): none of these spills registers for 16-byte-aligned inputs
+CUDA_CONFIGS_UNGROUPED = ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
+                          (64, 64, 128, 4, 4))  # fmt: skip
+#: (BM, BN, num_warps, num_stages) for grouped GEMMs, whose BK is the group (at least 32)
+CUDA_CONFIGS_GROUPED = ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3))
+
+
 def _cuda_configs(grouped: bool) -> list:
-    """A small, sane autotune list for sm_90: 64/128-row tiles so Triton emits wgmma; BK fixed by the group
-    when grouped."""
-    shapes = [(128, 128, 8, 3), (128, 256, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 4)]
-    configs = []
-    for bm, bn, warps, stages in shapes:
-        if grouped:
-            configs.append(triton.Config({"BM": bm, "BN": bn}, num_warps=warps, num_stages=stages))
-        else:
-            for bk in (64, 128):
-                configs.append(triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=warps, num_stages=stages))
-    return configs
+    if grouped:
+        return [
+            triton.Config({"BM": bm, "BN": bn}, num_warps=w, num_stages=st) for bm, bn, w, st in CUDA_CONFIGS_GROUPED
+        ]
+    return [
+        triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=st)
+        for bm, bn, bk, w, st in CUDA_CONFIGS_UNGROUPED
+    ]
 
 
 @functools.cache
 def _kernel(interpret: bool, grouped: bool):
-    """The jitted GEMM: one fixed config in the interpreter, autotuned on CUDA (keyed by M bucket, N, K)."""
+    """The jitted GEMM: one fixed config in the interpreter, autotuned on CUDA (keyed by the M bucket, N, K and the
+    variant)."""
     with triton.knobs.runtime.scope():  # see act_quant._kernel: the mode is fixed when jit runs
         triton.knobs.runtime.interpret = interpret
         jitted = triton.jit(_gemm_body)
     if interpret:
         return jitted
-    return triton.autotune(configs=_cuda_configs(grouped), key=["M_BUCKET", "N", "K"])(jitted)
+    key = ["M_BUCKET", "N", "K", "W_KIND", "A_FP8", "GK", "RB"]
+    return triton.autotune(configs=_cuda_configs(grouped), key=key)(jitted)
 
 
 def gemm_mma8(
@@ -257,6 +265,7 @@ def gemm_mma8(
     dev = a_codes.device
     rank = 0 if lowrank is None else int(lowrank.shape[1])
     rb = max(16, triton.next_power_of_2(rank)) if rank else 0
+    lowrank = lowrank.contiguous() if rank else None
     y = torch.empty(M, N, device=dev, dtype=torch.int32 if raw_int32 else out_dtype)
     lr_dtype = lowrank.dtype if lowrank is not None else out_dtype
     up = proj_up.to(device=dev, dtype=lr_dtype).contiguous() if rank else None
@@ -280,7 +289,7 @@ def gemm_mma8(
     meta = dict(
         GA=ga, GW=gw, GK=gk, W_KIND=wkind, A_FP8=a_fp8, HAS_WTS=wtscale is not None, HAS_BIAS=b is not None,
         RB=rb, OUT_INT32=raw_int32, DOT_F32=interp and lr_dtype == torch.bfloat16,
-        DOT_PREC="ieee" if lr_dtype == torch.float32 else None, GROUP_M=8,
+        DOT_PREC="ieee" if lr_dtype == torch.float32 else None, GROUP_M=8, Y_BF16=y.dtype == torch.bfloat16,
     )  # fmt: skip
     bk_grouped = max(gk, MIN_DOT_K)
     if interp:
@@ -296,6 +305,64 @@ def gemm_mma8(
 
         kernel[grid](*args, **meta)
     return y
+
+
+_TL_PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
+
+
+def hopper_asm(
+    *,
+    weight_fmt: str,
+    weight_group_size: int | None,
+    act: str,
+    act_group_size: int | None,
+    rank: int = 32,
+    scale_dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype = torch.bfloat16,
+    config: tuple[int, ...] | None = None,
+) -> dict[str, str]:
+    """Compile one GEMM variant for sm_90 ahead of time and return its assembly (``ttgir``, ``ptx``, ``cubin``...).
+
+    Needs no GPU (triton ships ``ptxas``), so CI can check that the 8-bit MMAs lower to Hopper's ``wgmma``. Inputs
+    are assumed 16-byte aligned with strides divisible by 16, as contiguous tensors with K, N multiples of 16 are
+    at launch. config: ``(BM, BN, BK, num_warps, num_stages)`` (BK ignored when grouped), default the first
+    autotune entry.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    a_fp8 = act in _FP_ACTS
+    ga = act_group_size or 0
+    gw = weight_group_size or 0
+    gk = min([g for g in (ga, gw) if g] or [0])
+    if config is None:
+        config = CUDA_CONFIGS_GROUPED[0][:2] + (0,) + CUDA_CONFIGS_GROUPED[0][2:] if gk else CUDA_CONFIGS_UNGROUPED[0]
+    bm, bn, bk, warps, stages = config
+    fn = _kernel(False, gk > 0).fn
+    io = _TL_PTR[out_dtype]
+    sig = {name: "constexpr" for name in fn.arg_names}
+    sig.update(
+        a_ptr="*u8" if a_fp8 else "*i8", as_ptr="*fp32", w_ptr="*i8" if weight_fmt == "int8" else "*u8",
+        ws_ptr="*fp8e4nv" if weight_fmt == "nvfp4" else _TL_PTR[scale_dtype], wts_ptr="*fp32",
+        lr_ptr=io, up_ptr=io, bias_ptr=io, y_ptr=io,
+    )  # fmt: skip
+    ints = ("M", "N", "K", "R", "M_BUCKET", "stride_am", "stride_asm", "stride_wn", "stride_wsn", "stride_lm",
+            "stride_un", "stride_ym")  # fmt: skip
+    sig.update({name: "i32" for name in ints})
+    aligned = [n for n in fn.arg_names if n.endswith("_ptr") or n == "N" or n == "K" or n.startswith("stride_")]
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
+    const = dict(
+        GA=ga, GW=gw, GK=gk, W_KIND=_W_KINDS[weight_fmt], A_FP8=a_fp8, HAS_WTS=weight_fmt == "nvfp4", HAS_BIAS=True,
+        RB=max(16, triton.next_power_of_2(rank)) if rank else 0, OUT_INT32=False, DOT_F32=False,
+        DOT_PREC="ieee" if out_dtype == torch.float32 else None, BM=bm, BN=bn, BK=max(gk, MIN_DOT_K) if gk else bk,
+        GROUP_M=8, Y_BF16=out_dtype == torch.bfloat16,
+    )  # fmt: skip
+    compiled = triton.compile(
+        ASTSource(fn, sig, const, attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": warps, "num_stages": stages},
+    )
+    return dict(compiled.asm)
 
 
 # ---------------------------------------------------------------------- layer-level plan
