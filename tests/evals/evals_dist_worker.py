@@ -35,12 +35,40 @@ def compute(accelerator) -> dict[str, torch.Tensor]:  # noqa: ANN001
     return {"features": feats, "logits": logits, "samples": samples}
 
 
+def sweep_spec():  # noqa: ANN201
+    """A small sweep: a classifier (agreement) and a generator (PSNR/SSIM, FID vs FP with the tiny extractor)."""
+    from evals_helpers import TinyExtractor, tiny_classifier
+    from test_evals_sweep import _gen_sample, _TinyGen
+
+    from vqsuite.evals.sweep import ConfigSpec, GeneratorTarget, ModelSpec, SweepSpec
+
+    return SweepSpec(
+        models=[
+            ModelSpec("cls", tiny_classifier, data={"random": 5, "size": 8}, key="cls", metrics=["agreement"]),
+            ModelSpec(
+                "gen",
+                lambda: GeneratorTarget(_TinyGen().eval(), _gen_sample),
+                key="gen",
+                num_samples=5,
+                metrics=["fidelity", "fid-vs-fp"],
+            ),
+        ],
+        configs=[ConfigSpec("w4a4")],
+        extractor=TinyExtractor(),
+        batch_size=2,
+        name="dist",
+    )
+
+
 def main(out: str) -> None:
     from vqsuite.evals.distributed import get_accelerator, is_main_process
 
     acc = get_accelerator(cpu=True)
     assert acc is not None and acc.num_processes == 2, f"expected 2 processes, got {acc}"
     res = compute(acc)
+    from vqsuite.evals.sweep import run_sweep
+
+    run_sweep(sweep_spec(), out + ".sweep", accelerator=acc, progress=False, stop_on_error=True)
     if is_main_process(acc):
         from safetensors.torch import save_file
 

@@ -43,6 +43,8 @@ PRIMARY_METRICS: tuple[tuple[str, bool], ...] = (
 #: metric keys that are not numbers to tabulate
 _NOTE_KEYS = ("fid_resize", "fid_extractor")
 _COUNT_KEYS = ("n", "fid_n", "sqnr_layers")
+#: sample strips lower than this are scaled up by an integer factor (nearest neighbour) in the grids
+MIN_STRIP_HEIGHT = 64
 
 
 def _fmt(v: Any) -> str:
@@ -197,7 +199,9 @@ def sample_grid(rows: Sequence[dict[str, Any]], sweep_dir: str | os.PathLike, pa
     ordered = sorted(rows, key=lambda r: (r["config_name"] != "fp",))
     for r in ordered:
         if r.get("samples") and (sweep_dir / r["samples"]).is_file():
-            strips.append((r["config_name"], Image.open(sweep_dir / r["samples"]).convert("RGB")))
+            s = Image.open(sweep_dir / r["samples"]).convert("RGB")
+            k = -(-MIN_STRIP_HEIGHT // s.height)  # small images (8x8 tests, 28x28 digits) scaled up, pixels kept
+            strips.append((r["config_name"], s.resize((s.width * k, s.height * k), Image.NEAREST) if k > 1 else s))
     if not strips:
         return None
     label_w = 110
@@ -261,6 +265,12 @@ def html_report(
             out.append(f"<figure>{_img_tag(p, 'samples ' + name)}<figcaption>{html.escape(name)}</figcaption></figure>")
     vers = rows[0].get("versions", {}) if rows else {}
     out.append('<p class="note">versions: ' + html.escape(", ".join(f"{k} {v}" for k, v in vers.items())) + "</p>")
+    # lets a headless browser test read how many images decoded (no external resources are involved)
+    out.append(
+        "<script>window.addEventListener('load',()=>{const im=[...document.images];"
+        "document.body.dataset.imagesLoaded=im.filter(i=>i.complete&&i.naturalWidth>0).length+'/'+im.length;});"
+        "</script>"
+    )
     out.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
