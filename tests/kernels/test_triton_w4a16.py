@@ -72,7 +72,7 @@ def make_weight(fmt: str, group: int, n: int, k: int, scale_dtype: torch.dtype =
     }
 
 
-def run_both(x, wt, *, rank=0, smooth=True, bias=True, split_k=None):
+def run_both(x, wt, *, rank=0, smooth=True, bias=True, split_k=None, swap_ab=None):
     n, k = wt["qweight"].shape[0], x.shape[-1]
     extra = {
         "wzeros": wt["wzeros"],
@@ -83,7 +83,9 @@ def run_both(x, wt, *, rank=0, smooth=True, bias=True, split_k=None):
         "bias": torch.randn(n) if bias else None,
     }
     spec = wt["spec"]
-    y = w4a16.gemm_w4a16(x, wt["qweight"], wt["wscales"], spec.weight, spec.weight_group_size, split_k=split_k, **extra)
+    y = w4a16.gemm_w4a16(
+        x, wt["qweight"], wt["wscales"], spec.weight, spec.weight_group_size, split_k=split_k, swap_ab=swap_ab, **extra
+    )
     ref = gemm_w4a16_reference(x, wt["qweight"], wt["wscales"], spec, **extra)
     return y, ref
 
@@ -101,13 +103,14 @@ def test_gemm_matches_twin(fmt, group, m, rank):
     assert sqnr_db(ref, y) >= MIN_SQNR_DB
 
 
+@pytest.mark.parametrize("swap_ab", [False, True], ids=["xW", "Wx"])
 @pytest.mark.parametrize("split_k", [True, False], ids=["splitk", "tiled"])
 @pytest.mark.parametrize("m", [1, 16, 17], ids=["M1", "M16", "M17"])
-def test_both_variants_any_m(split_k, m):
-    """Either launch shape is correct at any M (the split-K one is chosen for M ≤ 16, the tiled one above)."""
+def test_both_variants_any_m(split_k, swap_ab, m):
+    """Either launch shape and either operand order is correct at any M (split-K is chosen for M ≤ 16)."""
     wt = make_weight("int4", 64, 48, 320)  # K=320: five g64 groups, the last K block is partial
     x = torch.randn(m, 320, dtype=torch.float16)
-    y, ref = run_both(x, wt, rank=32, split_k=split_k)
+    y, ref = run_both(x, wt, rank=32, split_k=split_k, swap_ab=swap_ab)
     assert sqnr_db(ref, y) >= MIN_SQNR_DB
 
 
@@ -122,8 +125,8 @@ def test_bf16_and_batched_input(fmt, group):
 
 @pytest.mark.parametrize(("fmt", "group"), FORMATS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("split_k", [False, True], ids=["tiled", "splitk"])
-def test_dequantized_tiles_bit_exact(fmt, group, dtype, split_k):
+@pytest.mark.parametrize(("split_k", "swap_ab"), [(False, False), (True, True)], ids=["tiled-xW", "splitk-Wx"])
+def test_dequantized_tiles_bit_exact(fmt, group, dtype, split_k, swap_ab):
     """With x = I (no smoothing, bias or low rank) the kernel writes W^T itself: the in-register dequantized tiles
     (codes, zero points, group scales, E4M3 decoding, saturation, rounding to x's dtype) equal the reference
     dequantization bit for bit (each output sums one exact product and zeros)."""
@@ -140,6 +143,7 @@ def test_dequantized_tiles_bit_exact(fmt, group, dtype, split_k):
         wzeros=wt["wzeros"],
         wtscale=wt["wtscale"],
         split_k=split_k,
+        swap_ab=swap_ab,
     )
     ref = dequantize_weight(wt["qweight"], wt["wscales"], spec, wzeros=wt["wzeros"], wtscale=wt["wtscale"], dtype=dtype)
     assert torch.equal(y.t(), ref)

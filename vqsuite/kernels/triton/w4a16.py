@@ -86,6 +86,7 @@ def _w4a16_gemm(
     DOT_F32: tl.constexpr,
     RNE_BF16: tl.constexpr,
     W_MAX: tl.constexpr,
+    SWAP_AB: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -112,7 +113,12 @@ def _w4a16_gemm(
     n_ok = offs_n < N
     KG = K // G
 
-    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
+    # SWAP_AB computes y^T = W x^T: the dequantized weight tile is the MMA's A operand (it may stay in registers on
+    # Hopper's wgmma) and N fills the MMA's M dimension, so a 16-token tile still uses the wide instruction
+    if SWAP_AB:
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
+    else:
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -185,7 +191,10 @@ def _w4a16_gemm(
             w = ((wb + 0x7FFF + ((wb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         w = w.to(XDT)
         if DOT_F32:
-            acc += tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)))
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        if SWAP_AB:
+            acc += tl.dot(w, tl.trans(x))
         else:
             acc += tl.dot(x, tl.trans(w))
     # ---- low-rank up-projection: one more K-slab of the same accumulator (first split only)
@@ -195,11 +204,16 @@ def _w4a16_gemm(
                 rr = r0 + offs_k
                 r_ok = rr < R
                 t = tl.load(T + offs_m[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-                up = tl.load(UP + offs_n[None, :] * R + rr[:, None], mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+                up = tl.load(UP + offs_n[:, None] * R + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
                 if DOT_F32:
-                    acc += tl.dot(t.to(tl.float32), up.to(tl.float32))
+                    t = t.to(tl.float32)
+                    up = up.to(tl.float32)
+                if SWAP_AB:
+                    acc += tl.dot(up, tl.trans(t))
                 else:
-                    acc += tl.dot(t, up)
+                    acc += tl.dot(t, tl.trans(up))
+    if SWAP_AB:
+        acc = tl.trans(acc)
     out_mask = m_ok[:, None] & n_ok[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
@@ -246,8 +260,8 @@ class _Kernels:
 
 
 #: fixed launch parameters in interpreter mode (small tiles keep the CPU interpreter fast)
-INTERPRET_LARGE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4}
-INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1}
+INTERPRET_LARGE = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "SWAP_AB": False}
+INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "SWAP_AB": True}
 #: split-K chunk in interpreter mode (small, so the tests cross several splits)
 INTERPRET_SPLIT_QUANTUM = 64
 
@@ -341,12 +355,14 @@ def gemm_w4a16(
     proj_up: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     split_k: bool | None = None,
+    swap_ab: bool | None = None,
 ) -> torch.Tensor:
     """Fused W4A16 linear: ``x [..., K]`` (fp16/bf16) -> ``[..., N]`` in x's dtype.
 
     qweight ``[N, K/2]`` uint8; wscales ``[N, K/G]``; wzeros ``[N, K/G]`` uint8 (int4_asym); wtscale ``[]`` fp32
     (nvfp4); smooth ``[K]``; proj_down ``[K, r]``; proj_up ``[N, r]``; bias ``[N]``. ``split_k`` forces
-    (True/False) the split-K variant; by default it runs for M ≤ 16.
+    (True/False) the split-K variant; by default it runs for M ≤ 16. ``swap_ab`` forces the operand order in
+    interpreter mode (tests); on CUDA the autotuner picks it.
     """
     if fmt not in FMT_IDS:
         raise ValueError(f"fmt={fmt!r} is not a W4A16 format ({', '.join(FMT_IDS)})")
@@ -400,7 +416,9 @@ def gemm_w4a16(
     )
     args = (x2, qweight.contiguous(), s.contiguous(), z, ts, lam, t, up, b)
     gemm = kern.gemm_small if small else kern.gemm_large
-    fixed = (INTERPRET_SMALL if small else INTERPRET_LARGE) if interpret else {}
+    fixed = dict(INTERPRET_SMALL if small else INTERPRET_LARGE) if interpret else {}
+    if interpret and swap_ab is not None:
+        fixed["SWAP_AB"] = bool(swap_ab)
     if small:
         split, per = _split_k(m, n, k, INTERPRET_SMALL["BLOCK_N"] if interpret else 64, interpret, x.device)
     else:
