@@ -1,7 +1,11 @@
 """The ``vqsuite`` command: a thin shell over the library.
 
-Subcommands: ``demo``, ``presets``, ``formats``, ``quantize``, ``info``. A user error (wrong path, corrupt
-checkpoint, impossible config) prints one line to stderr and exits with code 2, never a traceback.
+Subcommands: ``quantize``, ``generate``, ``eval``, ``sweep``, ``bench``, ``presets``, ``formats``, ``info``,
+``demo`` (one module per command under :mod:`vqsuite.cli`). A user error (wrong path, corrupt checkpoint, unknown
+preset, out-of-range number, output folder in the way) prints one line to stderr and exits with code 2, never a
+traceback; ``--debug`` shows the traceback. An unexpected error (a bug) is also one line, exit code 1.
+
+The CLI only reads local files: ``HF_HUB_OFFLINE=1`` is set unless the environment says otherwise.
 """
 
 from __future__ import annotations
@@ -9,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import traceback
+from typing import Any
 
-EXIT_USAGE = 2
+from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, CLIError, one_line
+
+__all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -31,7 +40,7 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 
     for name, desc in vqsuite.describe_presets().items():
         spec = vqsuite.get_preset(name).default
-        print(f"{name:<14} {spec.short():<34} {desc}")
+        print(f"{name:<18} {spec.short():<34} {desc}")
     return 0
 
 
@@ -44,29 +53,25 @@ def _cmd_formats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
-    import torch
+def _info_pipeline(args: argparse.Namespace) -> int:
+    from vqsuite.pipelines.diffusers_io import read_pipeline_meta
 
-    import vqsuite
-    from vqsuite.cli.models import build_model
-
-    model = build_model(args.model, args.weights)
-    calib = None
-    if args.calib_batches:
-        size = args.input_size
-        calib = [torch.randn(args.batch_size, 3, size, size) for _ in range(args.calib_batches)]
-    vqsuite.quantize_model(model, args.preset, calib_data=calib, exclude=args.exclude or None)
-    print(model.vqsuite_report if args.verbose else model.vqsuite_report.summary())
-    lib, _, arch = args.model.partition(":")
-    source = {"library": "timm", "name": arch, "kwargs": {}} if lib == "timm" else None
-    path = vqsuite.save_quantized(model, args.out, model_source=source)
-    print(f"saved to {path}")
+    meta = read_pipeline_meta(args.path)
+    if args.json:
+        print(json.dumps(meta, indent=2))
+        return 0
+    comps = ", ".join(f"{k} ({v.get('class')})" for k, v in meta["quantized"].items())
+    print(f"{args.path}: quantized {meta['pipeline_class']}, vqsuite {meta.get('vqsuite_version')}; quantized: {comps}")
     return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from vqsuite.pipelines.io import read_checkpoint_meta
+    from pathlib import Path
 
+    from vqsuite.pipelines.io import PIPELINE_META_NAME, read_checkpoint_meta
+
+    if (Path(args.path) / PIPELINE_META_NAME).is_file():
+        return _info_pipeline(args)
     meta = read_checkpoint_meta(args.path)
     if args.json:
         print(json.dumps(meta, indent=2))
@@ -88,54 +93,106 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vqsuite", description="Low-bit quantization for diffusion and vision models.")
-    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _common_parent() -> argparse.ArgumentParser:
+    """Flags every subcommand also accepts after its name (``vqsuite generate ... --debug``).
 
-    d = sub.add_parser("demo", help="quantize a real pretrained MobileNetV2 with every baseline preset")
-    d.add_argument("--presets", help="comma-separated preset names (default: all baselines)")
-    d.add_argument("--out", help="also save the last preset's model to this folder and reload it")
-    d.set_defaults(fn=_cmd_demo)
-
-    sub.add_parser("presets", help="list the named presets").set_defaults(fn=_cmd_presets)
-    sub.add_parser("formats", help="list the number formats").set_defaults(fn=_cmd_formats)
-
-    q = sub.add_parser("quantize", help="quantize a timm/torchvision model and save it")
-    q.add_argument("--model", required=True, help="timm:<name> or torchvision:<name>")
-    q.add_argument("--weights", help="local weights file (.safetensors, or .pt/.pth loaded with weights_only)")
-    q.add_argument("--preset", default="w8a8", help="preset name (vqsuite presets)")
-    q.add_argument("--exclude", action="append", help="fnmatch pattern of layers to keep in float (repeatable)")
-    q.add_argument("--calib-batches", type=int, default=0, help="random calibration batches (static presets)")
-    q.add_argument("--batch-size", type=int, default=4)
-    q.add_argument("--input-size", type=int, default=224)
-    q.add_argument("--out", required=True, help="checkpoint folder to write")
-    q.set_defaults(fn=_cmd_quantize)
-
-    i = sub.add_parser("info", help="describe a saved quantized checkpoint")
-    i.add_argument("path")
-    i.add_argument("--json", action="store_true", help="print the raw JSON")
-    i.set_defaults(fn=_cmd_info)
+    ``SUPPRESS`` defaults keep a flag given before the subcommand from being reset by the subparser.
+    """
+    p = ArgParser(add_help=False)
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what happens (INFO)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks of errors")
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
-    )
-    from vqsuite.cli.models import CLIError
-    from vqsuite.pipelines.io import CheckpointError
+def build_parser() -> argparse.ArgumentParser:
+    from vqsuite.cli import bench, generate, quantize, sweep
+    from vqsuite.cli import eval as eval_cmd
 
+    p = ArgParser(prog="vqsuite", description="Low-bit quantization for diffusion and vision models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what happens (INFO)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parents = [_common_parent()]
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgParser)
+
+    quantize.add_parser(sub, parents)
+    generate.add_parser(sub, parents)
+    eval_cmd.add_parser(sub, parents)
+    sweep.add_parser(sub, parents)
+    bench.add_parser(sub, parents)
+
+    sub.add_parser("presets", parents=parents, help="list the named presets").set_defaults(fn=_cmd_presets)
+    sub.add_parser("formats", parents=parents, help="list the number formats").set_defaults(fn=_cmd_formats)
+
+    i = sub.add_parser("info", parents=parents, help="describe a saved quantized checkpoint or pipeline folder")
+    i.add_argument("path")
+    i.add_argument("--json", action="store_true", help="print the raw JSON")
+    i.set_defaults(fn=_cmd_info)
+
+    d = sub.add_parser(
+        "demo", parents=parents, help="quantize a real pretrained MobileNetV2 with every baseline preset"
+    )
+    d.add_argument("--presets", help="comma-separated preset names (default: all baselines)")
+    d.add_argument("--out", help="also save the last preset's model to this folder and reload it")
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the input is wrong", reported as one line with exit code 2.
+
+    ``ValueError`` covers the library's validation (``CheckpointError``, config ``__post_init__``, sweep
+    declarations, pipeline argument checks); ``OSError`` covers files that are missing, unreadable or unwritable.
+    """
+    errors: list[type[BaseException]] = [CLIError, ValueError, OSError, ModuleNotFoundError]
     try:
+        from vqsuite.cli.models import CLIError as ModelsCLIError
+
+        errors.append(ModelsCLIError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _wants_debug(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("VQSUITE_DEBUG", "") not in ("", "0")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    debug = _wants_debug(argv)
+    command = "vqsuite"
+    try:
+        args = build_parser().parse_args(argv)
+        args.verbose = getattr(args, "verbose", False)
+        args.quiet = getattr(args, "quiet", False)
+        command = f"vqsuite {args.command}"
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+        )
         return args.fn(args)
-    except (CLIError, CheckpointError, ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"vqsuite {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+    except SystemExit as e:  # --help and friends
+        return e.code if isinstance(e.code, int) else 0
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        command = getattr(e, "prog", command)
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, _user_errors()):
+            print(f"{command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
+            return EXIT_USAGE
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"{command}: internal error: {one_line(e)}{hint}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _run() -> Any:
+    sys.exit(main())
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _run()

@@ -1,0 +1,117 @@
+"""``vqsuite bench [gemm|block] [--quick]``: the kernel and block benchmarks of ``benchmarks/`` (CUDA only).
+
+The benchmark scripts live in the source checkout (``benchmarks/gemm.py``, ``benchmarks/block.py``), not in the
+installed package; each exposes ``run(args) -> list[dict]``. Rows are printed as a table and, with ``--json``,
+written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from vqsuite.cli.errors import CLIError, one_line, unavailable
+
+logger = logging.getLogger(__name__)
+
+BENCHMARKS = ("gemm", "block")
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    b = sub.add_parser(
+        "bench",
+        parents=parents,
+        help="run the kernel (gemm) and transformer-block (block) benchmarks against the torch baseline (CUDA)",
+        description=__doc__.split("\n\n")[0],
+    )
+    b.add_argument("which", nargs="?", choices=BENCHMARKS + ("all",), default="all", help="which benchmark (all)")
+    b.add_argument("--quick", action="store_true", help="a few shapes, few repeats (a smoke run)")
+    b.add_argument("--json", metavar="FILE", help="also write the rows as JSON to FILE")
+    b.add_argument("--force", action="store_true", help="replace an existing --json file")
+    # the benchmark scripts' own check of themselves on CPU (tiny shapes, no timing worth reading)
+    b.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
+    b.set_defaults(fn=run)
+
+
+def benchmarks_dir() -> Path:
+    """``benchmarks/`` beside the ``vqsuite`` package (a source checkout or an editable install)."""
+    import vqsuite
+
+    return Path(vqsuite.__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` by path; one line when this build does not have it."""
+    file = benchmarks_dir() / f"{name}.py"
+    if not file.is_file():
+        raise unavailable(f"vqsuite bench {name}", f"no {file}; run from a source checkout of vqsuite")
+    spec = importlib.util.spec_from_file_location(f"vqsuite_bench_{name}", file)
+    mod = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(mod)
+    except ImportError as e:
+        raise unavailable(f"vqsuite bench {name}", one_line(e)) from None
+    if not callable(getattr(mod, "run", None)):
+        raise unavailable(f"vqsuite bench {name}", f"{file} has no run(args)")
+    return mod
+
+
+def _bench_args(mod: ModuleType, quick: bool, smoke_cpu: bool = False) -> Any:
+    """The benchmark's own argument namespace (its ``parse_args`` defaults), with ``--quick`` when asked."""
+    argv = (["--quick"] if quick else []) + (["--smoke-cpu"] if smoke_cpu else [])
+    parse = getattr(mod, "parse_args", None)
+    if callable(parse):
+        try:
+            return parse(argv)
+        except SystemExit:
+            raise unavailable(f"{mod.__name__}: its parse_args rejects {argv}") from None
+    return argparse.Namespace(quick=quick, smoke_cpu=smoke_cpu)
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    """Rows (dicts with the same keys) as an aligned text table."""
+    if not rows:
+        return "(no rows)"
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    table = [keys] + [[cell(r.get(k, "")) for k in keys] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(keys))]
+    return "\n".join("  ".join(row[i].rjust(widths[i]) for i in range(len(keys))) for row in table)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    names = BENCHMARKS if args.which == "all" else (args.which,)
+    target = Path(args.json).expanduser() if args.json else None
+    if target is not None:
+        if target.is_dir():
+            raise CLIError(f"--json {target} is a folder")
+        if target.exists() and not args.force:
+            raise CLIError(f"--json {target} exists; pass --force to replace it")
+    mods = {name: load_benchmark(name) for name in names}
+    if not torch.cuda.is_available() and not args.smoke_cpu:
+        raise CLIError("vqsuite bench needs a CUDA GPU (the benchmarks time GPU kernels); none is visible")
+    device = "cpu (smoke run, timings meaningless)" if args.smoke_cpu else torch.cuda.get_device_name()
+    results: dict[str, list[dict[str, Any]]] = {}
+    for name, mod in mods.items():
+        print(f"== vqsuite bench {name} on {device} ==")
+        rows = list(mod.run(_bench_args(mod, args.quick, args.smoke_cpu)))
+        results[name] = rows
+        if not callable(getattr(mod, "print_rows", None)):  # scripts with print_rows print as they go
+            print(format_rows(rows))
+        print(f"{name}: {len(rows)} rows")
+    if target is not None:
+        target.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"wrote {target}")
+    return 0

@@ -1,0 +1,148 @@
+"""``vqsuite eval MODEL --preset P [--metrics ...]``: measure presets on one model (a one-model sweep).
+
+MODEL is a float diffusers pipeline folder, ``timm:<name>`` / ``torchvision:<name>`` (``--weights``), or a built-in
+model; each preset is quantized from the float model and measured with the metric sets of
+:mod:`vqsuite.evals.sweep` (classifiers: ``agreement``, ``accuracy``, ``sqnr``; pipelines: ``fidelity``,
+``fid-vs-fp``). Results go to ``--out`` as a sweep folder, so an interrupted eval resumes like a sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+from vqsuite.cli.errors import (
+    CLIError,
+    check_int,
+    check_preset,
+    check_size,
+    one_line,
+    read_prompt_file,
+    unavailable,
+)
+from vqsuite.cli.sources import resolve
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PIPELINE_METRICS = ("fidelity",)
+DEFAULT_MODEL_METRICS = ("agreement",)
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    e = sub.add_parser(
+        "eval",
+        parents=parents,
+        help="measure one or more presets on a model or pipeline (quality, fidelity to FP, memory)",
+        description=__doc__.split("\n\n")[0],
+    )
+    e.add_argument("model", help="pipeline folder, timm:<name>, torchvision:<name> or a built-in model")
+    e.add_argument("--preset", action="append", required=True, help="preset (repeatable, or comma-separated)")
+    e.add_argument("--metrics", help="comma-separated metric sets (default: fidelity for pipelines, agreement "
+                   "for models)")  # fmt: skip
+    e.add_argument("--weights", help="local weights file of a timm/torchvision model")
+    e.add_argument("--data", help="classifier inputs: a labelled folder root/<class>/* or an image folder "
+                   "(default: 16 random inputs, plumbing only)")  # fmt: skip
+    e.add_argument("--prompts", metavar="FILE", help="pipelines: prompts, one per line")
+    e.add_argument("--num-samples", type=int, help="pipelines: images per config")
+    e.add_argument("--steps", type=int, help="pipelines: denoising steps")
+    e.add_argument("--height", type=int)
+    e.add_argument("--width", type=int)
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--no-fp", action="store_true", help="leave out the full-precision row")
+    e.add_argument("--out", required=True, help="results folder (resumed when it holds an earlier eval)")
+    e.add_argument("--force", action="store_true", help="use a non-empty --out that holds no results")
+    e.set_defaults(fn=run)
+
+
+def _presets(values: list[str]) -> list[str]:
+    names = [p.strip() for v in values for p in v.split(",") if p.strip()]
+    if not names:
+        raise CLIError("--preset is empty")
+    for n in names:
+        check_preset(n)
+    return names
+
+
+def _register_builtin(name: str, sweep_mod: Any) -> None:
+    """Let the sweep build zoo classifiers by name when the zoo has not registered them itself."""
+    if name in sweep_mod.MODEL_FACTORIES:
+        return
+    from vqsuite import zoo
+
+    def factory() -> Any:
+        return zoo.load(name).model
+
+    sweep_mod.register_model(name, factory)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        from vqsuite.evals import sweep as sweep_mod
+    except ImportError as e:
+        raise unavailable("vqsuite eval", f"vqsuite.evals.sweep: {one_line(e)}") from None
+    from vqsuite.cli.sweep import _table, check_results_dir
+
+    presets = _presets(args.preset)
+    check_int(args.num_samples, "--num-samples", 1, 100_000)
+    check_int(args.steps, "--steps", 1, 1000)
+    check_int(args.batch_size, "--batch-size", 1, 4096)
+    check_size(args.height, "--height")
+    check_size(args.width, "--width")
+    src = resolve(args.model)
+    model: dict[str, Any] = {"name": src.arg if src.path is None else src.path.name}
+    if src.kind == "float-pipeline":
+        model["source"] = f"pipeline:{src.path.resolve()}"
+        for flag, value in (("--weights", args.weights), ("--data", args.data)):
+            if value:
+                raise CLIError(f"{flag} applies to classifiers, not to a pipeline folder")
+        if args.prompts:
+            model["prompts"] = read_prompt_file(args.prompts)
+        for key, value in (("num_samples", args.num_samples), ("steps", args.steps)):
+            if value is not None:
+                model[key] = value
+        for key, value in (("height", args.height), ("width", args.width)):
+            if value is not None:
+                model[key] = value
+        default_metrics = DEFAULT_PIPELINE_METRICS
+    elif src.kind in ("module", "builtin"):
+        if args.prompts:
+            raise CLIError("--prompts applies to pipelines, not to a classifier")
+        if src.kind == "builtin":
+            _register_builtin(src.arg, sweep_mod)
+            model["source"] = f"builtin:{src.arg}"
+        else:
+            model["source"] = src.arg
+        if args.weights:
+            if not Path(args.weights).expanduser().is_file():
+                raise CLIError(f"weights file {args.weights} does not exist")
+            model["weights"] = str(Path(args.weights).expanduser().resolve())
+        if args.data:
+            data = Path(args.data).expanduser()
+            if not data.is_dir():
+                raise CLIError(f"--data {args.data} is not a folder")
+            model["data"] = str(data.resolve())
+        else:
+            model["data"] = {"random": 16, "size": 224}
+        default_metrics = DEFAULT_MODEL_METRICS
+    else:
+        raise CLIError(f"{args.model} is already quantized; eval measures presets on the float model or pipeline")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else list(default_metrics)
+    if not metrics:
+        raise CLIError("--metrics is empty")
+    decl = {
+        "name": f"eval-{model['name']}",
+        "metrics": metrics,
+        "batch_size": args.batch_size,
+        "include_fp": not args.no_fp,
+        "models": [model],
+        "configs": presets,
+    }
+    spec = sweep_mod.spec_from_dict(decl)
+    out = Path(args.out).expanduser()
+    check_results_dir(out, args.force)
+    rows = sweep_mod.run_sweep(spec, out, progress=not args.quiet, stop_on_error=True)
+    print(_table(rows))
+    print(f"results: {out / sweep_mod.RESULTS_FILE}")
+    return 0

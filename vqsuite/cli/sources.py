@@ -1,0 +1,174 @@
+"""What a MODEL argument names, and loading it: a local diffusers pipeline folder (float or quantized by vqsuite),
+a quantized module checkpoint, ``timm:<name>`` / ``torchvision:<name>``, or a built-in model of the suite.
+
+Everything is local: pipelines load with ``local_files_only=True`` and the hub is never asked.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vqsuite.cli.errors import CLIError, one_line
+
+logger = logging.getLogger(__name__)
+
+Kind = Literal["float-pipeline", "quantized-pipeline", "quantized-module", "module", "builtin"]
+
+#: file the CLI writes beside a quantized output: where it came from and the layer report
+REPORT_JSON = "report.json"
+REPORT_TXT = "report.txt"
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved MODEL argument."""
+
+    kind: Kind
+    arg: str
+    path: Path | None = None
+
+
+def builtin_models() -> list[str]:
+    """Names of the suite's built-in models (:mod:`vqsuite.zoo`), empty when this build ships none."""
+    try:
+        from vqsuite import zoo
+    except ImportError:
+        return []
+    try:
+        return [str(n) for n in zoo.list()]
+    except Exception as e:  # a zoo that cannot list itself must not break the CLI
+        logger.warning("vqsuite.zoo.list() failed: %s", one_line(e))
+        return []
+
+
+def load_builtin(name: str) -> Any:
+    """The float network of zoo entry ``name`` (eval mode, CPU); a missing asset package is one line."""
+    from vqsuite import zoo
+
+    try:
+        return zoo.load(name).model
+    except KeyError:
+        raise CLIError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_models())}") from None
+
+
+def _looks_like_path(arg: str) -> bool:
+    return "/" in arg or "\\" in arg or arg.startswith((".", "~")) or arg.endswith((".json", ".safetensors"))
+
+
+def resolve(arg: str, *, folders_only: bool = False) -> Source:
+    """Classify a MODEL argument without loading anything; a one-line :class:`CLIError` when it names nothing.
+
+    ``folders_only``: the command takes pipeline folders only (``generate``), so a missing one is named as such.
+    """
+    path = Path(arg).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CLIError(f"{arg} is a file; MODEL must be a pipeline folder, 'timm:<name>' or a built-in model")
+        if (path / "vqsuite_pipeline.json").is_file():
+            return Source("quantized-pipeline", arg, path)
+        if (path / "vqsuite_config.json").is_file():
+            return Source("quantized-module", arg, path)
+        if (path / "model_index.json").is_file():
+            return Source("float-pipeline", arg, path)
+        raise CLIError(f"{arg} is not a diffusers pipeline folder (no model_index.json)")
+    if folders_only:
+        raise CLIError(f"no such folder: {arg} (a diffusers pipeline folder, float or quantized by vqsuite)")
+    lib, sep, _ = arg.partition(":")
+    if sep and lib in ("timm", "torchvision"):
+        return Source("module", arg)
+    if _looks_like_path(arg):
+        raise CLIError(f"no such folder: {arg}")
+    names = builtin_models()
+    if arg in names:
+        return Source("builtin", arg)
+    known = f"; built-in models: {', '.join(names)}" if names else ""
+    raise CLIError(
+        f"model {arg!r} must look like 'timm:<name>' or 'torchvision:<name>', or be a local diffusers pipeline folder "
+        f"or a built-in model{known}"
+    )
+
+
+def torch_dtype(name: str | None) -> Any:
+    import torch
+
+    if name is None:
+        return None
+    if name not in _DTYPES:
+        raise CLIError(f"--dtype {name!r} is not one of {', '.join(_DTYPES)}")
+    return getattr(torch, name)
+
+
+def pick_device(name: str) -> str:
+    """``auto`` is CUDA when there is one, else CPU; an explicit ``cuda`` without one is a user error."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: no CUDA GPU on this machine")
+    if name not in ("cpu",) and not name.startswith(("cuda", "mps", "xpu")):
+        raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)")
+    return name
+
+
+def quiet_hf_progress(verbose: bool) -> None:
+    """diffusers' and transformers' own loading bars and info logs only with ``--verbose``."""
+    if verbose:
+        return
+    try:
+        import diffusers.utils.logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+    except ImportError:
+        pass
+    try:
+        import transformers.utils.logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def load_float_pipeline(path: Path, *, dtype: str | None = None, device: str = "cpu") -> Any:
+    """A diffusers pipeline from a local folder (``local_files_only``); one line when the folder is not one."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:
+        raise CLIError("loading a pipeline needs diffusers (pip install diffusers)") from None
+    kw: dict[str, Any] = {"local_files_only": True}
+    if dtype is not None:
+        kw["dtype"] = torch_dtype(dtype)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(str(path), **kw)
+    except Exception as e:  # a broken folder surfaces as any of a dozen exception types
+        raise CLIError(f"cannot load a diffusers pipeline from {path}: {one_line(e)}") from None
+    if device != "cpu":
+        pipe.to(device)
+    return pipe
+
+
+def load_quantized_pipeline(path: Path, *, device: str = "cpu") -> Any:
+    """A pipeline saved by ``vqsuite quantize`` (:func:`vqsuite.load_quantized`); no recalibration."""
+    import vqsuite
+
+    return vqsuite.load_quantized(path, device=device)
+
+
+def recorded_source(path: Path) -> Path | None:
+    """The float pipeline folder a quantized folder was made from, as ``vqsuite quantize`` recorded it."""
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return None
+    try:
+        src = json.loads(file.read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(src) if isinstance(src, str) and src else None
