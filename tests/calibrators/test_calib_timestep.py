@@ -28,8 +28,9 @@ from vqsuite.nn.steps import StepInfo, bucket_of, publish, slot_for
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "diffusers"))
 
-#: per-step scales must cut the W8A8 output error (relative MSE, summed over steps) at least this much
-MIN_ERROR_RATIO = 2.0
+#: per-step scales must cut the W8A8 output error (relative MSE per step, averaged) at least this much
+#: (measured: about 180x; pooled scales leave the late, small-range steps a few levels)
+MIN_ERROR_RATIO = 20.0
 #: the activation range of the test denoiser grows from 1x (t = 0) to this at t = 1000
 RANGE_GROWTH = 50.0
 CAL_STEPS = 10
@@ -84,9 +85,16 @@ def run_loop(model: nn.Module, n: int, seed: int, publish_steps: bool = True) ->
 
 
 def rel_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
-    return sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got, strict=True)) / sum(
-        float(a.pow(2).sum()) for a in ref
-    )
+    """Relative MSE of the denoiser output at each step, averaged over steps (every step counts alike, as in
+    sampling, however small its output)."""
+    per_step = [float((a - b).pow(2).sum() / a.pow(2).sum()) for a, b in zip(ref, got, strict=True)]
+    return sum(per_step) / len(per_step)
+
+
+def pooled_rel_error(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Relative MSE over all steps together (dominated by the noisiest, largest outputs)."""
+    num = sum(float((a - b).pow(2).sum()) for a, b in zip(ref, got, strict=True))
+    return num / sum(float(a.pow(2).sum()) for a in ref)
 
 
 def static_spec(granularity: str = "pooled", **kw) -> QuantSpec:
@@ -174,12 +182,16 @@ def test_per_step_scales_differ_across_steps() -> None:
 
 def test_per_step_scales_beat_pooled_w8a8() -> None:
     fp = GrowingDenoiser()
-    ref = run_loop(fp, CAL_STEPS, seed=7)
-    errs = {g: rel_error(ref, run_loop(quantized(g), CAL_STEPS, seed=7)) for g in ("pooled", "per_step")}
-    errs["bucketed"] = rel_error(ref, run_loop(quantized("bucketed", n_buckets=5), CAL_STEPS, seed=7))
-    msg = ", ".join(f"{k} {v:.3e}" for k, v in errs.items())
-    assert errs["per_step"] * MIN_ERROR_RATIO < errs["pooled"], f"W8A8 static, relative MSE: {msg}"
+    ref = run_loop(fp, CAL_STEPS, seed=7)  # other inputs than calibration (seed 1)
+    outs = {g: run_loop(quantized(g), CAL_STEPS, seed=7) for g in ("pooled", "per_step")}
+    outs["bucketed"] = run_loop(quantized("bucketed", n_buckets=5), CAL_STEPS, seed=7)
+    errs = {g: rel_error(ref, o) for g, o in outs.items()}
+    sums = {g: pooled_rel_error(ref, o) for g, o in outs.items()}
+    msg = "W8A8 static, relative MSE per step (averaged): " + ", ".join(f"{k} {v:.3e}" for k, v in errs.items())
+    msg += "; over all steps together: " + ", ".join(f"{k} {v:.3e}" for k, v in sums.items())
+    assert errs["per_step"] * MIN_ERROR_RATIO < errs["pooled"], msg
     assert errs["per_step"] <= errs["bucketed"] < errs["pooled"], msg
+    assert sums["per_step"] < sums["pooled"], msg
 
 
 def test_layer_uses_the_published_steps_scale_in_forward() -> None:
@@ -323,3 +335,21 @@ def test_quantize_pipeline_per_step_static_round_trip(tmp_path: Path) -> None:
     assert torch.equal(tp.generate(loaded, "sd15", steps=3), images)
     step_tracker_of(loaded.unet).remove()  # without the hook the layers fall back to their pooled scales
     assert not torch.equal(tp.generate(loaded, "sd15", steps=3), images)
+
+
+def test_kernels_read_the_steps_scale_through_static_act_scale() -> None:
+    """Fused kernels take the per-tensor scale from kernels.reference.static_act_scale: a plain 0-d tensor, the
+    published step's slot (no dynamic amax pass)."""
+    from vqsuite.kernels.reference import static_act_scale
+
+    model = quantized("per_step")
+    layer = model.fc2
+    assert static_act_scale(layer) is layer._buffers["act_scale"]  # no step: pooled
+    for i, t in enumerate(timesteps(CAL_STEPS)):
+        with publish(StepInfo(i, t, CAL_STEPS)):
+            s = static_act_scale(layer)
+            assert isinstance(s, torch.Tensor) and s.ndim == 0 and s.dtype == torch.float32
+            assert float(s) == float(layer.act_scale_steps[i])
+    layer.act_observing = True
+    with publish(StepInfo(0, 999.0, CAL_STEPS)):
+        assert static_act_scale(layer) is None
