@@ -39,6 +39,9 @@ GEMM_CASES = [
     pytest.param("int4", 64, "int4", "dynamic_per_group", 64, id="w4a4_int4g64"),
     pytest.param("nvfp4", 16, "nvfp4", "dynamic_per_group", 16, id="w4a4_nvfp4"),
     pytest.param("int8", 32, "int4", "dynamic_per_group", 64, id="w8g32_a4g64"),
+    pytest.param("int4", None, "int8", "dynamic_per_token", None, id="w4ch_a8"),
+    pytest.param("nvfp4", 16, "fp8_e4m3", "dynamic_per_token", None, id="wnvfp4_afp8"),
+    pytest.param("fp8_e4m3", None, "nvfp4", "dynamic_per_group", 16, id="wfp8_anvfp4"),
 ]
 #: (M, K, N, rank, dtype): M=1, M not a multiple of the 16-row tile, K one group / several / a partial slab
 SHAPES = [

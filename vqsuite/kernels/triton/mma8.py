@@ -105,6 +105,7 @@ def _gemm_body(
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
+    rkh = tl.arange(0, BK // 2)
     mmask = rm < M
     nmask = rn < N
     if GK == 0 and not A_FP8:
@@ -118,9 +119,13 @@ def _gemm_body(
         a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
         wmask = kmask[:, None] & nmask[None, :]
         if W_KIND == 1 or W_KIND == 3:
-            # packed nibbles, element 2i in the low nibble of byte i: each [BK, BN] element reads its own byte
-            byte = tl.load(w_ptr + rn[None, :] * stride_wn + (ks // 2)[:, None], mask=wmask, other=0)
-            nib = (byte >> ((ks % 2) * 4).to(tl.uint8)[:, None]) & 0xF
+            # packed nibbles, element 2i in the low nibble of byte i: load [BN, BK/2] bytes (K-contiguous vectors),
+            # split the nibbles and interleave them back along K, decode, then view the tile as [BK, BN]
+            kh = k0 // 2 + rkh
+            byte = tl.load(
+                w_ptr + rn[:, None] * stride_wn + kh[None, :], mask=nmask[:, None] & (kh < K // 2)[None, :], other=0
+            )
+            nib = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BN, BK))
             if W_KIND == 1:
                 wi = (nib.to(tl.int8) ^ 8) - 8  # sign-extend the 4-bit two's complement
                 if A_FP8:
@@ -129,20 +134,24 @@ def _gemm_body(
                     e = (mag >= 2).to(tl.int32) + (mag >= 4).to(tl.int32) + (mag >= 8).to(tl.int32)
                     man = ((mag << 3) >> e) & 7
                     bits = tl.where(mag == 0, 0, ((e + 7) << 3) | man) | tl.where(wi < 0, 0x80, 0)
-                    w = bits.to(tl.uint8)
+                    w = tl.trans(bits.to(tl.uint8))
                 else:
-                    w = wi.to(tl.int8)
+                    w = tl.trans(wi.to(tl.int8))
             else:
                 # E2M1 bits s e1 e0 m -> E4M3 bits: exponent rebiased by 6, mantissa bit on top; 0.5 and 0 by hand
                 idx = (nib & 7).to(tl.int32)
                 mag = tl.where(idx == 0, 0, tl.where(idx == 1, 0x30, (((idx >> 1) + 6) << 3) | ((idx & 1) << 2)))
                 bits = (mag | ((nib.to(tl.int32) & 8) << 4)).to(tl.uint8)
-                w = bits
+                w = tl.trans(bits)
         else:
             w = tl.load(w_ptr + rn[None, :] * stride_wn + ks[:, None], mask=wmask, other=0)
         if GK == 0:
             if A_FP8:
-                acc = tl.dot(a.to(tl.float8e4nv, bitcast=True), w.to(tl.float8e4nv, bitcast=True), acc)
+                # promote the FP8 tensor-core partial sums into the fp32 accumulator every BK (Hopper's FP8 MMA
+                # accumulates with a reduced mantissa; unbounded imprecise accumulation over K = 12288 loses bits)
+                acc = tl.dot(
+                    a.to(tl.float8e4nv, bitcast=True), w.to(tl.float8e4nv, bitcast=True), acc, max_num_imprecise_acc=BK
+                )
             else:
                 acc = tl.dot(a, w, acc)
         else:
