@@ -65,7 +65,7 @@ def test_labelled_folder_with_timm_preprocessing(tmp_path) -> None:
         save_images(torch.randint(0, 256, (3, 3, 40, 48), generator=g, dtype=torch.uint8), tmp_path / cls)
     files, labels, classes = labelled_folder(tmp_path)
     assert classes == ["cat", "dog"] and labels.tolist() == [0, 0, 0, 1, 1, 1] and len(files) == 6
-    model = timm.create_model("resnet10t", pretrained=False, num_classes=2).eval()
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2).eval()
     tf = timm_transform(model)
     res = evaluate_accuracy(model, tmp_path, transform=tf, batch_size=4, progress=False)
     logits = collect_logits(model, files, transform=tf, batch_size=6, progress=False)

@@ -250,3 +250,45 @@ def test_generator_and_pipeline_sweep(tmp_path) -> None:
     ddpm = [r for r in rows if r["model"] == "ddpm"]
     assert ddpm[1]["kind"] == "pipeline" and ddpm[1]["memory"]["compression"] > 1.5
     assert json.loads(json.dumps(rows)) == rows  # plain JSON
+
+
+def test_timm_and_builtin_sources(tmp_path) -> None:
+    """timm:NAME with a local weights file and a labelled image folder (timm preprocessing), and builtin:NAME."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    from vqsuite.evals.images import save_images
+
+    g = torch.Generator().manual_seed(0)
+    for cls in ("a", "b"):
+        save_images(torch.randint(0, 256, (2, 3, 36, 36), generator=g, dtype=torch.uint8), tmp_path / "data" / cls)
+    ref = timm.create_model("test_efficientnet", pretrained=False).eval()
+    save_file(ref.state_dict(), str(tmp_path / "w.safetensors"))
+    sw.register_model("tiny-test-cls", tiny_classifier, overwrite=True)
+    (tmp_path / "s.toml").write_text(
+        'name = "src"\nmetrics = ["accuracy", "agreement"]\nconfigs = ["w8a8"]\n'
+        '[[models]]\nname = "effnet"\nsource = "timm:test_efficientnet"\nweights = "w.safetensors"\ndata = "data"\n'
+        '[[models]]\nname = "builtin"\nsource = "builtin:tiny-test-cls"\nmetrics = ["agreement"]\n'
+        "data = {random = 4, size = 8}\n"
+    )
+    rows = run_sweep(load_sweep(tmp_path / "s.toml"), tmp_path / "out", progress=False, stop_on_error=True)
+    assert [(r["model"], r["config_name"]) for r in rows] == [
+        ("effnet", "fp"), ("effnet", "w8a8"), ("builtin", "fp"), ("builtin", "w8a8")
+    ]  # fmt: skip
+    effnet = rows[1]["metrics"]
+    assert effnet["n"] == 4 and effnet["top1"] in (0.0, 0.25, 0.5, 0.75, 1.0) and effnet["top5"] >= effnet["top1"]
+    assert effnet["logit_cosine"] > 0.99
+    fp_logits = ref(torch.zeros(1, 3, 160, 160))  # the weights file was really loaded: same float model
+    built = sw.build_target(ModelSpec("effnet", "timm:test_efficientnet", weights=str(tmp_path / "w.safetensors")))
+    assert torch.equal(built.obj(torch.zeros(1, 3, 160, 160)), fp_logits)
+    sw.MODEL_FACTORIES.pop("tiny-test-cls")
+
+
+def test_import_is_light() -> None:
+    code = (
+        "import sys, vqsuite.evals as e; e.__dir__(); "
+        "heavy = [m for m in ('torchmetrics', 'matplotlib', 'transformers', 'diffusers', 'timm', 'cleanfid') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr[-500:]
