@@ -28,7 +28,14 @@ ACT_GRANULARITIES: tuple[str, ...] = ("pooled", "per_step", "bucketed")
 ACT_RANGES: tuple[str, ...] = ("minmax", "ema", "percentile", "mse")
 #: QuantSpec fields added after version 1 first shipped; ``to_dict`` leaves them out at their defaults, so a
 #: recipe that does not use them reads the same in older vqsuite versions
-_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {"act_granularity": "pooled", "n_buckets": None, "act_range": "minmax"}
+_OPTIONAL_SPEC_FIELDS: dict[str, Any] = {
+    "act_granularity": "pooled",
+    "n_buckets": None,
+    "act_range": "minmax",
+    "weight_range": "minmax",
+}
+#: how weight scales are chosen: absmax per group, or an L_p search of the clipping ratio per group
+WEIGHT_RANGES: tuple[str, ...] = ("minmax", "mse")
 SCALE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -69,6 +76,8 @@ class QuantSpec:
             ``"per_step"`` (filled in by calibration when ``None``).
         act_range: how calibration chooses a static range: ``"minmax"``, ``"ema"`` (running min/max, momentum
             0.95), ``"percentile"`` (99.99 % of |x|) or ``"mse"`` (L_p search, p = 2.4, 1 % steps).
+        weight_range: ``"minmax"`` (absmax per group) or ``"mse"`` (per-group clipping by L_p search, p = 2.4,
+            1 % steps; symmetric formats), applied by ``quantize_model`` before packing.
     """
 
     weight: str | None = "int8"
@@ -82,6 +91,7 @@ class QuantSpec:
     act_granularity: str = "pooled"
     n_buckets: int | None = None
     act_range: str = "minmax"
+    weight_range: str = "minmax"
 
     def __post_init__(self) -> None:
         _check_format(self.weight, "weight")
@@ -135,6 +145,10 @@ class QuantSpec:
                 f"act_granularity={self.act_granularity!r} and act_range={self.act_range!r} apply to "
                 f"act_mode='static' only, not act_mode={self.act_mode!r}"
             )
+        if self.weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range={self.weight_range!r} must be one of {', '.join(WEIGHT_RANGES)}")
+        if self.weight_range != "minmax" and (self.weight is None or get_format(self.weight).asymmetric):
+            raise ValueError(f"weight_range={self.weight_range!r} needs a symmetric weight format, not {self.weight!r}")
         _check_group(self.n_buckets, "n_buckets")
         if self.act_granularity == "pooled" and self.n_buckets is not None:
             raise ValueError(f"n_buckets={self.n_buckets} needs act_granularity='per_step' or 'bucketed'")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -131,3 +133,25 @@ def test_static_act_range_methods_in_quantize_model(method: str) -> None:
         assert amax == pytest.approx(top, rel=1e-6)
     else:
         assert amax < top  # EMA averages the batch maxima; percentile and L_p clip the outliers
+
+
+@torch.no_grad()
+def test_weight_range_mse_in_quantize_model() -> None:
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 32)
+    lin.weight.view(-1)[::41] *= 12.0
+    base = QuantSpec(weight="int4", weight_group_size=64)
+    x = torch.randn(16, 128)
+    ref = lin(x)
+    errs = {}
+    for method in ("minmax", "mse"):
+        model = quantize_model(nn.Sequential(copy.deepcopy(lin)), base.replace(weight_range=method))
+        assert model[0].frozen and model[0].spec.weight_range == method
+        errs[method] = float((model(x) - ref).pow(2).mean())
+    assert errs["mse"] < errs["minmax"], errs
+    assert QuantSpec.from_dict(base.replace(weight_range="mse").to_dict()).weight_range == "mse"
+    assert "weight_range" not in base.to_dict()
+    with pytest.raises(ValueError, match="symmetric weight format"):
+        QuantSpec(weight=None, act="int8", act_mode="dynamic_per_token", weight_range="mse")
+    with pytest.raises(ValueError, match="weight_range='lp'"):
+        base.replace(weight_range="lp")

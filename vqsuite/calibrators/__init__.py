@@ -7,6 +7,8 @@ from vqsuite.calibrators.data import run_calibration_data
 from vqsuite.calibrators.minmax import collect_input_amax
 from vqsuite.calibrators.ranges import RangeObserver, calibrate_weight_ranges, search_weight_qtensor
 from vqsuite.calibrators.sensitivity import Sensitivity, layer_sensitivity
+from vqsuite.calibrators.split_shortcut import SplitConv2d, split_shortcuts
+from vqsuite.calibrators.temporal import temporal_layer_names, with_temporal_calibration
 from vqsuite.calibrators.timestep import (
     StepTracker,
     all_steps,
@@ -19,6 +21,7 @@ from vqsuite.calibrators.timestep import (
 __all__ = [
     "RangeObserver",
     "Sensitivity",
+    "SplitConv2d",
     "StepTracker",
     "all_steps",
     "allocate_bits",
@@ -31,5 +34,8 @@ __all__ = [
     "run_calibration_data",
     "search_weight_qtensor",
     "solve_allocation",
+    "split_shortcuts",
+    "temporal_layer_names",
     "uniform_steps",
+    "with_temporal_calibration",
 ]

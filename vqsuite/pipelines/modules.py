@@ -18,6 +18,7 @@ from torch import nn
 
 from vqsuite.calibrators.capture import capture_inputs
 from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
@@ -199,6 +200,10 @@ def quantize_model(
                     LayerEntry(name, type(module).__name__, "quantized", how, spec.short(), module.weight.numel())
                 )
 
+        searched = [q for q in swapped.values() if q.spec.weight_range != "minmax" and q.pending_qtensor() is None]
+        for q in searched:  # clipping ranges by L_p search; the codes are adopted as GPTQ's are
+            w = q._to_gemm(q.__dict__["_parameters"]["weight"])
+            q.set_pending_qtensor(search_weight_qtensor(w, q.spec, q.spec.weight_range, name=f"{q.layer_name}.weight"))
         static = {n: q for n, q in swapped.items() if q.spec.act_mode == "static"}
         if static:
             if any(q.spec.act_granularity != "pooled" for q in static.values()) and step_tracker_of(model) is None:
