@@ -181,6 +181,30 @@ def test_plain_qlinear_static_int8(interpret) -> None:
     assert sqnr_db(y_ref, y) >= MIN_LAYER_SQNR_DB
 
 
+def test_per_step_static_scale_follows_the_published_step(interpret) -> None:
+    """Per-step static scales reach the kernel through ``static_act_scale``: each published step uses its slot."""
+    from vqsuite.nn.steps import StepInfo, publish
+
+    spec = QuantSpec(weight="int8", act="int8", act_mode="static", act_granularity="per_step")
+    torch.manual_seed(4)
+    q = QLinear.from_float(nn.Linear(64, 32).half(), spec).freeze()
+    x = torch.randn(6, 64).half()
+    amax = float(x.abs().max())
+    q.set_act_scale_table(
+        torch.tensor([amax / 127, amax / 300]), torch.tensor([900.0, 100.0]), torch.tensor(amax / 127)
+    )
+    outs = []
+    for i, t in enumerate((900.0, 100.0)):
+        with publish(StepInfo(i, t, 2)):
+            with vk.prefer("triton"):
+                y = q(x)
+            with vk.prefer("reference"):
+                y_ref = q(x)
+        assert sqnr_db(y_ref, y) >= MIN_LAYER_SQNR_DB
+        outs.append(y)
+    assert not torch.equal(outs[0], outs[1])  # the second step's smaller scale saturates: a different output
+
+
 def test_accepts_only_what_it_runs(interpret) -> None:
     from vqsuite.kernels.triton import mma8
 

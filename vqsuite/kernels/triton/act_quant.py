@@ -99,6 +99,7 @@ def _act_quant_body(
     pid = tl.program_id(0)
     rows = pid * BM + tl.arange(0, BM)
     rmask = rows < M
+    rows64 = rows.to(tl.int64)  # row offsets in int64: M * K may pass 2^31
     cols0 = tl.arange(0, BK)
     x_dtype = x_ptr.dtype.element_ty
     NG: tl.constexpr = BK // GROUP
@@ -121,7 +122,7 @@ def _act_quant_body(
             cols = k0 + cols0
             cmask = cols < K
             m2 = rmask[:, None] & cmask[None, :]
-            x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0)
+            x = tl.load(x_ptr + rows64[:, None] * stride_xm + cols[None, :], mask=m2, other=0.0)
             if HAS_SMOOTH:
                 lam = tl.load(lam_ptr + cols, mask=cmask, other=1.0)
                 xf = tl.math.div_rn(x.to(tl.float32), tl.broadcast_to(lam.to(tl.float32)[None, :], (BM, BK)))
@@ -172,7 +173,7 @@ def _act_quant_body(
                     v = tl.reshape(vg, (BM, BK))
                     gcols = k0 // GROUP + tl.arange(0, NG)
                     tl.store(
-                        scales_ptr + rows[:, None] * stride_sm + gcols[None, :],
+                        scales_ptr + rows64[:, None] * stride_sm + gcols[None, :],
                         scale,
                         mask=rmask[:, None] & (gcols < K // GROUP)[None, :],
                     )
@@ -205,19 +206,19 @@ def _act_quant_body(
                     )
                     byte = tl.where(idx == 0, 0, tl.where(idx == 1, 0x30, (((idx >> 1) + 6) << 3) | ((idx & 1) << 2)))
                     q = (byte | tl.where(v < 0.0, 0x80, 0)).to(tl.uint8)
-                tl.store(codes_ptr + rows[:, None] * stride_cm + cols[None, :], q, mask=m2)
+                tl.store(codes_ptr + rows64[:, None] * stride_cm + cols[None, :], q, mask=m2)
     if AMAX_ONLY:
-        tl.store(scales_ptr + rows * stride_sm, amax, mask=rmask)
+        tl.store(scales_ptr + rows64 * stride_sm, amax, mask=rmask)
     elif MODE == 0:
-        tl.store(scales_ptr + rows * stride_sm, scale_tok, mask=rmask)
+        tl.store(scales_ptr + rows64 * stride_sm, scale_tok, mask=rmask)
     elif MODE == 2:
-        tl.store(scales_ptr + rows * stride_sm, tl.full([BM], 0, tl.float32) + s_static, mask=rmask)
+        tl.store(scales_ptr + rows64 * stride_sm, tl.full([BM], 0, tl.float32) + s_static, mask=rmask)
     if RB > 0 and not AMAX_ONLY:
         if X_BF16:
             lb = lr.to(tl.int32, bitcast=True)
             lr = ((lb + 0x7FFF + ((lb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
         tl.store(
-            lr_ptr + rows[:, None] * stride_lm + rk[None, :],
+            lr_ptr + rows64[:, None] * stride_lm + rk[None, :],
             lr.to(x_dtype),
             mask=rmask[:, None] & (rk < R)[None, :],
         )

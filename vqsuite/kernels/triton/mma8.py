@@ -106,6 +106,8 @@ def _gemm_body(
     rn = pid_n * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     rkh = tl.arange(0, BK // 2)
+    rm64 = rm.to(tl.int64)  # offsets in int64: M * K and N * K may pass 2^31
+    rn64 = rn.to(tl.int64)
     mmask = rm < M
     nmask = rn < N
     if GK == 0 and not A_FP8:
@@ -116,14 +118,14 @@ def _gemm_body(
         ks = k0 + rk
         kmask = ks < K
         # FP8 operands arrive as their uint8 bytes (zeroing and bit assembly stay integer ops) and are bitcast
-        a = tl.load(a_ptr + rm[:, None] * stride_am + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
+        a = tl.load(a_ptr + rm64[:, None] * stride_am + ks[None, :], mask=mmask[:, None] & kmask[None, :], other=0)
         wmask = kmask[:, None] & nmask[None, :]
         if W_KIND == 1 or W_KIND == 3:
             # packed nibbles, element 2i in the low nibble of byte i: load [BN, BK/2] bytes (K-contiguous vectors),
             # split the nibbles and interleave them back along K, decode, then view the tile as [BK, BN]
             kh = k0 // 2 + rkh
             byte = tl.load(
-                w_ptr + rn[:, None] * stride_wn + kh[None, :], mask=nmask[:, None] & (kh < K // 2)[None, :], other=0
+                w_ptr + rn64[:, None] * stride_wn + kh[None, :], mask=nmask[:, None] & (kh < K // 2)[None, :], other=0
             )
             nib = tl.reshape(tl.join(byte & 0xF, byte >> 4), (BN, BK))
             if W_KIND == 1:
@@ -144,7 +146,7 @@ def _gemm_body(
                 bits = (mag | ((nib.to(tl.int32) & 8) << 4)).to(tl.uint8)
                 w = tl.trans(bits)
         else:
-            w = tl.load(w_ptr + rn[None, :] * stride_wn + ks[:, None], mask=wmask, other=0)
+            w = tl.load(w_ptr + rn64[None, :] * stride_wn + ks[:, None], mask=wmask, other=0)
         if GK == 0:
             if A_FP8:
                 # promote the FP8 tensor-core partial sums into the fp32 accumulator every BK (Hopper's FP8 MMA
@@ -166,9 +168,9 @@ def _gemm_body(
                     part = tl.dot(aj, w).to(tl.float32)
                 kg = k0 + j * GK
                 if GA > 0:
-                    fa = tl.load(as_ptr + rm * stride_asm + kg // GA, mask=mmask & (kg < K), other=0.0)
+                    fa = tl.load(as_ptr + rm64 * stride_asm + kg // GA, mask=mmask & (kg < K), other=0.0)
                 if GW > 0:
-                    fw = tl.load(ws_ptr + rn * stride_wsn + kg // GW, mask=nmask & (kg < K), other=0.0)
+                    fw = tl.load(ws_ptr + rn64 * stride_wsn + kg // GW, mask=nmask & (kg < K), other=0.0)
                     fw = fw.to(tl.float32)
                 if GA > 0 and GW > 0:
                     acc += part * (fa[:, None] * fw[None, :])
@@ -178,22 +180,22 @@ def _gemm_body(
                     acc += part * fw[None, :]
     ymask = mmask[:, None] & nmask[None, :]
     if OUT_INT32:
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc, mask=ymask)
+        tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], acc, mask=ymask)
     else:
         accf = acc.to(tl.float32)
         if GA == 0:
-            accf = accf * tl.load(as_ptr + rm * stride_asm, mask=mmask, other=0.0)[:, None]
+            accf = accf * tl.load(as_ptr + rm64 * stride_asm, mask=mmask, other=0.0)[:, None]
         if GW == 0:
-            accf = accf * tl.load(ws_ptr + rn * stride_wsn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            accf = accf * tl.load(ws_ptr + rn64 * stride_wsn, mask=nmask, other=0.0).to(tl.float32)[None, :]
         if HAS_WTS:
             accf = accf * tl.load(wts_ptr)
         if RB > 0:
             rr = tl.arange(0, RB)
             lr = tl.load(
-                lr_ptr + rm[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr < R)[None, :], other=0
+                lr_ptr + rm64[:, None] * stride_lm + rr[None, :], mask=mmask[:, None] & (rr < R)[None, :], other=0
             )
             up = tl.load(
-                up_ptr + rn[None, :] * stride_un + rr[:, None], mask=(rr < R)[:, None] & nmask[None, :], other=0
+                up_ptr + rn64[None, :] * stride_un + rr[:, None], mask=(rr < R)[:, None] & nmask[None, :], other=0
             )
             if DOT_F32:  # the CPU interpreter's bf16 dot is wrong: upcast there (products are exact in fp32)
                 accf = tl.dot(lr.to(tl.float32), up.to(tl.float32), accf, input_precision="ieee")
@@ -204,7 +206,7 @@ def _gemm_body(
         if Y_BF16:  # round to nearest even by hand: the interpreter's cast does not
             yb = accf.to(tl.int32, bitcast=True)
             accf = ((yb + 0x7FFF + ((yb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], accf.to(y_ptr.dtype.element_ty), mask=ymask)
+        tl.store(y_ptr + rm64[:, None] * stride_ym + rn[None, :], accf.to(y_ptr.dtype.element_ty), mask=ymask)
 
 
 #: (BM, BN, BK, num_warps, num_stages) for per-token x per-channel GEMMs; 64/128-row tiles so Triton emits wgmma.
@@ -449,10 +451,11 @@ def accepts(x: torch.Tensor, layer) -> bool:
 
 
 def _checked_static_scale(layer) -> torch.Tensor:
-    """The static scale, refused once if it was never calibrated (checked again only when the buffer changes)."""
+    """The static scale (``reference.static_act_scale``: per-step tables resolve there), refused if it was never
+    calibrated. On CUDA the finiteness check (a host sync) runs once per scale storage and version."""
     s = reference.static_act_scale(layer)
-    key = (id(s), s._version)
-    if layer.__dict__.get("_mma8_scale_ok") != key:
+    key = (s.device, s.data_ptr(), s._version)
+    if s.device.type == "cpu" or layer.__dict__.get("_mma8_scale_ok") != key:
         if not bool(torch.isfinite(s).all()):
             name = layer.layer_name or type(layer).__name__
             raise RuntimeError(f"{name}.input: static activation scale is not calibrated; quantize with calib_data")
