@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Any
 
-from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, CLIError, one_line
+from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, one_line
 
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
@@ -165,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = _wants_debug(argv)
     command = "vqsuite"
     try:
-        args = build_parser().parse_args(argv)
+        args, extra = build_parser().parse_known_args(argv)
+        if extra:  # name the subcommand whose options were wrong (argparse would blame the top-level parser)
+            prog = f"vqsuite {args.command}"
+            raise ArgumentError(f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)", prog)
         args.verbose = getattr(args, "verbose", False)
         args.quiet = getattr(args, "quiet", False)
         command = f"vqsuite {args.command}"
