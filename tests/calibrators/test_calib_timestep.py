@@ -148,6 +148,24 @@ def test_hook_publishes_steps_in_order(name: str, guidance: float) -> None:
     assert step_tracker_of(den) is None
 
 
+def test_hook_on_flux_maps_scaled_timesteps() -> None:
+    """FLUX's transformer gets t / 1000 and guidance as an embedding (no CFG batch): indices still in order."""
+    import tiny_pipelines as tp
+
+    pipe = tp.flux(tp.TEST_WIDTH["flux"])
+    pipe.set_progress_bar_config(disable=True)
+    tracker = attach_step_tracker(pipe)
+    seen: list[StepInfo] = []
+    remove = steps_mod.add_listener(seen.append)
+    try:
+        pipe("a cat", height=32, width=32, num_inference_steps=3, guidance_scale=3.5, output_type="latent")
+    finally:
+        remove()
+        tracker.remove()
+    assert [(s.index, s.num_steps, s.branch) for s in seen] == [(i, 3, "all") for i in range(3)]
+    assert all(0 < s.t <= 1 for s in seen)
+
+
 def test_tracker_counts_calls_without_scheduler() -> None:
     model = GrowingDenoiser()
     tracker = attach_step_tracker(model, num_steps=4)

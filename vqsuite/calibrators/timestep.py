@@ -79,6 +79,7 @@ class StepTracker:
         cfg: ``True``/``False``, a callable returning it, or ``None`` to infer it from the latent batch.
         num_steps: the trajectory length when there is no scheduler (the index then counts calls).
         latent_batch: a callable returning the latent batch of the running pipeline call (or ``None``).
+        cfg_hint: asked when the latent batch is unknown (a pipeline's ``do_classifier_free_guidance``).
     """
 
     def __init__(
@@ -89,8 +90,10 @@ class StepTracker:
         cfg: bool | Callable[[], bool] | None = None,
         num_steps: int | None = None,
         latent_batch: Callable[[], int | None] | None = None,
+        cfg_hint: Callable[[], bool | None] | None = None,
     ) -> None:
         self.denoiser = denoiser
+        self._cfg_hint = cfg_hint
         self._scheduler = scheduler
         self._cfg = cfg
         self.num_steps = num_steps
@@ -143,7 +146,10 @@ class StepTracker:
         if cfg is not None:
             return bool(cfg() if callable(cfg) else cfg)
         latent = self._latent_batch() if self._latent_batch is not None else None
-        return latent is not None and batch == 2 * latent
+        if latent is not None:
+            return batch == 2 * latent
+        hint = self._cfg_hint() if self._cfg_hint is not None else None
+        return bool(hint)
 
     def steps_for(self, t: float, batch: int) -> tuple[StepInfo, ...]:
         index, n = self._locate(t)
@@ -220,6 +226,7 @@ def attach_step_tracker(
             cfg=cfg,
             num_steps=num_steps,
             latent_batch=lambda: state["latent"],
+            cfg_hint=lambda: getattr(pipe, "do_classifier_free_guidance", None),
         )
         prepare = getattr(pipe, "prepare_latents", None)
         if callable(prepare) and "prepare_latents" not in pipe.__dict__:
