@@ -292,3 +292,33 @@ def test_import_is_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stderr[-500:]
+
+
+@pytest.mark.slow
+def test_fid_vs_data_and_clip_on_a_text_pipeline(tmp_path) -> None:
+    """fid-vs-data (reference stats cached once per sweep) and clip (a tiny random CLIP: wiring only)."""
+    tp = pytest.importorskip("tiny_pipelines")
+    from evals_helpers import save_tiny_clip
+
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    ref = torch.randint(0, 256, (6, 3, 32, 32), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    spec = SweepSpec(
+        models=[
+            ModelSpec(
+                "sd", lambda: tp.sd15(64), key="tiny-sd15", num_samples=3, steps=2, height=32, width=32,
+                prompts=["a red cat", "the dog"], reference=ref, calib={"num_calib_prompts": 2},
+            )
+        ],
+        configs=[ConfigSpec("w8a8")],
+        metrics=["fid-vs-data", "clip"],
+        extractor=TinyExtractor(),
+        clip=str(clip_dir),
+        name="data",
+    )  # fmt: skip
+    rows = run_sweep(spec, tmp_path / "out", progress=False, stop_on_error=True)
+    assert [r["config_name"] for r in rows] == ["fp", "w8a8"]
+    for r in rows:
+        m = r["metrics"]
+        assert m["fid_vs_data"] > 0 and m["fid_data_n"] == 6 and m["fid_n"] == 3
+        assert 0.0 <= m["clip_score"] <= 100.0
+    assert len(list((tmp_path / "out" / "cache" / "reference").glob("*.safetensors"))) == 1

@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 PRIMARY_METRICS: tuple[tuple[str, bool], ...] = (
     ("top1", True),
     ("top1_agreement", True),
+    ("fid_vs_data", False),
     ("fid_vs_fp", False),
     ("psnr", True),
     ("ssim", True),
@@ -42,7 +43,7 @@ PRIMARY_METRICS: tuple[tuple[str, bool], ...] = (
 )
 #: metric keys that are not numbers to tabulate
 _NOTE_KEYS = ("fid_resize", "fid_extractor")
-_COUNT_KEYS = ("n", "fid_n", "sqnr_layers")
+_COUNT_KEYS = ("n", "fid_n", "fid_data_n", "sqnr_layers")
 #: sample strips lower than this are scaled up by an integer factor (nearest neighbour) in the grids
 MIN_STRIP_HEIGHT = 64
 
@@ -110,6 +111,10 @@ def _notes(r: dict[str, Any]) -> list[str]:
             f"FID: N={m.get('fid_n')} per set, extractor {m.get('fid_extractor')}, resize {m.get('fid_resize')}; "
             "fid_floor = FID between two FP sample sets with different seeds (what a perfect quantization shows)"
         )
+    if "fid_vs_data" in m:
+        out.append(f"fid_vs_data / kid_vs_data: N={m.get('fid_n')} samples vs {m.get('fid_data_n')} reference images")
+    if "clip_score" in m:
+        out.append("clip_score: torchmetrics CLIPScore with the sweep's local CLIP model")
     if "n" in m:
         out.append(f"accuracy/agreement/fidelity over n={m['n']} inputs")
     return out

