@@ -8,9 +8,11 @@ written as JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import logging
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,6 +91,23 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(row[i].rjust(widths[i]) for i in range(len(keys))) for row in table)
 
 
+class _WatchedStdout:
+    """stdout that remembers whether anything was printed (did the benchmark print its own table?)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.wrote = stream, False
+
+    def write(self, s: str) -> int:
+        self.wrote = self.wrote or bool(s.strip())
+        return self.stream.write(s)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -105,11 +124,17 @@ def run(args: argparse.Namespace) -> int:
     device = "cpu (smoke run, timings meaningless)" if args.smoke_cpu else torch.cuda.get_device_name()
     results: dict[str, list[dict[str, Any]]] = {}
     for name, mod in mods.items():
-        print(f"== vqsuite bench {name} on {device} ==")
-        rows = list(mod.run(_bench_args(mod, args.quick, args.smoke_cpu)))
+        print(f"== vqsuite bench {name} on {device} ==", flush=True)
+        watch = _WatchedStdout(sys.stdout)
+        with contextlib.redirect_stdout(watch):
+            rows = list(mod.run(_bench_args(mod, args.quick, args.smoke_cpu)))
         results[name] = rows
-        if not callable(getattr(mod, "print_rows", None)):  # scripts with print_rows print as they go
-            print(format_rows(rows))
+        if not watch.wrote:  # gemm prints each shape's table as it goes; block leaves printing to its caller
+            show = getattr(mod, "print_rows", None)
+            if callable(show) and rows:
+                show(rows)
+            else:
+                print(format_rows(rows))
         print(f"{name}: {len(rows)} rows")
     if target is not None:
         target.write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -44,6 +44,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--weights", help="local weights file of a timm/torchvision model")
     e.add_argument("--data", help="classifier inputs: a labelled folder root/<class>/* or an image folder "
                    "(default: 16 random inputs, plumbing only)")  # fmt: skip
+    e.add_argument("--random", type=int, default=16, help="classifiers without --data: this many random inputs (16)")
+    e.add_argument("--input-size", type=int, help="random inputs' side (224; a built-in model's own size)")
+    e.add_argument("--channels", type=int, help="random inputs' channels (3; a built-in model's own)")
     e.add_argument("--prompts", metavar="FILE", help="pipelines: prompts, one per line")
     e.add_argument("--num-samples", type=int, help="pipelines: images per config")
     e.add_argument("--steps", type=int, help="pipelines: denoising steps")
@@ -53,6 +56,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--no-fp", action="store_true", help="leave out the full-precision row")
     e.add_argument("--out", required=True, help="results folder (resumed when it holds an earlier eval)")
     e.add_argument("--force", action="store_true", help="use a non-empty --out that holds no results")
+    e.add_argument("--no-report", action="store_true", help="do not render the report (markdown, plots, HTML)")
     e.set_defaults(fn=run)
 
 
@@ -65,14 +69,30 @@ def _presets(values: list[str]) -> list[str]:
     return names
 
 
+def _builtin_input(name: str) -> tuple[int, int] | None:
+    """``(channels, size)`` a zoo classifier takes, read from its ``[N, C, H, W]`` input note (None: images)."""
+    import re
+
+    from vqsuite import zoo
+
+    note = str(zoo._REGISTRY[name].meta.get("input", "")) if name in zoo._REGISTRY else ""
+    m = re.search(r"\[N, (\d+), (\d+), \d+\]", note)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def _register_builtin(name: str, sweep_mod: Any) -> None:
-    """Let the sweep build zoo classifiers by name when the zoo has not registered them itself."""
+    """Let the sweep build a zoo model by name when the zoo has not registered it there itself; networks that
+    take PIL images bring their own preprocessing as the transform for image folders."""
     if name in sweep_mod.MODEL_FACTORIES:
         return
     from vqsuite import zoo
 
     def factory() -> Any:
-        return zoo.load(name).model
+        z = zoo.load(name)
+        if z.kind != "classifier":
+            raise CLIError(f"built-in model {name!r} is a {z.kind}; vqsuite eval measures classifiers and pipelines")
+        transform = z.preprocess if "PIL" in str(z.meta.get("input", "")) else None
+        return sweep_mod.BuiltModel("classifier", z.model, transform)
 
     sweep_mod.register_model(name, factory)
 
@@ -82,12 +102,15 @@ def run(args: argparse.Namespace) -> int:
         from vqsuite.evals import sweep as sweep_mod
     except ImportError as e:
         raise unavailable("vqsuite eval", f"vqsuite.evals.sweep: {one_line(e)}") from None
-    from vqsuite.cli.sweep import _table, check_results_dir
+    from vqsuite.cli.sweep import _render, _table, check_results_dir
 
     presets = _presets(args.preset)
     check_int(args.num_samples, "--num-samples", 1, 100_000)
     check_int(args.steps, "--steps", 1, 1000)
     check_int(args.batch_size, "--batch-size", 1, 4096)
+    check_int(args.random, "--random", 1, 1_000_000)
+    check_int(args.input_size, "--input-size", 1, 8192)
+    check_int(args.channels, "--channels", 1, 64)
     check_size(args.height, "--height")
     check_size(args.width, "--width")
     src = resolve(args.model)
@@ -124,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
                 raise CLIError(f"--data {args.data} is not a folder")
             model["data"] = str(data.resolve())
         else:
-            model["data"] = {"random": 16, "size": 224}
+            channels, size = (_builtin_input(src.arg) if src.kind == "builtin" else None) or (3, 224)
+            model["data"] = {
+                "random": args.random,
+                "size": args.input_size or size,
+                "channels": args.channels or channels,
+            }
         default_metrics = DEFAULT_MODEL_METRICS
     else:
         raise CLIError(f"{args.model} is already quantized; eval measures presets on the float model or pipeline")
@@ -145,4 +173,7 @@ def run(args: argparse.Namespace) -> int:
     rows = sweep_mod.run_sweep(spec, out, progress=not args.quiet, stop_on_error=True)
     print(_table(rows))
     print(f"results: {out / sweep_mod.RESULTS_FILE}")
+    if not args.no_report and rows:
+        for f in _render(rows, out, args.quiet):
+            print(f"wrote {f}")
     return 0

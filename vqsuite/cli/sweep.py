@@ -73,11 +73,10 @@ def _render(rows: list[dict[str, Any]], out: Path, quiet: bool) -> list[str]:
         logger.warning("vqsuite.evals.report has no render_report; results only")
         return []
     written = render(out)
-    if isinstance(written, dict):
-        return [str(v) for v in written.values()]
-    if isinstance(written, (list, tuple)):
-        return [str(v) for v in written]
-    return [str(written)] if written else []
+    files: list[str] = []
+    for v in written.values() if isinstance(written, dict) else [written]:
+        files += [str(f) for f in v] if isinstance(v, (list, tuple)) else [str(v)] if v else []
+    return files
 
 
 def _table(rows: list[dict[str, Any]]) -> str:
