@@ -210,11 +210,26 @@ def _gemm_body(
 
 
 #: (BM, BN, BK, num_warps, num_stages) for per-token x per-channel GEMMs; 64/128-row tiles so Triton emits wgmma.
-#: Checked with ptxas for sm_90 (see :func:`hopper_asm`): none of these spills registers for 16-byte-aligned inputs
+#: Checked with ptxas for sm_90 (see :func:`hopper_asm`): none of these spills registers for 16-byte-aligned inputs.
+#: The 32/64-column tiles are for small M (adaLN GEMVs), where the launch needs many column tiles to keep HBM busy.
 CUDA_CONFIGS_UNGROUPED = ((128, 128, 128, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4),
-                          (64, 64, 128, 4, 4))  # fmt: skip
+                          (64, 64, 128, 4, 4), (64, 32, 256, 4, 4))  # fmt: skip
 #: (BM, BN, num_warps, num_stages) for grouped GEMMs, whose BK is the group (at least 32)
-CUDA_CONFIGS_GROUPED = ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3))
+CUDA_CONFIGS_GROUPED = ((128, 128, 8, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4))
+#: up to this many rows (M rounded up to a power of two) only 64-row tiles are tried; from 256 rows on, no 32-column
+SMALL_M = 32
+
+
+def _prune(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune only tile shapes that can win for this M (saves compile and tuning time)."""
+    m = named_args.get("M_BUCKET", kwargs.get("M_BUCKET", SMALL_M + 1))
+    if m <= SMALL_M:
+        keep = [c for c in configs if c.kwargs["BM"] == 64]
+    elif m >= 256:
+        keep = [c for c in configs if c.kwargs["BN"] >= 64]
+    else:
+        keep = list(configs)
+    return keep or list(configs)
 
 
 def _cuda_configs(grouped: bool) -> list:
@@ -238,7 +253,9 @@ def _kernel(interpret: bool, grouped: bool):
     if interpret:
         return jitted
     key = ["M_BUCKET", "N", "K", "W_KIND", "A_FP8", "GK", "RB"]
-    return triton.autotune(configs=_cuda_configs(grouped), key=key)(jitted)
+    return triton.autotune(configs=_cuda_configs(grouped), key=key, prune_configs_by={"early_config_prune": _prune})(
+        jitted
+    )
 
 
 def gemm_mma8(
