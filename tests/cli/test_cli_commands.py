@@ -172,3 +172,19 @@ def test_quantize_builtin_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     info = json.loads((out / "report.json").read_text())
     assert info["model"] == "mnist-cnn3" and any(e["status"] == "quantized" for e in info["report"]["layers"])
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_eval_pipeline_fidelity(tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\n")
+    out = tmp_path / "ev"
+    argv = ["--quiet", "eval", str(tiny_sd), "--preset", "w4a16", "--prompts", str(prompts), "--num-samples", "1",
+            "--steps", "2", "--height", "32", "--width", "32", "--out", str(out), "--no-report"]  # fmt: skip
+    assert main(argv) == 0
+    rows = {r["config_name"]: r for r in _results(out / "results.jsonl")}
+    assert set(rows) == {"fp", "w4a16"}
+    # PSNR of the FP samples against themselves is the metric's cap; INT4 weights must land below it
+    assert rows["w4a16"]["metrics"]["psnr"] < rows["fp"]["metrics"]["psnr"]
+    assert 0 < rows["w4a16"]["metrics"]["ssim"] <= 1
+    assert "w4a16" in capsys.readouterr().out

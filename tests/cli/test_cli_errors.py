@@ -188,6 +188,15 @@ def test_debug_flag_shows_the_traceback(ctx: Ctx, capsys: pytest.CaptureFixture[
     assert _protected(ctx) == before
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
+def test_cuda_device_without_gpu(ctx: Ctx, capsys: pytest.CaptureFixture[str]) -> None:
+    before = _protected(ctx)
+    assert main(_gen(ctx, "q", "--prompt", "a", "--device", "cuda")) == EXIT_USAGE
+    err = capsys.readouterr().err.strip()
+    assert err == "vqsuite generate: error: --device cuda: no CUDA GPU on this machine"
+    assert _protected(ctx) == before
+
+
 def _console_script() -> Path:
     script = Path(sys.executable).parent / "vqsuite"
     if not script.is_file():

@@ -36,11 +36,15 @@ class StepProgress:
     def __init__(self, total: int, desc: str, disable: bool = False) -> None:
         self.total, self.desc, self.disable = total, desc, disable
         self._bar: Any = None
+        self._n = 0
 
     def __call__(self, pipe: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
         if self._bar is None:
             self._bar = bar(self.total, self.desc, unit="step", disable=self.disable)
         self._bar.update(1)
+        self._n += 1
+        if self._n == self.total:  # the pipeline runs are over; what follows (SVD, GPTQ) has its own bars
+            self._bar.close()
         return callback_kwargs
 
     def close(self) -> None:
