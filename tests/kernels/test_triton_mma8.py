@@ -273,3 +273,15 @@ def test_act_stage_compiles_for_sm90() -> None:
 
     asm = hopper_asm(act="nvfp4", act_mode="dynamic_per_group", group_size=16, rank=32)
     assert "cubin" in asm and ".entry _act_quant_body" in asm["ptx"]
+
+
+def test_autotune_pruning_keeps_tiles_that_fit_m() -> None:
+    from vqsuite.kernels.triton import mma8
+
+    for grouped in (False, True):
+        configs = mma8._cuda_configs(grouped)
+        small = mma8._prune(configs, {"M_BUCKET": 1})
+        large = mma8._prune(configs, {"M_BUCKET": 4096})
+        assert small and all(c.kwargs["BM"] == 64 for c in small)
+        assert large and all(c.kwargs["BN"] >= 64 for c in large) and len(large) < len(configs)
+        assert mma8._prune(configs, {"M_BUCKET": 64}) == configs

@@ -8,7 +8,8 @@ A frozen ``QLinear``/``QLinearLowRank`` forward is two launches:
    to Hopper's wgmma for 64-row tiles): INT8 activations x INT8 weights -> int32; INT4 weight codes are sign-extended
    to INT8 in registers; FP8 activations x FP8 weights -> fp32; NVFP4's E2M1 weight codes become E4M3 bytes in
    registers (exact) and meet E4M3 activations; INT4 weights also meet FP8 activations (INT4 values are exact in
-   E4M3).
+   E4M3). Packed 4-bit weights are loaded as K-contiguous byte vectors ``[BN, BK/2]``, split into nibbles and
+   interleaved back along K in registers.
 
 Scales. Per-token x per-channel (W8A8): one exact accumulator over K (int32 for integer codes), both scales in
 the epilogue. With K-groups (W4A8 g64 weights; W4A4 g64/g16 on both sides): an exact 8-bit dot per group
