@@ -66,8 +66,8 @@ def gather_tensors(local: torch.Tensor, accelerator: Any = None) -> torch.Tensor
         return local
     from accelerate.utils import gather_object
 
-    parts = gather_object([local.cpu()])
-    return torch.cat([p for p in parts if p.numel() or p.ndim > 1], dim=0) if parts else local
+    parts = [p for p in gather_object([local.cpu()]) if p.numel()]
+    return torch.cat(parts, dim=0) if parts else local
 
 
 def sharded_map(
@@ -97,9 +97,4 @@ def sharded_map(
         local = torch.cat(outs, dim=0)
     else:  # a process with no share still takes part in the gather
         local = torch.empty(0)
-    if num_processes(accelerator) == 1:
-        return local
-    from accelerate.utils import gather_object
-
-    parts = [p for p in gather_object([local.cpu()]) if p.numel()]
-    return torch.cat(parts, dim=0)
+    return gather_tensors(local, accelerator)
