@@ -285,3 +285,89 @@ def test_gemm_bench_rows_smoke_cpu(interpret_env):
         assert row["sqnr_vs_reference_db"] >= MIN_LAYER_SQNR_DB
         assert row["us"] > 0 and row["M"] == 1 and (row["K"], row["N"]) == (128, 64)
     assert "lowrank_overhead_pct" in by_kernel["w4a16 int4-g64 +r32"]
+
+
+# ------------------------------------------------------------------------------------------ Hopper assembly
+# Triton compiles for sm_90 without a GPU (its bundled ptxas); the SASS shows whether the MMA is Hopper's wgmma
+# (HGMMA) and whether registers spill to local memory (LDL/STL).
+def _nvidia_tool(name: str) -> Path | None:
+    import triton
+
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return path if path.exists() else None
+
+
+def compile_sm90(fmt: str, config: tuple, small: bool) -> tuple[str, str]:
+    """``(cuobjdump -res-usage line, SASS)`` of the GEMM kernel for ``fmt`` and one autotune ``config``."""
+    import subprocess
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bm, bn, bk, warps, stages, swap = config
+    fn = w4a16._kernels(False).gemm_large.fn
+    group = w4a16.SUPPORTED_GROUPS[fmt][0]
+    sig = {
+        "X": "*bf16",
+        "QW": "*u8",
+        "S": "*u8" if fmt == "nvfp4" else "*bf16",
+        "Z": "*u8" if fmt == "int4_asym" else "*bf16",
+        "TS": "*fp32" if fmt == "nvfp4" else "*bf16",
+        "LAM": "*bf16",
+        "T": "*bf16",
+        "UP": "*bf16",
+        "BIAS": "*bf16",
+        "Y": "*fp32" if small else "*bf16",
+        **dict.fromkeys(("M", "N", "K", "R", "K_PER_SPLIT", "stride_xm"), "i32"),
+    }
+    const = {
+        "G": group,
+        "FMT": w4a16.FMT_IDS[fmt],
+        "HAS_SMOOTH": True,
+        "HAS_LR": True,
+        "HAS_BIAS": True,
+        "SPLIT_K": 4 if small else 1,
+        "DOT_F32": False,
+        "RNE_BF16": False,
+        "W_MAX": float(torch.finfo(torch.bfloat16).max),
+        "SWAP_AB": swap,
+        "BLOCK_M": bm,
+        "BLOCK_N": bn,
+        "BLOCK_K": bk,
+        "GROUP_M": 1 if small else 8,
+    }
+    sig |= dict.fromkeys(const, "constexpr")
+    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in const.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = Path(tmp) / "k.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        usage = subprocess.run(
+            [str(_nvidia_tool("cuobjdump")), "-res-usage", str(cubin)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run([str(_nvidia_tool("nvdisasm")), str(cubin)], capture_output=True, text=True, check=True)
+    return usage.strip().splitlines()[-1], sass.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    any(_nvidia_tool(t) is None for t in ("ptxas", "cuobjdump", "nvdisasm")),
+    reason="triton's bundled CUDA tools (ptxas, cuobjdump, nvdisasm) are missing",
+)
+@pytest.mark.parametrize(
+    ("fmt", "config", "small"),
+    [
+        pytest.param("int4", w4a16.LARGE_M_CONFIGS[0], False, id="int4-large"),
+        pytest.param("nvfp4", w4a16.LARGE_M_CONFIGS[2], False, id="nvfp4-large-swap"),
+        pytest.param("int4_asym", w4a16.SMALL_M_CONFIGS[0], True, id="int4asym-splitk-swap"),
+        pytest.param("nvfp4", w4a16.SMALL_M_CONFIGS[2], True, id="nvfp4-splitk-swap"),
+    ],
+)
+def test_sm90_assembly(fmt, config, small):
+    """The Hopper build uses wgmma (HGMMA) and keeps everything in registers (no local-memory spills)."""
+    usage, sass = compile_sm90(fmt, config, small)
+    assert sass.count("HGMMA") > 0, "expected Hopper wgmma instructions"
+    assert "STACK:0" in usage and sass.count("LDL") == 0, f"register spills: {usage}"

@@ -146,11 +146,11 @@ def _w4a16_gemm(
         elif FMT == 1:
             v = codes.to(tl.float32)
         else:
-            e = (codes >> 1) & 3
-            mbit = (codes & 1).to(tl.float32)
-            step = tl.where(e == 1, 0.5, tl.where(e == 2, 1.0, 2.0))
-            mag = tl.where(e == 0, mbit * 0.5, (2.0 + mbit) * step)
-            v = tl.where((codes & 8) != 0, -mag, mag)
+            # E2M1 bits -> fp32 bits: magnitude code c = 2e + m (e ≥ 1) is 2^(e-1) * (1 + m/2), i.e. fp32 bits
+            # (c + 252) << 22; c = 1 is 0.5 (126 << 23) and c = 0 is 0; the sign moves from bit 3 to bit 31
+            c = codes & 7
+            bits = tl.where(c > 1, (c + 252) << 22, c * (252 << 22))
+            v = (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
         # ---- group scales (and zero points), broadcast over their group
         if G >= BLOCK_K:
             gidx = k0 // G
@@ -266,29 +266,35 @@ INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "S
 INTERPRET_SPLIT_QUANTUM = 64
 
 
+#: CUDA autotune candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB)``. Each was compiled ahead
+#: of time for sm_90 (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, no GPU needed; see
+#: ``tests/kernels/test_triton_w4a16.py::test_sm90_assembly``) for INT4 and NVFP4: all use Hopper's wgmma (HGMMA in the
+#: SASS) and none spills registers. Wider K tiles (64 for M > 16, 128+ for M ≤ 16 without the swap) spilled.
+SMALL_M_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
+    (16, 64, 64, 4, 4, True),
+    (16, 128, 64, 4, 4, True),
+    (16, 256, 64, 8, 4, True),
+    (16, 64, 64, 4, 4, False),
+    (16, 32, 256, 4, 4, False),
+)
+LARGE_M_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
+    (128, 128, 32, 8, 3, False),
+    (128, 128, 32, 8, 3, True),
+    (64, 128, 32, 4, 3, True),
+    (128, 64, 32, 4, 3, True),
+    (64, 256, 32, 8, 3, True),
+    (128, 128, 32, 8, 4, False),
+)
+
+
 def _cuda_configs(small: bool) -> list:
-    if small:  # memory-bound: wide K tiles, deep pipelines, BLOCK_M is the MMA minimum
-        shapes = [
-            (16, 64, 128, 4, 4),
-            (16, 128, 128, 4, 4),
-            (16, 64, 256, 4, 3),
-            (16, 128, 256, 8, 3),
-            (16, 32, 256, 4, 4),
-        ]
-    else:  # compute-bound: Hopper-sized tiles (wgmma needs BLOCK_M ≥ 64 per warpgroup)
-        shapes = [
-            (128, 128, 64, 8, 3),
-            (128, 256, 64, 8, 3),
-            (64, 128, 64, 4, 4),
-            (128, 128, 128, 8, 3),
-            (64, 256, 64, 8, 3),
-            (256, 128, 64, 8, 3),
-        ]
     return [
         triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if small else 8}, num_warps=w, num_stages=st
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 1 if small else 8, "SWAP_AB": swap},
+            num_warps=w,
+            num_stages=st,
         )
-        for bm, bn, bk, w, st in shapes
+        for bm, bn, bk, w, st, swap in (SMALL_M_CONFIGS if small else LARGE_M_CONFIGS)
     ]
 
 
