@@ -83,3 +83,16 @@ def test_mnist_unpickler_refuses_other_globals() -> None:
     payload = pickle.dumps(print)
     with pytest.raises(pickle.UnpicklingError, match="refusing to unpickle builtins.print"):
         datasets._NumpyOnlyUnpickler(io.BytesIO(payload)).load()
+
+
+def test_mnist_train_is_disjoint_from_test() -> None:
+    xtr, ytr = datasets.mnist_train()
+    assert xtr.shape == (50000, 1, 28, 28) and ytr[:5].tolist() == [5, 0, 4, 1, 9]  # the official train order
+    xte, _ = datasets.mnist_test()
+    train_rows = {bytes(r) for r in xtr.reshape(len(xtr), -1).numpy()}
+    assert not any(bytes(r) in train_rows for r in xte[:500].reshape(500, -1).numpy())
+
+
+def test_foolbox_small_photos_are_the_cifar_images() -> None:
+    photos = datasets.foolbox_small_photos()
+    assert len(photos) == 40 and all(p.size == (32, 32) and p.mode == "RGB" for p in photos)

