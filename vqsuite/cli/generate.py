@@ -209,6 +209,15 @@ def side_by_side(left: Any, right: Any) -> Any:
     return grid([], rows_of=[[left, right]])
 
 
+def _saved_dtype(folder: Path) -> str | None:
+    """The dtype the quantized pipeline's denoiser was saved in: the FP twin of ``--compare`` runs in it too."""
+    from vqsuite.pipelines.diffusers_io import read_pipeline_meta
+
+    dtypes = {e.get("dtype") for e in read_pipeline_meta(folder)["quantized"].values()}
+    dtype = dtypes.pop() if len(dtypes) == 1 else None
+    return dtype if dtype in ("float32", "bfloat16", "float16") else None
+
+
 def _free(pipe: Any) -> None:
     import torch
 
@@ -233,7 +242,7 @@ def run(args: argparse.Namespace) -> int:
     fp_images = None
     if src.kind == "quantized-pipeline":
         if fp_folder is not None:
-            fp = load_float_pipeline(fp_folder, dtype=args.dtype, device=device)
+            fp = load_float_pipeline(fp_folder, dtype=args.dtype or _saved_dtype(src.path), device=device)
             fp_images = _generate(fp, jobs, args, "full precision")
             _free(fp)
         pipe = load_quantized_pipeline(src.path, device=device)
