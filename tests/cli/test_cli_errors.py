@@ -55,6 +55,11 @@ def ctx(tiny_sd: Path, quantized_sd: Path, tmp_path_factory: pytest.TempPathFact
     c["garbage_pth"].write_bytes(b"not a torch file at all")
     c["bad_toml"] = root / "bad.toml"
     c["bad_toml"].write_text('name = "x"\nconfigs = ["w8a8"\n[[models]]\n')
+    c["bad_config_toml"] = root / "config.toml"
+    c["bad_config_toml"].write_text(
+        'name = "x"\nconfigs = ["w8a8", "w3a3"]\n'
+        '[[models]]\nname = "m"\nsource = "timm:resnet18"\ndata = {random = 2, size = 32}\n'
+    )
     c["bad_metric_toml"] = root / "metric.toml"
     c["bad_metric_toml"].write_text(
         'name = "x"\nmetrics = ["no-such-metric"]\nconfigs = ["w8a8"]\n'

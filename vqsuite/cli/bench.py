@@ -29,7 +29,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "bench",
         parents=parents,
         help="run the kernel (gemm) and transformer-block (block) benchmarks against the torch baseline (CUDA)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     b.add_argument("which", nargs="?", choices=BENCHMARKS + ("all",), default="all", help="which benchmark (all)")
     b.add_argument("--quick", action="store_true", help="a few shapes, few repeats (a smoke run)")

@@ -35,7 +35,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "eval",
         parents=parents,
         help="measure one or more presets on a model or pipeline (quality, fidelity to FP, memory)",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     e.add_argument("model", help="pipeline folder, timm:<name>, torchvision:<name> or a built-in model")
     e.add_argument("--preset", action="append", required=True, help="preset (repeatable, or comma-separated)")
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         from vqsuite.evals import sweep as sweep_mod
     except ImportError as e:
         raise unavailable("vqsuite eval", f"vqsuite.evals.sweep: {one_line(e)}") from None
-    from vqsuite.cli.sweep import _render, _table, check_results_dir
+    from vqsuite.cli.sweep import _render, _table, check_configs, check_results_dir, is_main_process
 
     presets = _presets(args.preset)
     check_int(args.num_samples, "--num-samples", 1, 100_000)
@@ -168,9 +168,12 @@ def run(args: argparse.Namespace) -> int:
         "configs": presets,
     }
     spec = sweep_mod.spec_from_dict(decl)
+    check_configs(spec)
     out = Path(args.out).expanduser()
     check_results_dir(out, args.force)
     rows = sweep_mod.run_sweep(spec, out, progress=not args.quiet, stop_on_error=True)
+    if not is_main_process():
+        return 0
     print(_table(rows))
     print(f"results: {out / sweep_mod.RESULTS_FILE}")
     if not args.no_report and rows:

@@ -55,7 +55,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "generate",
         parents=parents,
         help="generate images with a quantized (or float) pipeline folder; --compare adds the FP images",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     g.add_argument("model", metavar="DIR_OR_MODEL", help="quantized pipeline folder or float pipeline folder")
     p = g.add_mutually_exclusive_group(required=True)

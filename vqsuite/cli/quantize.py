@@ -33,7 +33,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "quantize",
         parents=parents,
         help="quantize a pipeline folder, a timm/torchvision model or a built-in model and save it",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     q.add_argument("model", nargs="?", help="pipeline folder, timm:<name>, torchvision:<name> or a built-in model")
     q.add_argument("--model", dest="model_opt", metavar="MODEL", help="same as the positional MODEL")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         "sweep",
         parents=parents,
         help="run a resumable sweep declared in TOML (models x presets x metric sets) and render its report",
-        description=__doc__.split("\n\n")[0],
+        description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     s.add_argument("config", help="sweep declaration (.toml)")
     s.add_argument("--out", help="results folder (default: the TOML's `out`, else sweep-<name>)")
@@ -97,6 +98,21 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def check_configs(spec: Any) -> None:
+    """Resolve every config before any cell runs: an unknown preset or a bad config dict is the user's error,
+    not a failed cell to be logged and retried."""
+    for c in spec.configs:
+        try:
+            c.resolved()
+        except ValueError as e:
+            raise CLIError(f"config {c.name!r}: {one_line(e, with_type=False)}") from None
+
+
+def is_main_process() -> bool:
+    """Under ``accelerate launch`` every process runs the sweep; only rank 0 prints and renders."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         from vqsuite.evals import sweep as sweep_mod
@@ -106,13 +122,17 @@ def run(args: argparse.Namespace) -> int:
     check_int(args.max_cells, "--max-cells", 1, 10**9)
     data = load_toml(path)
     spec = sweep_mod.spec_from_dict(data, base_dir=path.parent)  # SweepError (a ValueError): one line
+    check_configs(spec)
     out = Path(args.out).expanduser() if args.out else Path(spec.out or f"sweep-{sweep_mod._safe(spec.name)}")
     check_results_dir(out, args.force)
     n_cells = len(spec.cells())
-    print(f"sweep {spec.name}: {n_cells} cells -> {out / RESULTS_FILE}")
+    if is_main_process():
+        print(f"sweep {spec.name}: {n_cells} cells -> {out / RESULTS_FILE}")
     rows = sweep_mod.run_sweep(
         spec, out, progress=not args.quiet, stop_on_error=args.stop_on_error, max_cells=args.max_cells
     )
+    if not is_main_process():
+        return 0
     ok = {r.get("hash") for r in rows}
     errors = {
         r.get("hash")
