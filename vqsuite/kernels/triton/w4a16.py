@@ -268,14 +268,14 @@ INTERPRET_SPLIT_QUANTUM = 64
 
 #: CUDA autotune candidates ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SWAP_AB)``. Each was compiled ahead
 #: of time for sm_90 (``triton.compile`` with ``GPUTarget("cuda", 90, 32)``, no GPU needed; see
-#: ``tests/kernels/test_triton_w4a16.py::test_sm90_assembly``) for INT4 and NVFP4: all use Hopper's wgmma (HGMMA in the
-#: SASS) and none spills registers. Wider K tiles (64 for M > 16, 128+ for M ≤ 16 without the swap) spilled.
+#: ``tests/kernels/test_triton_w4a16.py::test_sm90_assembly``) for int4, int4_asym and nvfp4 with smoothing, low rank
+#: and bias: none spills registers, and all but the one unswapped small-M config (kept as an mma.sync alternative for
+#: the autotuner) use Hopper's wgmma (HGMMA in the SASS). Wider K tiles (64 for M > 16, 128+ for M ≤ 16) spilled.
 SMALL_M_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
     (16, 64, 64, 4, 4, True),
     (16, 128, 64, 4, 4, True),
     (16, 256, 64, 8, 4, True),
     (16, 64, 64, 4, 4, False),
-    (16, 32, 256, 4, 4, False),
 )
 LARGE_M_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
     (128, 128, 32, 8, 3, False),
