@@ -19,8 +19,10 @@ branch the GEMM applies 1/λ to its x tiles in registers. Both round ``x/λ`` to
 
 Two launch shapes: a tiled GEMM (M > 16, grouped tile order for L2 reuse) and a memory-bound split-K variant for
 M ≤ 16 (``BLOCK_M = 16``, K cut into chunks so that enough programs stream the weight; fp32 partial sums go to a
-workspace that a small epilogue kernel reduces, adding the bias). The plain-PyTorch twin with exactly this math is
-:func:`vqsuite.kernels.reference.gemm_w4a16_reference`.
+workspace that a small epilogue kernel reduces, adding the bias). Either shape may run with swapped operands
+(``SWAP_AB``: ``y^T = W x^T``, the dequantized weight tile as the MMA's A operand and N in its M dimension, which
+lets 16-token tiles use Hopper's wgmma); the CUDA autotuner picks block sizes and the operand order. The plain-PyTorch
+twin with exactly this math is :func:`vqsuite.kernels.reference.gemm_w4a16_reference`.
 
 The jitted kernels are built per mode: compiled for CUDA tensors, interpreted for CPU tensors (``TRITON_INTERPRET=1``
 is only read when a kernel is decorated, so this module decorates its plain functions itself, once per mode, and
