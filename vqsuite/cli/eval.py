@@ -26,6 +26,7 @@ from vqsuite.cli.sources import resolve
 
 logger = logging.getLogger(__name__)
 
+#: pipelines and generators: PSNR/SSIM against the FP samples with the same seeds
 DEFAULT_PIPELINE_METRICS = ("fidelity",)
 DEFAULT_MODEL_METRICS = ("agreement",)
 
@@ -80,17 +81,25 @@ def _builtin_input(name: str) -> tuple[int, int] | None:
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
+def _zoo_kind(name: str) -> str:
+    from vqsuite import zoo
+
+    entry = getattr(zoo, "_REGISTRY", {}).get(name)
+    return getattr(entry, "kind", "classifier")
+
+
 def _register_builtin(name: str, sweep_mod: Any) -> None:
-    """Let the sweep build a zoo model by name when the zoo has not registered it there itself; networks that
-    take PIL images bring their own preprocessing as the transform for image folders."""
-    if name in sweep_mod.MODEL_FACTORIES:
+    """Let the sweep build a zoo classifier by name, unless the sweep knows the zoo itself (``builtin:NAME``
+    resolving through :mod:`vqsuite.zoo`) or the name is registered already."""
+    known = getattr(sweep_mod, "_zoo_names", None)
+    if name in sweep_mod.MODEL_FACTORIES or (callable(known) and name in known()):
         return
     from vqsuite import zoo
 
     def factory() -> Any:
         z = zoo.load(name)
         if z.kind != "classifier":
-            raise CLIError(f"built-in model {name!r} is a {z.kind}; vqsuite eval measures classifiers and pipelines")
+            raise CLIError(f"built-in model {name!r} is a {z.kind}; this build's sweep measures only classifiers")
         transform = z.preprocess if "PIL" in str(z.meta.get("input", "")) else None
         return sweep_mod.BuiltModel("classifier", z.model, transform)
 
@@ -129,10 +138,22 @@ def run(args: argparse.Namespace) -> int:
             if value is not None:
                 model[key] = value
         default_metrics = DEFAULT_PIPELINE_METRICS
+    elif src.kind == "builtin" and _zoo_kind(src.arg) == "generator":
+        for flag, value in (("--weights", args.weights), ("--data", args.data), ("--prompts", args.prompts)):
+            if value:
+                raise CLIError(f"{flag} does not apply to the built-in generator {src.arg!r}")
+        _register_builtin(src.arg, sweep_mod)
+        model["source"] = f"builtin:{src.arg}"
+        if args.num_samples is not None:
+            model["num_samples"] = args.num_samples
+        default_metrics = DEFAULT_PIPELINE_METRICS
     elif src.kind in ("module", "builtin"):
         if args.prompts:
             raise CLIError("--prompts applies to pipelines, not to a classifier")
         if src.kind == "builtin":
+            if _zoo_kind(src.arg) != "classifier":
+                raise CLIError(f"built-in model {src.arg!r} is a {_zoo_kind(src.arg)}; eval measures classifiers, "
+                               "generators and pipelines")  # fmt: skip
             _register_builtin(src.arg, sweep_mod)
             model["source"] = f"builtin:{src.arg}"
         else:
