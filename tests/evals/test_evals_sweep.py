@@ -322,3 +322,40 @@ def test_fid_vs_data_and_clip_on_a_text_pipeline(tmp_path) -> None:
         assert m["fid_vs_data"] > 0 and m["fid_data_n"] == 6 and m["fid_n"] == 3
         assert 0.0 <= m["clip_score"] <= 100.0
     assert len(list((tmp_path / "out" / "cache" / "reference").glob("*.safetensors"))) == 1
+
+
+def _zoo_ready(*names: str) -> bool:
+    try:
+        from vqsuite import zoo
+        from vqsuite.zoo import datasets
+
+        for n in names:
+            zoo.load(n)
+        datasets.mnist_test()
+    except Exception:  # noqa: BLE001 - any missing asset package means: skip
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _zoo_ready("mnist-cnn3", "face-dcgan"), reason="zoo asset packages not installed")
+def test_builtin_zoo_models_with_real_weights(tmp_path) -> None:
+    """builtin:NAME falls back to vqsuite.zoo: the real MNIST CNN (its own tensor preprocessing) on the first 200
+    MNIST test digits, and the real face DCGAN (per-seed latents) with PSNR/SSIM against its FP samples."""
+    spec = SweepSpec(
+        models=[
+            ModelSpec("cnn3", "builtin:mnist-cnn3", data="python:vqsuite.zoo.datasets:mnist_test", max_inputs=200,
+                      metrics=["accuracy", "agreement"]),
+            ModelSpec("face", "builtin:face-dcgan", num_samples=2, metrics=["fidelity"]),
+        ],
+        configs=[ConfigSpec("w8a8")],
+        batch_size=100,
+        name="zoo",
+    )  # fmt: skip
+    rows = run_sweep(spec, tmp_path, progress=False, stop_on_error=True)
+    m = {(r["model"], r["config_name"]): r["metrics"] for r in rows}
+    assert m["cnn3", "fp"]["n"] == 200 and m["cnn3", "fp"]["top1"] >= 0.97  # 99.06 % on all 10k
+    assert m["cnn3", "w8a8"]["top1_agreement"] >= 0.99
+    assert m["face", "w8a8"]["psnr"] > 35.0 and m["face", "w8a8"]["ssim"] > 0.95
+    face_fp = sw.build_target(ModelSpec("face", "builtin:face-dcgan"))
+    imgs = face_fp.obj.sample(face_fp.obj.model, [0, 9])  # seed 9 -> row 1 of preprocess(2, 9)
+    assert imgs.shape == (2, 3, 64, 64) and imgs.dtype == torch.uint8

@@ -59,13 +59,20 @@ def labelled_folder(root: str | os.PathLike) -> tuple[list[Path], torch.Tensor, 
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
-def _loader(inputs: Inputs, transform: Callable | None) -> tuple[int, Callable[[list[int]], torch.Tensor]]:
-    """``(N, fetch)`` where ``fetch(indices)`` returns the float ``[B, 3, H, W]`` model inputs."""
+def _loader(
+    inputs: Inputs, transform: Callable | None, batch_transform: Callable | None = None
+) -> tuple[int, Callable[[list[int]], torch.Tensor]]:
+    """``(N, fetch)`` where ``fetch(indices)`` returns the float ``[B, C, H, W]`` model inputs.
+
+    Tensor batches go through ``batch_transform`` when given (raw batch -> model input), else uint8 is scaled to
+    [0, 1] and float is used as is."""
     if isinstance(inputs, torch.Tensor):
         x = inputs
 
         def fetch_t(idx: list[int]) -> torch.Tensor:
             b = x[idx]
+            if batch_transform is not None:
+                return batch_transform(b)
             return b.float() / 255 if b.dtype == torch.uint8 else b.float()
 
         if transform is not None:
@@ -91,15 +98,17 @@ def collect_logits(
     inputs: Inputs,
     *,
     transform: Callable | None = None,
+    batch_transform: Callable | None = None,
     batch_size: int = 32,
     accelerator: Any = None,
     progress: bool = True,
     desc: str = "logits",
 ) -> torch.Tensor:
     """float32 ``[N, C]`` logits of ``model`` (eval mode) over ``inputs`` (float ``[N,3,H,W]`` preprocessed
-    tensors, uint8 tensors scaled to [0, 1], an image folder or a list of files with ``transform``)."""
+    tensors, uint8 tensors scaled to [0, 1] or mapped by ``batch_transform``, an image folder or a list of files
+    with ``transform``)."""
     model.eval()
-    n, fetch = _loader(inputs, transform)
+    n, fetch = _loader(inputs, transform, batch_transform)
     dev = next(model.parameters(), torch.empty(0)).device
 
     def run(idx: list[int]) -> torch.Tensor:

@@ -112,6 +112,7 @@ class ModelSpec:
             (seeds ``0..num_samples-1``; the FID floor uses other seeds).
         calib: pipeline calibration settings passed to ``quantize_pipeline`` (``num_calib_prompts``, ...).
         key: stands for a callable ``source`` in the cell hash.
+        max_inputs: use only the first N classifier inputs (and reference images).
         reference: real images for ``fid-vs-data``: an image folder, ``"python:pkg.mod:fn"`` returning uint8
             ``[N, 3|1, H, W]`` (or ``(images, labels)``), or (Python) a tensor; its FID statistics are cached once
             per sweep (``stats_cache``).
@@ -132,6 +133,7 @@ class ModelSpec:
     calib: dict[str, Any] = field(default_factory=dict)
     key: str | None = None
     reference: Any = None
+    max_inputs: int | None = None
 
     def identity(self) -> dict[str, Any]:
         """What makes this model's cells distinct (JSON-able)."""
@@ -237,7 +239,7 @@ def spec_from_dict(d: dict[str, Any], base_dir: str | os.PathLike | None = None)
             raise SweepError(f"models[{i}] needs 'name' and 'source'")
         m = dict(m)
         if base is not None:
-            for k in ("weights", "data"):
+            for k in ("weights", "data", "reference"):
                 if isinstance(m.get(k), str) and not m[k].startswith("python:") and not Path(m[k]).is_absolute():
                     m[k] = str(base / m[k])
             src = m["source"]
@@ -289,11 +291,13 @@ class GeneratorTarget:
 @dataclass
 class BuiltModel:
     """What a model source builds: ``kind`` is ``"classifier"``, ``"pipeline"`` or ``"generator"``; ``obj`` the
-    module / pipeline / :class:`GeneratorTarget`; ``transform`` the classifier's PIL preprocessing."""
+    module / pipeline / :class:`GeneratorTarget`; ``transform`` the classifier's PIL preprocessing (one image ->
+    ``[C, H, W]``), ``batch_transform`` its preprocessing of raw tensor batches (uint8 ``[B, C, H, W]`` -> input)."""
 
     kind: str
     obj: Any
     transform: Callable | None = None
+    batch_transform: Callable | None = None
 
 
 #: builtin model name -> zero-argument factory (see :func:`register_model`)
@@ -363,11 +367,13 @@ def build_target(spec: ModelSpec) -> BuiltModel:
             return BuiltModel("classifier", model, timm_transform(model))
         return BuiltModel("classifier", model, _torchvision_transform())
     if kind == "builtin" and sep:
-        if rest not in MODEL_FACTORIES:
-            raise SweepError(
-                f"unknown builtin model {rest!r}; registered: {', '.join(sorted(MODEL_FACTORIES)) or 'none'}"
-            )
-        return _classify(MODEL_FACTORIES[rest]())
+        if rest in MODEL_FACTORIES:
+            return _classify(MODEL_FACTORIES[rest]())
+        zoo_names = _zoo_names()
+        if rest in zoo_names:
+            return _from_zoo(rest)
+        known = sorted(set(MODEL_FACTORIES) | set(zoo_names))
+        raise SweepError(f"unknown builtin model {rest!r}; known: {', '.join(known) or 'none'}")
     if kind == "python" and sep:
         return _classify(_import_callable(rest)())
     folder = Path(rest if kind == "pipeline" and sep else src)
@@ -386,6 +392,43 @@ def build_target(spec: ModelSpec) -> BuiltModel:
     raise SweepError(
         f"model source {src!r} must be timm:NAME, torchvision:NAME, builtin:NAME, pipeline:FOLDER or python:mod:fn"
     )
+
+
+def _zoo_names() -> list[str]:
+    try:
+        from vqsuite import zoo
+    except ImportError:
+        return []
+    return [n for n in zoo.list() if zoo._REGISTRY[n].kind in ("classifier", "generator")]
+
+
+#: zoo generators: the image of seed ``s`` is row ``s % ZOO_SEED_CYCLE`` of ``preprocess(s % ZOO_SEED_CYCLE + 1, s)``,
+#: so class-conditional generators (the eye cDCGAN's 8 colours) cycle their classes over consecutive seeds
+ZOO_SEED_CYCLE = 8
+
+
+def _from_zoo(name: str) -> BuiltModel:
+    """A :mod:`vqsuite.zoo` entry as a sweep target (real shipped weights)."""
+    from vqsuite import zoo
+
+    m = zoo.load(name)
+    if m.kind == "generator":
+        make = m.preprocess
+
+        def latents(seed: int) -> tuple[torch.Tensor, ...]:
+            k = seed % ZOO_SEED_CYCLE
+            return tuple(t[k : k + 1] for t in make(k + 1, seed))
+
+        def sample(model: nn.Module, seeds: list[int]) -> torch.Tensor:
+            per = [latents(s) for s in seeds]
+            inputs = [torch.cat(parts) for parts in zip(*per)]
+            return ((model(*inputs).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+        calib = make(16, 12345)
+        return BuiltModel("generator", GeneratorTarget(m.model, sample, calib if len(calib) > 1 else calib[0]))
+    if str(m.meta.get("input", "")).startswith("PIL"):
+        return BuiltModel("classifier", m.model, transform=m.preprocess)
+    return BuiltModel("classifier", m.model, batch_transform=m.preprocess)
 
 
 def _measured_module(target: BuiltModel) -> nn.Module:
@@ -464,7 +507,11 @@ class CellContext:
     # ---- classifiers
     def data(self) -> tuple[Any, torch.Tensor | None]:
         if "data" not in self.cache:
-            self.cache["data"] = _classifier_data(self.model, self.fp)
+            inputs, labels = _classifier_data(self.model, self.fp)
+            k = self.model.max_inputs
+            if k is not None:
+                inputs, labels = inputs[:k], (None if labels is None else labels[:k])
+            self.cache["data"] = (inputs, labels)
         return self.cache["data"]
 
     def logits(self, which: str) -> torch.Tensor:
@@ -481,6 +528,7 @@ class CellContext:
             tgt.obj,
             inputs,
             transform=self.fp.transform,
+            batch_transform=self.fp.batch_transform,
             batch_size=self.spec.batch_size,
             accelerator=self.accelerator,
             progress=self.progress,
@@ -623,7 +671,7 @@ def _m_sqnr(ctx: CellContext) -> dict[str, Any]:
     inputs, _ = ctx.data()
     from vqsuite.evals.accuracy import _loader
 
-    n, fetch = _loader(inputs, ctx.fp.transform)
+    n, fetch = _loader(inputs, ctx.fp.transform, ctx.fp.batch_transform)
     x = fetch(list(range(min(n, ctx.spec.batch_size))))
     rows = layer_sqnr(ctx.fp.obj, ctx.q.obj, x)
     if not rows:
@@ -673,8 +721,8 @@ def _reference_images(ctx: CellContext) -> torch.Tensor:
     if isinstance(ref, (str, os.PathLike)):
         from vqsuite.evals.images import load_images
 
-        return load_images(ref)
-    return ref
+        return load_images(ref, limit=ctx.model.max_inputs)
+    return ref[: ctx.model.max_inputs] if ctx.model.max_inputs else ref
 
 
 def _m_fid_data(ctx: CellContext) -> dict[str, Any]:
@@ -837,7 +885,7 @@ def _quantize(target: BuiltModel, cfg: Any, model: ModelSpec, batch_size: int) -
             from vqsuite.evals.accuracy import _loader
 
             inputs, _ = _classifier_data(model, target)
-            n, fetch = _loader(inputs, target.transform)
+            n, fetch = _loader(inputs, target.transform, target.batch_transform)
             calib = [
                 fetch(list(range(i, min(n, i + batch_size)))) for i in range(0, min(n, 4 * batch_size), batch_size)
             ]
