@@ -128,3 +128,12 @@ def test_html_in_headless_browser(sweep_dir: Path, tmp_path: Path) -> None:
     img = Image.open(shot).convert("L")
     lo, hi = img.getextrema()
     assert hi - lo > 100  # something was drawn
+
+
+def test_only_rank_zero_renders(sweep_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    assert render_report(sweep_dir, out=tmp_path / "r1") == {}
+    assert not (tmp_path / "r1").exists()
+    with pytest.raises(FileNotFoundError, match="no finished cells"):
+        monkeypatch.setenv("RANK", "0")
+        render_report(tmp_path)

@@ -286,9 +286,15 @@ def html_report(
 def render_report(
     sweep_dir: str | os.PathLike, out: str | os.PathLike | None = None, title: str | None = None
 ) -> dict[str, Any]:
-    """Render everything for the sweep in ``sweep_dir``; returns the written paths."""
+    """Render everything for the sweep in ``sweep_dir``; returns the written paths.
+
+    Under a multi-process launcher only rank 0 writes (other ranks return ``{}``), so ``accelerate launch vqsuite
+    sweep ...`` renders one report."""
     from vqsuite.evals.sweep import RESULTS_FILE, read_results
 
+    if int(os.environ.get("RANK", "0") or 0) != 0:
+        logger.info("rank %s: the report is rendered by rank 0", os.environ.get("RANK"))
+        return {}
     sweep_dir = Path(sweep_dir)
     rows = [r for r in read_results(sweep_dir / RESULTS_FILE) if r.get("status") == "ok"]
     if not rows:

@@ -44,8 +44,10 @@ Metric sets (:data:`METRIC_SETS`, extend with :func:`register_metric_set`):
   against the model's ``reference`` images, statistics cached once), ``clip`` (clip_score with the sweep's local
   ``clip`` folder; text pipelines).
 
-Every line also has ``memory`` (bytes_fp, bytes_q, compression, bits_per_weight = 8 * bytes_q / float weight
-elements of the quantized module, peak_rss_mib, cuda_peak_mib), ``wall_s``, ``versions`` and ``time``.
+Every line also has ``memory`` (bytes_fp, bytes_q: parameter + buffer bytes of the measured module -- the classifier,
+the pipeline's denoiser, the generator; compression; bits_per_weight = 8 * bytes_q / elements of the float module's
+matrix weights; peak_rss_mib: the process's peak resident memory so far; cuda_peak_mib: this cell's peak CUDA
+allocation), ``wall_s``, ``versions`` and ``time``.
 
 API::
 
