@@ -37,8 +37,7 @@ def compute(accelerator) -> dict[str, torch.Tensor]:  # noqa: ANN001
 
 def sweep_spec():  # noqa: ANN201
     """A small sweep: a classifier (agreement) and a generator (PSNR/SSIM, FID vs FP with the tiny extractor)."""
-    from evals_helpers import TinyExtractor, tiny_classifier
-    from test_evals_sweep import _gen_sample, _TinyGen
+    from evals_helpers import TinyExtractor, TinyGen, gen_sample, tiny_classifier
 
     from vqsuite.evals.sweep import ConfigSpec, GeneratorTarget, ModelSpec, SweepSpec
 
@@ -47,7 +46,7 @@ def sweep_spec():  # noqa: ANN201
             ModelSpec("cls", tiny_classifier, data={"random": 5, "size": 8}, key="cls", metrics=["agreement"]),
             ModelSpec(
                 "gen",
-                lambda: GeneratorTarget(_TinyGen().eval(), _gen_sample),
+                lambda: GeneratorTarget(TinyGen().eval(), gen_sample),
                 key="gen",
                 num_samples=5,
                 metrics=["fidelity", "fid-vs-fp"],

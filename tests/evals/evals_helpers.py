@@ -55,6 +55,25 @@ def tiny_classifier() -> nn.Module:
     return TinyClassifier().eval()
 
 
+class TinyGen(nn.Module):
+    """z [N, 64] -> 3x8x8 images in [-1, 1]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 64)
+        self.out = nn.Linear(64, 192)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.out(torch.relu(self.fc(z)))).view(-1, 3, 8, 8)
+
+
+def gen_sample(model: nn.Module, seeds: list[int]) -> torch.Tensor:
+    """uint8 images of ``model``, one per seed (a fixed latent per seed)."""
+    z = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return ((model(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs = bs[:]

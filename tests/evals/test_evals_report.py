@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from evals_helpers import TinyExtractor, tiny_classifier
+from evals_helpers import TinyExtractor, TinyGen, gen_sample, tiny_classifier
 from PIL import Image
-from test_evals_sweep import _gen_sample, _TinyGen
 
 from vqsuite.evals.report import markdown_table, pareto_front, primary_metric, render_report
 from vqsuite.evals.sweep import ConfigSpec, GeneratorTarget, ModelSpec, SweepSpec, read_results, run_sweep
@@ -35,7 +34,7 @@ def sweep_dir(tmp_path_factory) -> Path:
             ),
             ModelSpec(
                 "gen",
-                lambda: GeneratorTarget(_TinyGen().eval(), _gen_sample),
+                lambda: GeneratorTarget(TinyGen().eval(), gen_sample),
                 key="gen",
                 num_samples=4,
                 metrics=["fidelity", "fid-vs-fp"],

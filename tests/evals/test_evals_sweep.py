@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from evals_helpers import TinyExtractor, tiny_classifier
-from torch import nn
+from evals_helpers import TinyExtractor, TinyGen, gen_sample, tiny_classifier
 
 from vqsuite.evals import sweep as sw
 from vqsuite.evals.sweep import (
@@ -198,24 +197,6 @@ def test_error_cell_is_recorded_and_retried(tmp_path) -> None:
         run_sweep(spec, tmp_path, progress=False, stop_on_error=True)
 
 
-class _TinyGen(nn.Module):
-    """z [N, 64] -> 3x8x8 images in [-1, 1]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.fc = nn.Linear(64, 64)
-        self.out = nn.Linear(64, 192)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.out(torch.relu(self.fc(z)))).view(-1, 3, 8, 8)
-
-
-def _gen_sample(model: nn.Module, seeds: list[int]) -> torch.Tensor:
-    z = torch.stack([torch.randn(64, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    return ((model(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def test_generator_and_pipeline_sweep(tmp_path) -> None:
     """A GAN-like generator and a local diffusers pipeline folder: PSNR/SSIM and FID vs FP beside the floor."""
     tp = pytest.importorskip("tiny_pipelines")
@@ -223,7 +204,7 @@ def test_generator_and_pipeline_sweep(tmp_path) -> None:
     pipe.save_pretrained(tmp_path / "ddpm")
     spec = SweepSpec(
         models=[
-            ModelSpec("gen", lambda: GeneratorTarget(_TinyGen().eval(), _gen_sample), key="gen", num_samples=6),
+            ModelSpec("gen", lambda: GeneratorTarget(TinyGen().eval(), gen_sample), key="gen", num_samples=6),
             ModelSpec("ddpm", f"pipeline:{tmp_path / 'ddpm'}", num_samples=3, steps=2),
         ],
         configs=[ConfigSpec("w8a8"), ConfigSpec("w4a4")],
