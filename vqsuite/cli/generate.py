@@ -48,6 +48,10 @@ MAX_GUIDANCE = 100.0
 MANIFEST = "generate.json"
 #: at most this many images per grid row
 GRID_MAX_COLS = 8
+#: built-in generators: images per forward, calibration latents (a seed no image uses by default)
+GENERATOR_BATCH = 16
+GENERATOR_CALIB = 16
+GENERATOR_CALIB_SEED = 12345
 
 
 def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -57,13 +61,14 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="generate images with a quantized (or float) pipeline folder; --compare adds the FP images",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    g.add_argument("model", metavar="DIR_OR_MODEL", help="quantized pipeline folder or float pipeline folder")
-    p = g.add_mutually_exclusive_group(required=True)
+    g.add_argument("model", metavar="DIR_OR_MODEL", help="quantized or float pipeline folder, or a built-in "
+                   "generator (vqsuite.zoo: face-dcgan, eye-cdcgan)")  # fmt: skip
+    p = g.add_mutually_exclusive_group()
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
     g.add_argument("--negative-prompt", help="negative prompt (pipelines that take one)")
     g.add_argument("--preset", help="quantize a float pipeline folder on the fly with this preset")
-    g.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"denoising steps ({DEFAULT_STEPS})")
+    g.add_argument("--steps", type=int, help=f"denoising steps ({DEFAULT_STEPS})")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image j uses seed + j (0)")
     g.add_argument("--n", type=int, default=1, help="images per prompt (1)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (the pipeline's default)")
@@ -86,6 +91,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
     """Validate everything that needs no model: (source, float folder for --compare, prompts)."""
     src = resolve(args.model, folders_only=True)
+    if src.kind == "builtin":
+        return _plan_generator(args, src)
     if src.kind not in ("float-pipeline", "quantized-pipeline"):
         what = "a quantized model checkpoint" if src.kind == "quantized-module" else "not a pipeline"
         raise CLIError(f"{args.model} is {what}; generate needs a diffusers pipeline folder (float or quantized)")
@@ -93,8 +100,11 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
         if not args.prompt.strip():
             raise CLIError("--prompt is empty")
         prompts = [args.prompt]
-    else:
+    elif args.prompts is not None:
         prompts = read_prompt_file(args.prompts, "--prompts")
+    else:
+        raise CLIError("a text-to-image pipeline needs --prompt TEXT or --prompts FILE")
+    args.steps = DEFAULT_STEPS if args.steps is None else args.steps
     check_int(args.steps, "--steps", 1, MAX_STEPS)
     check_int(args.n, "--n", 1, MAX_IMAGES)
     total = len(prompts) * args.n
@@ -138,6 +148,42 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
             raise CLIError(f"--out {out} is an input folder; choose another")
     check_out_dir(out, force=args.force)
     return src, fp_folder, prompts
+
+
+def _plan_generator(args: argparse.Namespace, src: Source) -> tuple[Source, Path | None, list[str]]:
+    """A built-in generator (a GAN of :mod:`vqsuite.zoo`): no prompts, no denoising settings."""
+    from vqsuite.cli.sources import builtin_kind
+
+    kind = builtin_kind(src.arg)
+    if kind != "generator":
+        raise CLIError(f"built-in model {src.arg!r} is a {kind}; generate needs a pipeline folder or a generator")
+    given = [
+        flag
+        for flag, value in (
+            ("--prompt", args.prompt),
+            ("--prompts", args.prompts),
+            ("--negative-prompt", args.negative_prompt),
+            ("--steps", args.steps),
+            ("--guidance", args.guidance),
+            ("--height", args.height),
+            ("--width", args.width),
+            ("--fp-model", args.fp_model),
+            ("--calib-prompts", args.calib_prompts),
+            ("--calib-steps", args.calib_steps),
+            ("--dtype", args.dtype),
+        )  # fmt: skip
+        if value is not None
+    ]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        raise CLIError(f"{', '.join(given)} {verb} not apply to the built-in generator {src.arg!r} (no prompts)")
+    check_int(args.n, "--n", 1, MAX_IMAGES)
+    check_int(args.seed, "--seed", 0, 2**63 - 1)
+    check_preset(args.preset)
+    if args.compare and not args.preset:
+        raise CLIError("--compare needs --preset (there is nothing to compare against)")
+    check_out_dir(Path(args.out).expanduser(), force=args.force)
+    return src, None, []
 
 
 # ----------------------------------------------------------------------------------------- generation
@@ -209,6 +255,44 @@ def side_by_side(left: Any, right: Any) -> Any:
     return grid([], rows_of=[[left, right]])
 
 
+def _run_generator(args: argparse.Namespace, src: Source, device: str) -> tuple[list[Any], list[Any] | None, str]:
+    """A zoo GAN: inputs are the zoo's ``preprocess(n, seed)`` (image ``j`` is row ``j``), run in batches; with
+    ``--preset`` the generator is quantized (calibrated on other latents when the recipe needs data)."""
+    import copy
+
+    import torch
+    from PIL import Image
+
+    import vqsuite
+    from vqsuite import zoo
+    from vqsuite.cli.progress import bar
+
+    z = zoo.load(src.arg)
+    inputs = z.preprocess(args.n, args.seed)
+    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
+
+    def sample(model: Any, desc: str) -> list[Any]:
+        model = model.to(device)
+        images, progress = [], bar(args.n, desc, unit="img", disable=args.quiet)
+        try:
+            with torch.no_grad():
+                for i in range(0, args.n, GENERATOR_BATCH):
+                    out = model(*(t[i : i + GENERATOR_BATCH].to(device) for t in inputs))
+                    u8 = ((out.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+                    images += [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in u8]
+                    progress.update(len(u8))
+        finally:
+            progress.close()
+        return images
+
+    if not args.preset:
+        return sample(z.model, "float"), None, "float"
+    fp_images = sample(z.model, "full precision") if args.compare else None
+    calib = z.preprocess(GENERATOR_CALIB, GENERATOR_CALIB_SEED)
+    q = vqsuite.quantize_model(copy.deepcopy(z.model), args.preset, calib_data=[calib])
+    return sample(q, f"quantized ({args.preset})"), fp_images, f"quantized ({args.preset})"
+
+
 def _saved_dtype(folder: Path) -> str | None:
     """The dtype the quantized pipeline's denoiser was saved in: the FP twin of ``--compare`` runs in it too."""
     from vqsuite.pipelines.diffusers_io import read_pipeline_meta
@@ -227,17 +311,12 @@ def _free(pipe: Any) -> None:
         torch.cuda.empty_cache()
 
 
-def run(args: argparse.Namespace) -> int:
+def _run_pipeline(
+    args: argparse.Namespace, src: Source, fp_folder: Path | None, jobs: list[tuple[str, int]], device: str
+) -> tuple[list[Any], list[Any] | None, str, str]:
+    """(images, FP images or None, label, pipeline class) of a pipeline folder, quantized or quantized here."""
     import vqsuite
-    from vqsuite.cli.sources import load_float_pipeline, load_quantized_pipeline, pick_device, quiet_hf_progress
-    from vqsuite.pipelines.io import atomic_folder
-
-    src, fp_folder, prompts = _plan(args)
-    device = pick_device(args.device)
-    quiet_hf_progress(args.verbose)
-    out = Path(args.out).expanduser()
-    jobs = [(prompts[j // args.n], args.seed + j) for j in range(len(prompts) * args.n)]
-    t0 = time.perf_counter()
+    from vqsuite.cli.sources import load_float_pipeline, load_quantized_pipeline
 
     fp_images = None
     if src.kind == "quantized-pipeline":
@@ -264,25 +343,50 @@ def run(args: argparse.Namespace) -> int:
                 width=args.width,
             )
             label = f"quantized ({args.preset})"
-    images = _generate(pipe, jobs, args, label)
+    return _generate(pipe, jobs, args, label), fp_images, label, type(pipe).__name__
 
-    files = [f"{j:03d}.png" for j in range(len(jobs))]
-    cols = min(len(jobs), GRID_MAX_COLS)
-    manifest: dict[str, Any] = {
-        "model": str(src.path.resolve()),
-        "kind": src.kind,
-        "preset": args.preset,
-        "pipeline": type(pipe).__name__,
-        "steps": args.steps,
-        "guidance": args.guidance,
-        "height": args.height,
-        "width": args.width,
-        "negative_prompt": args.negative_prompt,
-        "seed_rule": "image j uses torch.Generator('cpu').manual_seed(seed + j)",
-        "images": [{"file": f, "prompt": p, "seed": s} for f, (p, s) in zip(files, jobs)],
-        "grid": "grid.png",
-        "vqsuite_version": vqsuite.__version__,
-    }
+
+def run(args: argparse.Namespace) -> int:
+    import vqsuite
+    from vqsuite.cli.sources import pick_device, quiet_hf_progress
+    from vqsuite.pipelines.io import atomic_folder
+
+    src, fp_folder, prompts = _plan(args)
+    device = pick_device(args.device)
+    quiet_hf_progress(args.verbose)
+    out = Path(args.out).expanduser()
+    jobs = [(prompts[j // args.n], args.seed + j) for j in range(len(prompts) * args.n)]
+    t0 = time.perf_counter()
+
+    if src.kind == "builtin":
+        images, fp_images, label = _run_generator(args, src, device)
+        files = [f"{j:03d}.png" for j in range(len(images))]
+        manifest: dict[str, Any] = {
+            "model": src.arg,
+            "kind": "builtin-generator",
+            "preset": args.preset,
+            "seed": args.seed,
+            "seed_rule": "inputs = vqsuite.zoo.load(model).preprocess(n, seed); image j comes from row j",
+            "images": [{"file": f, "index": j} for j, f in enumerate(files)],
+        }
+    else:
+        images, fp_images, label, pipe_name = _run_pipeline(args, src, fp_folder, jobs, device)
+        files = [f"{j:03d}.png" for j in range(len(jobs))]
+        manifest = {
+            "model": str(src.path.resolve()),
+            "kind": src.kind,
+            "preset": args.preset,
+            "pipeline": pipe_name,
+            "steps": args.steps,
+            "guidance": args.guidance,
+            "height": args.height,
+            "width": args.width,
+            "negative_prompt": args.negative_prompt,
+            "seed_rule": "image j uses torch.Generator('cpu').manual_seed(seed + j)",
+            "images": [{"file": f, "prompt": p, "seed": s} for f, (p, s) in zip(files, jobs)],
+        }
+    manifest.update(grid="grid.png", vqsuite_version=vqsuite.__version__)
+    cols = min(len(images), GRID_MAX_COLS)
     with atomic_folder(out) as tmp:
         for f, im in zip(files, images):
             im.save(tmp / f)
@@ -299,7 +403,7 @@ def run(args: argparse.Namespace) -> int:
                 rows += [fp_images[i : i + cols], images[i : i + cols]]
             grid([], rows_of=rows).save(tmp / "compare_grid.png")
             manifest.update(
-                fp_model=str(fp_folder.resolve()),
+                fp_model=str(fp_folder.resolve()) if fp_folder is not None else src.arg,
                 compare_grid="compare_grid.png",
                 compare_layout="compare/*.png: left full precision, right quantized; compare_grid.png: "
                 "each pair of rows is full precision above quantized",

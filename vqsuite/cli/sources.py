@@ -47,6 +47,14 @@ def builtin_models() -> list[str]:
         return []
 
 
+def builtin_kind(name: str) -> str:
+    """``classifier``, ``generator`` or ``features``: what zoo entry ``name`` is (without loading it)."""
+    from vqsuite import zoo
+
+    entry = getattr(zoo, "_REGISTRY", {}).get(name)
+    return str(getattr(entry, "kind", "classifier"))
+
+
 def load_builtin(name: str) -> Any:
     """The float network of zoo entry ``name`` (eval mode, CPU); a missing asset package is one line."""
     from vqsuite import zoo
@@ -64,7 +72,8 @@ def _looks_like_path(arg: str) -> bool:
 def resolve(arg: str, *, folders_only: bool = False) -> Source:
     """Classify a MODEL argument without loading anything; a one-line :class:`CLIError` when it names nothing.
 
-    ``folders_only``: the command takes pipeline folders only (``generate``), so a missing one is named as such.
+    ``folders_only``: the command takes pipeline folders (and built-in models) only (``generate``), so a missing
+    folder is named as such.
     """
     path = Path(arg).expanduser()
     if path.exists():
@@ -78,6 +87,8 @@ def resolve(arg: str, *, folders_only: bool = False) -> Source:
             return Source("float-pipeline", arg, path)
         raise CLIError(f"{arg} is not a diffusers pipeline folder (no model_index.json)")
     if folders_only:
+        if not _looks_like_path(arg) and arg in builtin_models():
+            return Source("builtin", arg)
         raise CLIError(f"no such folder: {arg} (a diffusers pipeline folder, float or quantized by vqsuite)")
     lib, sep, _ = arg.partition(":")
     if sep and lib in ("timm", "torchvision"):
