@@ -13,9 +13,10 @@ x: ``[M, K]`` fp16/bf16; W packed ``qweight [N, K/2]`` uint8 (element ``2i`` in 
 Each weight tile is dequantized in fp32 (same operation order as :func:`vqsuite.kernels.reference.dequantize_weight`),
 rounded to x's dtype and fed to a 16-bit ``tl.dot`` with an fp32 accumulator. The rank-r up-projection is one more
 K-slab of the same accumulator (``t [M, r]`` against ``proj_up [N, r]``); bias is added in the epilogue and the
-output is written in x's dtype. The down-projection ``t = (x/λ) @ proj_down`` is a separate small torch matmul on
-the smoothed input (materialised once, ``xs = x / λ``, which the GEMM then reads instead of x); without a low-rank
-branch the GEMM applies 1/λ to its x tiles in registers. Both round ``x/λ`` to x's dtype exactly as torch does.
+output is written in x's dtype. The down-projection ``t = (x/λ) @ proj_down`` is a tiny separate Triton kernel
+(``_lowrank_down``: one read of x, 1/λ in registers, K split over programs that add fp32 partial sums atomically);
+the GEMM applies 1/λ to its own x tiles in registers, so ``x/λ`` is never written to memory. Both round ``x/λ`` to
+x's dtype exactly as torch does, and the GEMM rounds ``t`` to x's dtype once before its K-slab.
 
 Two launch shapes: a tiled GEMM (M > 16, grouped tile order for L2 reuse) and a memory-bound split-K variant for
 M ≤ 16 (``BLOCK_M = 16``, K cut into chunks so that enough programs stream the weight; fp32 partial sums go to a
@@ -69,7 +70,7 @@ def _w4a16_gemm(
     Z,  # [N, K/G] uint8 zero points (int4_asym) or a dummy
     TS,  # [1] fp32 tensor scale (nvfp4) or a dummy
     LAM,  # [K] smoothing λ in x's dtype, or a dummy
-    T,  # [M, R] low-rank activations t in x's dtype, or a dummy
+    T,  # [M, R] fp32 low-rank activations t = (x/λ) @ proj_down (rounded to x's dtype here), or a dummy
     UP,  # [N, R] proj_up in x's dtype, or a dummy
     BIAS,  # [N] bias in x's dtype, or a dummy
     Y,  # [M, N] output (x's dtype) when SPLIT_K == 1; [SPLIT_K, M, N] fp32 workspace otherwise
@@ -206,6 +207,10 @@ def _w4a16_gemm(
                 rr = r0 + offs_k
                 r_ok = rr < R
                 t = tl.load(T + offs_m[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+                if RNE_BF16:
+                    tb = t.to(tl.int32, bitcast=True)
+                    t = ((tb + 0x7FFF + ((tb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+                t = t.to(XDT)  # t is a 16-bit tensor in the twin: one rounding of the fp32 sum
                 up = tl.load(UP + offs_n[:, None] * R + rr[None, :], mask=n_ok[:, None] & r_ok[None, :], other=0.0)
                 if DOT_F32:
                     t = t.to(tl.float32)
@@ -252,12 +257,58 @@ def _splitk_epilogue(
     tl.store(Y + offs, acc.to(Y.dtype.element_ty), mask=ok)
 
 
+def _lowrank_down(
+    X,  # [M, K] x, fp16/bf16, row stride stride_xm
+    LAM,  # [K] smoothing λ in x's dtype, or a dummy
+    PD,  # [K, R] proj_down in x's dtype
+    TACC,  # [M, R] fp32, zero-initialised: receives (x/λ) @ proj_down
+    M,
+    K,
+    R,
+    K_PER_SPLIT,
+    stride_xm,
+    HAS_SMOOTH: tl.constexpr,
+    DOT_F32: tl.constexpr,
+    RNE_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    XDT = X.dtype.element_ty
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    k_start = tl.program_id(1) * K_PER_SPLIT
+    k_end = tl.minimum(k_start + K_PER_SPLIT, K)
+    acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < k_end
+        x = tl.load(X + offs_m[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        if HAS_SMOOTH:  # the same x/λ, rounded to x's dtype, as the GEMM's x tiles
+            lam = tl.load(LAM + kk, mask=k_ok, other=1.0)
+            xf = tl.math.div_rn(x.to(tl.float32), lam.to(tl.float32)[None, :])
+            if RNE_BF16:
+                xb = xf.to(tl.int32, bitcast=True)
+                xf = ((xb + 0x7FFF + ((xb >> 16) & 1)) & -65536).to(tl.float32, bitcast=True)
+            x = xf.to(XDT)
+        pd = tl.load(PD + kk[:, None] * R + offs_r[None, :], mask=k_ok[:, None] & r_ok[None, :], other=0.0)
+        if DOT_F32:
+            x = x.to(tl.float32)
+            pd = pd.to(tl.float32)
+        acc += tl.dot(x, pd)
+    tl.atomic_add(TACC + offs_m[:, None] * R + offs_r[None, :], acc, mask=m_ok[:, None] & r_ok[None, :])
+
+
 # ----------------------------------------------------------------------------------------------- building
 @dataclass(frozen=True)
 class _Kernels:
     gemm_large: object  # autotuned (CUDA) or plain jitted (interpreter)
     gemm_small: object
     epilogue: object
+    lowrank_down: object
     interpret: bool
 
 
@@ -283,7 +334,6 @@ LARGE_M_CONFIGS: tuple[tuple[int, int, int, int, int, bool], ...] = (
     (128, 128, 32, 8, 3, False),
     (128, 128, 32, 8, 3, True),
     (64, 128, 32, 4, 3, True),
-    (128, 64, 32, 4, 3, True),
     (64, 256, 32, 8, 3, True),
     (128, 128, 32, 8, 4, False),
 )
@@ -306,12 +356,13 @@ def _kernels(interpret: bool) -> _Kernels:
         triton.knobs.runtime.interpret = interpret
         gemm = triton.jit(_w4a16_gemm)
         epilogue = triton.jit(_splitk_epilogue)
+        down = triton.jit(_lowrank_down)
     if interpret:
-        return _Kernels(gemm, gemm, epilogue, True)
+        return _Kernels(gemm, gemm, epilogue, down, True)
     key = ["M", "N", "K", "R", "G", "FMT", "SPLIT_K", "HAS_LR"]
     large = triton.autotune(configs=_cuda_configs(False), key=key)(gemm)
     small = triton.autotune(configs=_cuda_configs(True), key=key)(gemm)
-    return _Kernels(large, small, epilogue, False)
+    return _Kernels(large, small, epilogue, down, False)
 
 
 # ----------------------------------------------------------------------------------------------- host side
@@ -347,6 +398,54 @@ def _split_k(m: int, n: int, k: int, block_n: int, interpret: bool, device: torc
     per = -(-chunks // split) * quantum
     split = -(-k // per)
     return split, per
+
+
+#: down-projection tiles (CUDA / interpreter) and the K chunk each program sums before its atomic add
+DOWN_BLOCK_M, DOWN_BLOCK_K, DOWN_K_QUANTUM = 64, 64, 256
+INTERPRET_DOWN = {"BLOCK_M": 16, "BLOCK_K": 32}
+INTERPRET_DOWN_QUANTUM = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _lowrank_down_launch(kern, x2, lam, has_smooth, pd, rank, interpret) -> torch.Tensor:
+    """``t = (x/λ) @ proj_down`` as fp32 sums ``[M, r]``: one read of x, K split over programs (atomic adds)."""
+    m, k = x2.shape
+    t = torch.zeros(m, rank, device=x2.device, dtype=torch.float32)
+    block_r = max(16, 1 << (rank - 1).bit_length())
+    if interpret:
+        bm, bk, quantum = INTERPRET_DOWN["BLOCK_M"], INTERPRET_DOWN["BLOCK_K"], INTERPRET_DOWN_QUANTUM
+        m_blocks = _cdiv(m, bm)
+        split = min(_cdiv(k, quantum), 3)
+    else:
+        # 64-row tiles use wgmma; with a rank above 64 their fp32 accumulator spills on sm_90, so 16 rows then
+        bm = DOWN_BLOCK_M if m > SMALL_M and block_r <= 64 else 16
+        bk, quantum = DOWN_BLOCK_K, DOWN_K_QUANTUM
+        m_blocks = _cdiv(m, bm)
+        sms = torch.cuda.get_device_properties(x2.device).multi_processor_count
+        split = max(1, min(_cdiv(k, quantum), _cdiv(2 * sms, m_blocks)))
+    per = _cdiv(_cdiv(k, split), quantum) * quantum
+    split = _cdiv(k, per)
+    kern.lowrank_down[(m_blocks, split)](
+        x2,
+        lam,
+        pd,
+        t,
+        m,
+        k,
+        rank,
+        per,
+        x2.stride(0),
+        HAS_SMOOTH=has_smooth,
+        DOT_F32=interpret,
+        RNE_BF16=interpret and x2.dtype == torch.bfloat16,
+        BLOCK_M=bm,
+        BLOCK_K=bk,
+        BLOCK_R=block_r,
+    )
+    return t
 
 
 def gemm_w4a16(
@@ -395,12 +494,9 @@ def gemm_w4a16(
     has_smooth = smooth is not None
     lam = smooth.to(dt).contiguous() if has_smooth else dummy
     if has_lr:
-        # the down-projection is a torch matmul on xs = x/λ (rounded to x's dtype, as torch divides); the GEMM
-        # then reads xs, already smoothed
-        xs = x2 / lam if has_smooth else x2
-        t = (xs @ proj_down.to(dt)).contiguous()
+        rank = int(proj_up.shape[-1])
         up = proj_up.to(dt).contiguous()
-        x2, has_smooth, rank = xs.contiguous(), False, int(proj_up.shape[-1])
+        t = _lowrank_down_launch(kern, x2, lam, has_smooth, proj_down.to(dt).contiguous(), rank, interpret)
     else:
         t, up, rank = dummy, dummy, 0
     s = wscales.view(torch.uint8) if fmt == "nvfp4" else wscales
