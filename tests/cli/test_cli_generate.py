@@ -178,3 +178,20 @@ def test_generate_builtin_gan_compare(tmp_path: Path, capsys: pytest.CaptureFixt
     with torch.no_grad():
         ref = ((z.model(*z.preprocess(3, 5)).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     np.testing.assert_array_equal(_pixels(out / "fp/002.png"), ref[2].permute(1, 2, 0).numpy())
+
+
+#: batched UNet calls may round differently from one-image calls; the PNGs must still agree to this many levels
+MAX_BATCH_PIXEL_DIFF = 2
+
+
+def test_generate_batch_size_keeps_per_image_seeds(
+    quantized_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    one, batched = tmp_path / "one", tmp_path / "batched"
+    assert main(_gen_args(quantized_sd, one, "--prompt", "a cat", "--n", "3")) == 0
+    assert main(_gen_args(quantized_sd, batched, "--prompt", "a cat", "--n", "3", "--batch-size", "2")) == 0
+    capsys.readouterr()
+    for f in ("000.png", "001.png", "002.png"):  # a batch of 2, then a batch of 1
+        diff = np.abs(_pixels(one / f).astype(int) - _pixels(batched / f).astype(int)).max()
+        assert diff <= MAX_BATCH_PIXEL_DIFF, (f, diff)
+    assert not np.array_equal(_pixels(batched / "000.png"), _pixels(batched / "001.png"))

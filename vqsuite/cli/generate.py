@@ -71,6 +71,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--steps", type=int, help=f"denoising steps ({DEFAULT_STEPS})")
     g.add_argument("--seed", type=int, default=0, help="seed of the first image; image j uses seed + j (0)")
     g.add_argument("--n", type=int, default=1, help="images per prompt (1)")
+    g.add_argument("--batch-size", type=int, default=1, help="images per pipeline call (1); seeds stay per image")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (the pipeline's default)")
     g.add_argument("--height", type=int, help="image height (the pipeline's default)")
     g.add_argument("--width", type=int, help="image width")
@@ -112,6 +113,7 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
         raise CLIError(f"{len(prompts)} prompts x --n {args.n} = {total} images; at most {MAX_IMAGES} per command")
     check_int(args.seed, "--seed", 0, 2**63 - 1 - total)
     check_float(args.guidance, "--guidance", 0.0, MAX_GUIDANCE)
+    check_int(args.batch_size, "--batch-size", 1, 1024)
     check_size(args.height, "--height")
     check_size(args.width, "--width")
     check_int(args.num_calib_prompts, "--num-calib-prompts", 1, 100_000)
@@ -212,7 +214,11 @@ def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _generate(pipe: Any, jobs: list[tuple[str, int]], args: argparse.Namespace, desc: str) -> list[Any]:
-    """One pipeline call per image (``[(prompt, seed)]`` -> PIL images), under a progress bar."""
+    """``[(prompt, seed)]`` -> PIL images, ``--batch-size`` per pipeline call, under a progress bar.
+
+    Each image has its own ``torch.Generator`` (diffusers draws each latent from its own generator), so the
+    starting noise of image ``j`` does not depend on the batching.
+    """
     import torch
 
     from vqsuite.cli.progress import bar
@@ -220,14 +226,23 @@ def _generate(pipe: Any, jobs: list[tuple[str, int]], args: argparse.Namespace, 
     kw = _call_kwargs(pipe, args)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would nest per step
-    images = []
+    images: list[Any] = []
     progress = bar(len(jobs), desc, unit="img", disable=args.quiet)
+    size = args.batch_size
     try:
         with torch.no_grad():
-            for prompt, seed in jobs:
-                gen = torch.Generator(device="cpu").manual_seed(seed)
-                images.append(pipe(prompt=prompt, generator=gen, **kw).images[0])
-                progress.update(1)
+            for i in range(0, len(jobs), size):
+                chunk = jobs[i : i + size]
+                gens = [torch.Generator(device="cpu").manual_seed(seed) for _, seed in chunk]
+                prompts = [p for p, _ in chunk]
+                if len(chunk) == 1:
+                    out = pipe(prompt=prompts[0], generator=gens[0], **kw).images
+                else:
+                    neg = kw.get("negative_prompt")
+                    extra = {"negative_prompt": [neg] * len(chunk)} if neg is not None else {}
+                    out = pipe(prompt=prompts, generator=gens, **{**kw, **extra}).images
+                images += list(out)
+                progress.update(len(chunk))
     finally:
         progress.close()
     return images
