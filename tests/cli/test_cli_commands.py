@@ -188,3 +188,28 @@ def test_eval_pipeline_fidelity(tiny_sd: Path, tmp_path: Path, capsys: pytest.Ca
     assert rows["w4a16"]["metrics"]["psnr"] < rows["fp"]["metrics"]["psnr"]
     assert 0 < rows["w4a16"]["metrics"]["ssim"] <= 1
     assert "w4a16" in capsys.readouterr().out
+
+
+def test_bench_passes_unknown_options_to_the_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vqsuite.cli import bench
+
+    (tmp_path / "gemm.py").write_text(FAKE_GEMM)
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
+    assert main(["bench", "gemm", "--smoke-cpu", "--m", "16"]) == 2  # the stand-in script has no --m
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.endswith("unrecognized arguments: --m 16"), err
+
+
+REAL_GEMM = Path(__file__).resolve().parents[2] / "benchmarks" / "gemm.py"
+
+
+@pytest.mark.skipif(not REAL_GEMM.is_file(), reason="benchmarks/gemm.py is not in this checkout")
+def test_bench_real_gemm_script_smoke_on_cpu(capsys: pytest.CaptureFixture[str]) -> None:
+    """The real script through the CLI on one tiny shape (its CPU smoke mode: timings meaningless)."""
+    argv = ["bench", "gemm", "--smoke-cpu", "--m", "1", "--shapes", "64,128", "--iters", "1", "--trials", "1",
+            "--kernels", "int4"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "torch bf16 F.linear" in out and "M=1 K=64 N=128" in out

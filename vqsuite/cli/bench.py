@@ -1,5 +1,6 @@
 """``vqsuite bench [gemm|block] [--quick]``: the kernel and block benchmarks of ``benchmarks/`` (CUDA only).
 
+Options this command does not know go to the scripts' own parsers (``vqsuite bench gemm --m 16 --shapes 3072,3072``).
 The benchmark scripts live in the source checkout (``benchmarks/gemm.py``, ``benchmarks/block.py``), not in the
 installed package; each exposes ``run(args) -> list[dict]``. Rows are printed as a table and, with ``--json``,
 written as JSON.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import io
 import json
 import logging
 import sys
@@ -37,7 +39,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     b.add_argument("--force", action="store_true", help="replace an existing --json file")
     # the benchmark scripts' own check of themselves on CPU (tiny shapes, no timing worth reading)
     b.add_argument("--smoke-cpu", action="store_true", help=argparse.SUPPRESS)
-    b.set_defaults(fn=run)
+    b.set_defaults(fn=run, pass_through=True, extra=[])
 
 
 def benchmarks_dir() -> Path:
@@ -63,15 +65,20 @@ def load_benchmark(name: str) -> ModuleType:
     return mod
 
 
-def _bench_args(mod: ModuleType, quick: bool, smoke_cpu: bool = False) -> Any:
-    """The benchmark's own argument namespace (its ``parse_args`` defaults), with ``--quick`` when asked."""
-    argv = (["--quick"] if quick else []) + (["--smoke-cpu"] if smoke_cpu else [])
+def _bench_args(mod: ModuleType, quick: bool, smoke_cpu: bool = False, extra: list[str] | None = None) -> Any:
+    """The benchmark's own argument namespace (its ``parse_args``), with ``--quick`` and pass-through flags."""
+    argv = (["--quick"] if quick else []) + (["--smoke-cpu"] if smoke_cpu else []) + list(extra or [])
     parse = getattr(mod, "parse_args", None)
     if callable(parse):
         try:
-            return parse(argv)
+            with contextlib.redirect_stderr(io.StringIO()) as err:
+                return parse(argv)
         except SystemExit:
-            raise unavailable(f"{mod.__name__}: its parse_args rejects {argv}") from None
+            last = " ".join(err.getvalue().strip().splitlines()[-1:])
+            why = last.split("error: ", 1)[-1] or f"rejected {argv}"
+            raise CLIError(f"{mod.__file__}: {why}") from None
+    if extra:
+        raise CLIError(f"{mod.__file__} takes no options of its own ({' '.join(extra)})")
     return argparse.Namespace(quick=quick, smoke_cpu=smoke_cpu)
 
 
@@ -119,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
         if target.exists() and not args.force:
             raise CLIError(f"--json {target} exists; pass --force to replace it")
     mods = {name: load_benchmark(name) for name in names}
+    parsed = {name: _bench_args(mod, args.quick, args.smoke_cpu, args.extra) for name, mod in mods.items()}
     if not torch.cuda.is_available() and not args.smoke_cpu:
         raise CLIError("vqsuite bench needs a CUDA GPU (the benchmarks time GPU kernels); none is visible")
     device = "cpu (smoke run, timings meaningless)" if args.smoke_cpu else torch.cuda.get_device_name()
@@ -127,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"== vqsuite bench {name} on {device} ==", flush=True)
         watch = _WatchedStdout(sys.stdout)
         with contextlib.redirect_stdout(watch):
-            rows = list(mod.run(_bench_args(mod, args.quick, args.smoke_cpu)))
+            rows = list(mod.run(parsed[name]))
         results[name] = rows
         if not watch.wrote:  # gemm prints each shape's table as it goes; block leaves printing to its caller
             show = getattr(mod, "print_rows", None)

@@ -166,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "vqsuite"
     try:
         args, extra = build_parser().parse_known_args(argv)
+        if extra and getattr(args, "pass_through", False):  # `vqsuite bench gemm --m 16`: the script's own flags
+            args.extra, extra = extra, []
         if extra:  # name the subcommand whose options were wrong (argparse would blame the top-level parser)
             prog = f"vqsuite {args.command}"
             raise ArgumentError(f"unrecognized arguments: {' '.join(extra)} (see {prog} --help)", prog)
