@@ -32,8 +32,12 @@ TOML::
     configs = ["w8a8", "w4a16", {name = "w4-custom", config = {default = {weight = "int4", weight_group_size = 32}}}]
 
 Model sources resolve through :func:`build_target`; ``builtin:NAME`` looks in the registry filled by
-:func:`register_model` (the zoo registers its real models there). A factory returns an ``nn.Module`` (classifier),
-a diffusers pipeline, a :class:`GeneratorTarget` (a GAN: module + sampler), or a :class:`BuiltModel`.
+:func:`register_model`, then in :mod:`vqsuite.zoo` (real shipped classifiers with their own preprocessing, and GANs
+sampled from per-seed latents). A factory returns an ``nn.Module`` (classifier), a diffusers pipeline, a
+:class:`GeneratorTarget` (a GAN: module + sampler), or a :class:`BuiltModel`. Other per-model keys:
+``max_inputs`` (first N inputs), ``reference`` (real images for ``fid-vs-data``), ``calib`` (``quantize_pipeline``
+keywords), ``call_kwargs``, ``class_labels``, ``height``/``width``. Sweep keys: ``clip`` (local CLIP folder),
+``inception`` (FID network file), ``stats_cache`` (where reference FID statistics are cached), ``out``.
 
 Metric sets (:data:`METRIC_SETS`, extend with :func:`register_metric_set`):
 
