@@ -163,10 +163,13 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a CUDA GPU")
-def test_bench_without_gpu_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:  # noqa: ANN001
+def test_bench_without_gpu_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     from vqsuite.cli import bench
 
-    (tmp_path / "gemm.py").write_text("def parse_args(argv):\n    raise SystemExit(2)\ndef run(args):\n    return []\n")
+    # a script that would fail loudly if it ran: the refusal must come first
+    (tmp_path / "gemm.py").write_text("def parse_args(argv):\n    return argv\ndef run(args):\n    raise SystemError\n")
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path)
     assert main(["bench", "gemm", "--quick"]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
