@@ -16,6 +16,17 @@ fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 
+# Debian packages: Fashion-MNIST (real data), opencv-doc (real photos for agreement sets), chromium (the HTML
+# report's headless-browser test). Optional: without root or apt they are skipped and those tests skip too.
+DEB_PKGS=(dataset-fashion-mnist opencv-doc chromium)
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && [ -z "${VQSUITE_SKIP_APT:-}" ]; then
+  echo "[setup] Debian packages: ${DEB_PKGS[*]}"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${DEB_PKGS[@]}" >/dev/null \
+    || echo "[setup] warning: apt-get install ${DEB_PKGS[*]} failed; tests that need them will skip"
+else
+  echo "[setup] skipping Debian packages (${DEB_PKGS[*]}): needs root and apt-get"
+fi
+
 echo "[setup] torch + torchvision (pinned together)"
 "${PIP[@]}" -c constraints.txt torch torchvision
 echo "[setup] vqsuite with extras dev, eval, triton"
