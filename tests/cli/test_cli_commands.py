@@ -172,6 +172,18 @@ def test_quantize_builtin_model(tmp_path: Path, capsys: pytest.CaptureFixture[st
     info = json.loads((out / "report.json").read_text())
     assert info["model"] == "mnist-cnn3" and any(e["status"] == "quantized" for e in info["report"]["layers"])
     assert (out / "model.safetensors").is_file()
+    # the folder records its zoo source, so it loads without the float model and gives the quantized outputs
+    import torch
+
+    import vqsuite
+    from vqsuite import zoo
+
+    loaded = vqsuite.load_quantized(out)
+    twin = zoo.load("mnist-cnn3").model
+    vqsuite.quantize_model(twin, "w4a16")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), twin(x))
 
 
 @pytest.mark.slow

@@ -180,6 +180,8 @@ def _quantize_module(args: argparse.Namespace, src: Source, out: Path) -> int:
     lib, _, arch = src.arg.partition(":")
     if src.kind == "module" and lib == "timm":
         source = {"library": "timm", "name": arch, "kwargs": {}}
+    elif src.kind == "builtin":
+        source = {"library": "vqsuite.zoo", "name": src.arg}
     vqsuite.save_quantized(model, out, model_source=source)
     info = {
         "kind": "model",

@@ -240,6 +240,13 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
             return timm.create_model(src["name"], pretrained=False, **src.get("kwargs", {})).eval()
         except Exception as e:  # an unknown name or bad kwargs: one readable line
             raise CheckpointError(f"cannot build timm model {src.get('name')!r}: {e}") from None
+    if src.get("library") == "vqsuite.zoo":
+        from vqsuite import zoo
+
+        try:
+            return zoo.load(src["name"]).model.eval()
+        except (KeyError, zoo.AssetMissingError) as e:  # unknown name or missing package: one readable line
+            raise CheckpointError(f"cannot build zoo model {src.get('name')!r}: {e}") from None
     raise CheckpointError(f"unknown model source {src!r}; pass the float model: load_quantized(path, model=...)")
 
 
