@@ -1,0 +1,554 @@
+"""OFQ: oscillation-free quantization-aware training for vision transformers (METHODS.md §5).
+
+Pieces:
+- :class:`StatsQ`: weight quantizer with no learnable scale, ``s = 2·mean|W_row|`` at every bit width, mid-rise
+  levels ``s·(k + ½)/n`` (``n = 2^{b-1}``, ``k = -n … n-1``), straight-through estimator.
+- :class:`QATAttention`: timm's fused-qkv ``Attention`` rebuilt for QAT. With query-key reparameterization
+  (QKR) each head's ``W_qk = W_qᵀ W_k: [C, C]`` is one StatsQ'd matrix and the logits are
+  ``X̂ · LSQ(X̂ · Q(W_qk)ᵀ)ᵀ · d^{-½}``; the q/k biases are dropped (as the official code does).
+- Confidence-guided annealing (CGA, :class:`CGA`): only weights whose pre-rounding value lies within
+  ``±boundary`` of a rounding threshold are updated; the others get zero gradient and their values restored.
+- An oscillation tracker per quantized weight (EMA of integer-level flips), reported per layer.
+- :func:`ofq`: prepare, train with KD (CE + KL to the FP teacher), then CGA, with exact checkpoint/resume.
+
+``method="lsq"`` gives the LSQ baseline (learnable per-row weight steps, no QKR, no CGA). The patch embedding and
+the classifier head(s) are W8A8 LSQ in both.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vqsuite.finetune.lsq import LSQActQuantizer, LSQWeightQuantizer
+from vqsuite.nn.quantizers import ste
+
+logger = logging.getLogger(__name__)
+
+#: StatsQ clamps W/s to [-1, 1 - STATSQ_EPS] so the top level stays 2^{b-1} - 1 (official code)
+STATSQ_EPS = 1e-6
+#: the CGA boundary half-width on the pre-rounding value (paper and code default)
+CGA_BOUNDARY = 0.005
+#: EMA momentum of the oscillation tracker (Nagel et al. TrackOscillation)
+OSC_MOMENTUM = 0.01
+#: a weight counts as oscillating when its flip EMA is at least this
+OSC_THRESHOLD = 0.005
+#: bit width of the patch embedding and the classifier head(s)
+EDGE_BITS = 8
+
+
+# ---------------------------------------------------------------------------------------------------- StatsQ
+def statsq_scale(w: torch.Tensor) -> torch.Tensor:
+    """``s = 2 · mean|W_row|`` (detached), shape ``[N, 1, ...]`` for ``w: [N, ...]``."""
+    return 2 * w.detach().abs().reshape(w.shape[0], -1).mean(1).reshape(-1, *([1] * (w.ndim - 1)))
+
+
+def statsq_preround(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """The pre-rounding value ``z = n · clamp(W/s, -1, 1 - eps) - 0.5`` (``n = 2^{b-1}``); codes are ``round(z)``."""
+    n = 2 ** (bits - 1)
+    return n * torch.clamp(w / statsq_scale(w), -1.0, 1.0 - STATSQ_EPS) - 0.5
+
+
+def statsq_codes(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer levels ``k ∈ [-2^{b-1}, 2^{b-1} - 1]`` of ``w`` (float tensor, same shape)."""
+    return torch.round(statsq_preround(w.detach(), bits))
+
+
+def statsq_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """``Q(W) = s · (round(z) + 0.5) / n`` with the STE ``W + (Q(W) - W).detach()``; ``w: [N, ...]``."""
+    n = 2 ** (bits - 1)
+    q = statsq_scale(w) * (statsq_codes(w, bits) + 0.5) / n
+    return ste(w, q)
+
+
+def cga_boundary_mask(w: torch.Tensor, bits: int, boundary: float = CGA_BOUNDARY) -> torch.Tensor:
+    """True where ``z - i ∈ [0.5 - boundary, 0.5 + boundary]`` for an integer ``i`` (low confidence: trainable)."""
+    z = statsq_preround(w.detach(), bits)
+    return ((z - torch.floor(z)) - 0.5).abs() <= boundary
+
+
+class OscillationTracker(nn.Module):
+    """EMA of integer-level flips per weight: ``ema ← (1 - m)·ema + m·[code ≠ previous code]``."""
+
+    def __init__(self, shape: tuple[int, ...], momentum: float = OSC_MOMENTUM) -> None:
+        super().__init__()
+        self.momentum = float(momentum)
+        self.register_buffer("prev_codes", torch.zeros(shape))
+        self.register_buffer("flip_ema", torch.zeros(shape))
+        self.register_buffer("started", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def update(self, codes: torch.Tensor) -> None:
+        if bool(self.started):
+            flips = (codes != self.prev_codes).float()
+            self.flip_ema.mul_(1 - self.momentum).add_(self.momentum * flips)
+        self.prev_codes.copy_(codes)
+        self.started.fill_(True)
+
+    def summary(self, threshold: float = OSC_THRESHOLD) -> dict[str, float]:
+        return {
+            "flip_ema_mean": float(self.flip_ema.mean()),
+            "oscillating_fraction": float((self.flip_ema >= threshold).float().mean()),
+            "numel": self.flip_ema.numel(),
+        }
+
+
+class StatsQ(nn.Module):
+    """StatsQ weight quantizer (no parameters) with an oscillation tracker for a weight of ``shape``."""
+
+    def __init__(self, bits: int, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        if bits < 2:
+            raise ValueError(f"{bits=} must be >= 2 for StatsQ")
+        self.bits = int(bits)
+        self.tracker = OscillationTracker(tuple(shape))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return statsq_quantize(w, self.bits)
+
+    def codes(self, w: torch.Tensor) -> torch.Tensor:
+        return statsq_codes(w, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"
+
+
+class LSQWeight(LSQWeightQuantizer):
+    """:class:`LSQWeightQuantizer` with an oscillation tracker (the LSQ baseline's and the 8-bit layers' weights)."""
+
+    def __init__(self, bits: int, shape: tuple[int, ...]) -> None:
+        super().__init__(bits, shape[0])
+        self.tracker = OscillationTracker(tuple(shape))
+
+
+def _weight_quantizer(kind: str, bits: int, shape: tuple[int, ...]) -> nn.Module:
+    if kind == "statsq":
+        return StatsQ(bits, shape)
+    if kind == "lsq":
+        return LSQWeight(bits, shape)
+    raise ValueError(f"weight quantizer {kind=} must be 'statsq' or 'lsq'")
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+class QATLinear(nn.Module):
+    """``y = Q_w(W) · A(x) + b`` for QAT; ``W: [out, in]``; ``A`` an LSQ input quantizer or identity."""
+
+    def __init__(
+        self, linear: nn.Linear, w_bits: int, a_bits: int | None, weight_quant: str = "statsq", *, act_signed=True
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+        self.wq = _weight_quantizer(weight_quant, w_bits, tuple(self.weight.shape))
+        self.aq = None if a_bits is None else LSQActQuantizer(a_bits, linear.in_features, signed=act_signed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[..., in]`` -> ``[..., out]``."""
+        if self.aq is not None:
+            x = self.aq(x)
+        return F.linear(x, self.wq(self.weight), self.bias)
+
+
+class QATConv2d(nn.Module):
+    """LSQ-quantized Conv2d (the patch embedding): weight per output channel, input per channel."""
+
+    def __init__(self, conv: nn.Conv2d, bits: int = EDGE_BITS) -> None:
+        super().__init__()
+        self.conv_kw = {
+            "stride": conv.stride,
+            "padding": conv.padding,
+            "dilation": conv.dilation,
+            "groups": conv.groups,
+        }
+        self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone())
+        self.wq = LSQWeight(bits, tuple(self.weight.shape))
+        self.aq = LSQActQuantizer(bits, conv.in_channels, signed=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: ``[B, C, H, W]``."""
+        x = self.aq(x.movedim(1, -1)).movedim(-1, 1)
+        return F.conv2d(x, self.wq(self.weight), self.bias, **self.conv_kw)
+
+
+class QATAttention(nn.Module):
+    """timm ``Attention`` (fused ``qkv``) for QAT, with or without query-key reparameterization.
+
+    Shapes: ``x: [B, N, C]``, ``H`` heads of ``d = C/H``. QKR keeps ``w_qk: [H, C, C]`` (``W_q^hᵀ W_k^h``),
+    ``v_weight: [C, C]``/``v_bias``; without QKR the fused ``qkv`` is a :class:`QATLinear` and q, k are LSQ'd.
+    """
+
+    def __init__(self, attn: nn.Module, bits: int, weight_quant: str = "statsq", qkr: bool = True) -> None:
+        super().__init__()
+        qkv: nn.Linear = attn.qkv
+        self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
+        self.scale = self.head_dim**-0.5
+        c, hd = qkv.in_features, self.num_heads * self.head_dim
+        self.qkr = bool(qkr)
+        self.in_q = LSQActQuantizer(bits, c, signed=True)
+        if self.qkr:
+            w = qkv.weight.detach()
+            wq = w[:hd].reshape(self.num_heads, self.head_dim, c)
+            wk = w[hd : 2 * hd].reshape(self.num_heads, self.head_dim, c)
+            # W_qk^h[c, e] = Σ_d W_q^h[d, c] W_k^h[d, e]; q/k biases are dropped as in the official code
+            self.w_qk = nn.Parameter(torch.einsum("hdc,hde->hce", wq.double(), wk.double()).to(w.dtype))
+            self.qk_wq = _weight_quantizer(weight_quant, bits, tuple(self.w_qk.shape))
+            self.k_q = LSQActQuantizer(bits, None, signed=True)
+            self.v_weight = nn.Parameter(w[2 * hd :].clone())
+            self.v_bias = None if qkv.bias is None else nn.Parameter(qkv.bias.detach()[2 * hd :].clone())
+            self.v_wq = _weight_quantizer(weight_quant, bits, tuple(self.v_weight.shape))
+        else:
+            self.qkv = QATLinear(qkv, bits, None, weight_quant)
+            self.q_q = LSQActQuantizer(bits, None, signed=True)
+            self.k_q = LSQActQuantizer(bits, None, signed=True)
+        self.attn_q = LSQActQuantizer(bits, None, signed=False)
+        self.proj = QATLinear(attn.proj, bits, bits, weight_quant)
+
+    def qk_weight(self) -> torch.Tensor:
+        """StatsQ'd ``W_qk: [H, C, C]`` (rows per head)."""
+        h, c, _ = self.w_qk.shape
+        wq = self.qk_wq(self.w_qk.reshape(h * c, c))
+        return wq.reshape(h, c, c)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Pre-softmax attention logits ``[B, H, N, N]`` of the (already input-quantized) ``x: [B, N, C]``."""
+        b, n, c = x.shape
+        if self.qkr:
+            kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
+            return torch.einsum("bnc,bhmc->bhnm", x, kk) * self.scale
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_q(qkv[0]), self.k_q(qkv[1])
+        return (q @ k.transpose(-2, -1)) * self.scale
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        if self.qkr:
+            v = F.linear(x, self.v_wq(self.v_weight), self.v_bias)
+        else:
+            v = self.qkv(x)[..., 2 * self.num_heads * self.head_dim :]
+        return v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        """x: ``[B, N, C]`` -> ``[B, N, C]``."""
+        if attn_mask is not None:
+            raise NotImplementedError("QATAttention does not take an attention mask")
+        b, n, _ = x.shape
+        x = self.in_q(x)
+        attn = self.attn_q(self.logits(x).softmax(dim=-1))
+        out = (attn @ self.values(x)).transpose(1, 2).reshape(b, n, -1)
+        return self.proj(out)
+
+
+def _is_timm_attention(m: nn.Module) -> bool:
+    return (
+        isinstance(getattr(m, "qkv", None), nn.Linear)
+        and isinstance(getattr(m, "proj", None), nn.Linear)
+        and hasattr(m, "num_heads")
+        and hasattr(m, "head_dim")
+        and isinstance(getattr(m, "q_norm", nn.Identity()), nn.Identity)
+        and isinstance(getattr(m, "norm", nn.Identity()), nn.Identity)
+        and getattr(m, "gate", None) is None
+        and not hasattr(m, "relative_position_bias_table")
+    )
+
+
+def _set(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool | None = None) -> nn.Module:
+    """Swap ``model``'s layers in place for QAT ones and return it.
+
+    ``method="ofq"``: StatsQ weights (+ QKR on timm ``Attention`` unless ``qkr=False``); ``"lsq"``: LSQ weights.
+    Patch embedding conv and ``head``/``head_dist`` are W8A8 LSQ; every other Linear gets ``bits`` with an LSQ
+    input quantizer (unsigned for an MLP's ``fc2``). Attention modules with relative-position bias, q/k norms or
+    gates (Swin, ...) are not rebuilt: their Linears fall back to plain QAT Linears and a line is logged.
+    """
+    if method not in ("ofq", "lsq"):
+        raise ValueError(f"{method=} must be 'ofq' or 'lsq'")
+    wkind = "statsq" if method == "ofq" else "lsq"
+    qkr = (method == "ofq") if qkr is None else qkr
+    for name, m in list(model.named_modules()):
+        if name and _is_timm_attention(m):
+            _set(model, name, QATAttention(m, bits, wkind, qkr=qkr))
+        elif name and hasattr(m, "qkv") and hasattr(m, "proj"):
+            logger.info("%s (%s): unsupported attention form, its Linears get plain QAT", name, type(m).__name__)
+    for name, m in list(model.named_modules()):
+        if not name:
+            continue
+        leaf = name.rpartition(".")[2]
+        if isinstance(m, nn.Conv2d):
+            _set(model, name, QATConv2d(m, EDGE_BITS))
+        elif isinstance(m, nn.Linear):
+            if leaf in ("head", "head_dist") or name.startswith("head."):
+                _set(model, name, QATLinear(m, EDGE_BITS, EDGE_BITS, "lsq"))
+            else:
+                _set(model, name, QATLinear(m, bits, bits, wkind, act_signed=leaf != "fc2"))
+    model.vqsuite_qat = {"bits": bits, "method": method, "qkr": qkr}
+    return model
+
+
+def quantized_weights(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Module]]:
+    """Every QAT-quantized weight: name -> (parameter, its quantizer)."""
+    out: dict[str, tuple[nn.Parameter, nn.Module]] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (QATLinear, QATConv2d)):
+            out[f"{name}.weight"] = (m.weight, m.wq)
+        elif isinstance(m, QATAttention) and m.qkr:
+            out[f"{name}.w_qk"] = (m.w_qk, m.qk_wq)
+            out[f"{name}.v_weight"] = (m.v_weight, m.v_wq)
+    return out
+
+
+def _codes(p: torch.Tensor, q: nn.Module) -> torch.Tensor:
+    if p.ndim == 3 and isinstance(q, StatsQ):  # W_qk: rows of each head
+        return q.codes(p.reshape(-1, p.shape[-1])).reshape(p.shape)
+    return q.codes(p)
+
+
+@torch.no_grad()
+def track_oscillations(model: nn.Module) -> None:
+    """Update every weight's flip EMA from its current integer levels (call after each optimizer step)."""
+    for p, q in quantized_weights(model).values():
+        q.tracker.update(_codes(p, q))
+
+
+def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> dict[str, dict[str, float]]:
+    """Per quantized weight: mean flip EMA and the fraction of weights with EMA ≥ ``threshold``; plus ``"total"``."""
+    rep = {n: q.tracker.summary(threshold) for n, (_, q) in quantized_weights(model).items()}
+    tot = sum(r["numel"] for r in rep.values())
+    if tot:
+        rep["total"] = {
+            "flip_ema_mean": sum(r["flip_ema_mean"] * r["numel"] for r in rep.values()) / tot,
+            "oscillating_fraction": sum(r["oscillating_fraction"] * r["numel"] for r in rep.values()) / tot,
+            "numel": tot,
+        }
+    return rep
+
+
+# ---------------------------------------------------------------------------------------------------- CGA
+class CGA:
+    """Confidence-guided annealing over the StatsQ weights of a prepared model.
+
+    ``mask_gradients()`` after ``backward()`` computes each weight's boundary mask (from the values before the
+    step), zeroes the gradient outside it and remembers the values; ``restore()`` after ``optimizer.step()``
+    puts the frozen values back (AdamW's decay and momentum would move them otherwise).
+    """
+
+    def __init__(self, model: nn.Module, boundary: float = CGA_BOUNDARY) -> None:
+        self.boundary = float(boundary)
+        self.params = [(p, q.bits, p.ndim == 3) for p, q in quantized_weights(model).values() if isinstance(q, StatsQ)]
+        self._saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def mask_of(self, p: torch.Tensor, bits: int, per_head: bool) -> torch.Tensor:
+        w = p.detach().reshape(-1, p.shape[-1]) if per_head else p.detach()
+        return cga_boundary_mask(w, bits, self.boundary).reshape(p.shape)
+
+    @torch.no_grad()
+    def mask_gradients(self) -> float:
+        """Zero gradients outside the boundary; returns the trainable fraction."""
+        self._saved, n_in, n = [], 0, 0
+        for p, bits, per_head in self.params:
+            mask = self.mask_of(p, bits, per_head)
+            if p.grad is not None:
+                p.grad.mul_(mask)
+            self._saved.append((mask, p.detach().clone()))
+            n_in, n = n_in + int(mask.sum()), n + mask.numel()
+        return n_in / max(n, 1)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        for (p, _, _), (mask, old) in zip(self.params, self._saved, strict=True):
+            p.copy_(torch.where(mask, p, old))
+        self._saved = []
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def kd_loss(
+    logits: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 1.0,
+) -> torch.Tensor:
+    """``CE(cls, labels) + τ²·KL(softmax(teacher/τ) ‖ softmax(dist/τ))``; ``logits: [B, K]`` or ``(cls, dist)``."""
+    cls, dist = logits if isinstance(logits, tuple) else (logits, logits)
+    if isinstance(teacher_logits, tuple):
+        teacher_logits = teacher_logits[0]
+    kl = F.kl_div(
+        F.log_softmax(dist / tau, -1), F.log_softmax(teacher_logits.detach() / tau, -1), reduction="batchmean",
+        log_target=True,
+    )  # fmt: skip
+    return F.cross_entropy(cls, labels) + tau * tau * kl
+
+
+@dataclass(frozen=True)
+class OFQOptions:
+    """Training recipe of :func:`ofq` (steps count optimizer updates; batches sampled with replacement)."""
+
+    bits: int = 4
+    method: str = "ofq"
+    qkr: bool | None = None
+    steps: int = 1000
+    cga_steps: int = 0
+    batch_size: int = 64
+    lr: float = 5e-4
+    cga_lr: float = 5e-5
+    weight_decay: float = 0.05
+    warmup_steps: int = 0
+    boundary: float = CGA_BOUNDARY
+    tau: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"bits={self.bits} must lie in 2..8")
+        if self.method not in ("ofq", "lsq"):
+            raise ValueError(f"method={self.method!r} must be 'ofq' or 'lsq'")
+        if self.steps < 0 or self.cga_steps < 0:
+            raise ValueError(f"steps={self.steps} and cga_steps={self.cga_steps} must be >= 0")
+        if self.method == "lsq" and self.cga_steps:
+            raise ValueError("cga_steps needs method='ofq' (CGA acts on StatsQ weights)")
+
+    def lr_at(self, t: int) -> float:
+        """Linear warmup then cosine to 0 over the main stage; cosine from ``cga_lr`` to 0 over CGA."""
+        if t < self.steps:
+            if t < self.warmup_steps:
+                return self.lr * (t + 1) / self.warmup_steps
+            span = max(self.steps - self.warmup_steps, 1)
+            return 0.5 * self.lr * (1 + math.cos(math.pi * (t - self.warmup_steps) / span))
+        return 0.5 * self.cga_lr * (1 + math.cos(math.pi * (t - self.steps) / max(self.cga_steps, 1)))
+
+
+def _forward(model: nn.Module, x: torch.Tensor):
+    out = model(x)
+    return tuple(out) if isinstance(out, (tuple, list)) else out
+
+
+def ofq(
+    model: nn.Module,
+    bits: int = 4,
+    train_data: tuple[torch.Tensor, torch.Tensor] | None = None,
+    teacher: nn.Module | None = None,
+    *,
+    steps: int = 1000,
+    cga_steps: int = 0,
+    method: str = "ofq",
+    preprocess: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    checkpoint_path: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: bool = False,
+    stop_after: int | None = None,
+    **options,
+) -> nn.Module:
+    """Quantization-aware training of a timm ViT in place; returns the QAT model (eval mode).
+
+    Args:
+        model: a float timm ``VisionTransformer`` (or DeiT); swapped in place by :func:`prepare_qat`.
+        bits: weight and activation bits of the body (2, 3 or 4 in the paper; patch embed and head stay 8-bit).
+        train_data: ``(x [M, ...], y [M] int64)``; batches are sampled with replacement by a seeded generator
+            (its state is checkpointed, so resuming replays the same batches).
+        teacher: FP teacher for the KL term; a frozen copy of ``model`` before quantization when ``None``.
+        steps, cga_steps: optimizer updates of the main stage and of the CGA stage.
+        method: ``"ofq"`` (StatsQ + QKR, CGA if ``cga_steps``) or ``"lsq"`` (the LSQ baseline).
+        preprocess: applied to each batch of ``x`` (e.g. uint8 -> normalised float).
+        checkpoint_path: where to save ``{model, optimizer, generator, step}``; every ``checkpoint_every`` steps
+            and at the end. ``resume=True`` continues from it (exactly: same weights as an uninterrupted run).
+        stop_after: stop after this global step (to simulate an interruption).
+        options: other :class:`OFQOptions` fields (``lr``, ``cga_lr``, ``weight_decay``, ``batch_size``, ...).
+
+    The result carries ``model.vqsuite_ofq``: the options, loss history, wall time and the per-layer
+    :func:`oscillation_report`.
+    """
+    if train_data is None:
+        raise ValueError("ofq needs train_data=(x, y)")
+    opts = OFQOptions(bits=bits, method=method, steps=steps, cga_steps=cga_steps, **options)
+    x_all, y_all = train_data
+    if teacher is None:
+        teacher = copy.deepcopy(model)
+    teacher.eval().requires_grad_(False)
+    prepare_qat(model, opts.bits, opts.method, qkr=opts.qkr)
+    model.train()
+    pre = preprocess or (lambda t: t)
+    gen = torch.Generator().manual_seed(opts.seed)
+    # LSQ steps initialise from the first batch, before the optimizer sees them
+    with torch.no_grad():
+        idx0 = torch.randint(len(x_all), (opts.batch_size,), generator=torch.Generator().manual_seed(opts.seed + 1))
+        model(pre(x_all[idx0]))
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    optim = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr
+    )
+    history: list[dict[str, float]] = []
+    t0, wall = 0, 0.0
+    ckpt = Path(checkpoint_path) if checkpoint_path else None
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise FileNotFoundError(f"resume=True but no checkpoint at {ckpt}")
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state["options"] != asdict(opts):
+            raise ValueError(f"checkpoint options {state['options']} differ from {asdict(opts)}")
+        model.load_state_dict(state["model"])
+        optim.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        t0, history, wall = state["step"], state["history"], state["wall_s"]
+        logger.info("ofq: resumed from %s at step %d", ckpt, t0)
+
+    def save(t: int) -> None:
+        if ckpt is None:
+            return
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        state = {
+            "model": model.state_dict(), "optimizer": optim.state_dict(), "generator": gen.get_state(), "step": t,
+            "history": history, "wall_s": wall + time.perf_counter() - start, "options": asdict(opts),
+        }  # fmt: skip
+        torch.save(state, ckpt.with_suffix(".tmp"))
+        ckpt.with_suffix(".tmp").replace(ckpt)
+
+    cga = CGA(model, opts.boundary) if opts.cga_steps else None
+    total = opts.steps + opts.cga_steps
+    end = total if stop_after is None else min(total, stop_after)
+    start = time.perf_counter()
+    for t in range(t0, end):
+        idx = torch.randint(len(x_all), (opts.batch_size,), generator=gen)
+        xb, yb = pre(x_all[idx]), y_all[idx]
+        for g in optim.param_groups:
+            g["lr"] = opts.lr_at(t)
+        with torch.no_grad():
+            t_logits = _forward(teacher, xb)
+        loss = kd_loss(_forward(model, xb), t_logits, yb, opts.tau)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        in_cga = cga is not None and t >= opts.steps
+        frac = cga.mask_gradients() if in_cga else 1.0
+        optim.step()
+        if in_cga:
+            cga.restore()
+        track_oscillations(model)
+        history.append({"step": t, "loss": float(loss.detach()), "lr": opts.lr_at(t), "trainable_fraction": frac})
+        if opts.log_every and (t % opts.log_every == 0 or t == total - 1):
+            logger.info("ofq step %d/%d loss %.4f lr %.2e%s", t, total, float(loss.detach()), opts.lr_at(t),
+                        f" cga trainable {frac:.4f}" if in_cga else "")  # fmt: skip
+        if checkpoint_every and (t + 1) % checkpoint_every == 0:
+            save(t + 1)
+    save(end)
+    wall += time.perf_counter() - start
+    model.eval()
+    model.vqsuite_ofq = {
+        "options": asdict(opts),
+        "history": history,
+        "wall_s": wall,
+        "oscillation": oscillation_report(model),
+    }
+    return model
