@@ -18,8 +18,9 @@ CONFIG_VERSION = 1
 
 ActMode = Literal["none", "dynamic_per_token", "dynamic_per_group", "static"]
 KernelPreference = Literal["auto", "triton", "reference"]
-#: how layer state is computed: plain round-to-nearest, or SVDQuant (smoothing + low-rank + quantized residual)
-METHODS: tuple[str, ...] = ("rtn", "svdquant")
+#: how layer state is computed: plain round-to-nearest, SVDQuant (smoothing + low-rank + quantized residual), or
+#: ViT PTQ (RTN weights plus PTQ4ViT / RepQ-ViT activation quantizers, :mod:`vqsuite.calibrators.vit_ptq`)
+METHODS: tuple[str, ...] = ("rtn", "svdquant", "vit-ptq")
 ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
 KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
 #: how static activation scales follow the denoising step (see :mod:`vqsuite.nn.steps`)
@@ -429,3 +430,26 @@ register_preset(
     _spec(method="svdquant", weight="int8", act="int8", act_mode="dynamic_per_token", rank=32),
     "SVDQuant with 8-bit both sides: smoothing + rank-32 branch, INT8 per-channel residual, per-token INT8 acts",
 )
+
+#: ViT PTQ variants: name suffix -> (weight range, method_options); weights per output channel
+_VIT_PTQ_VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
+    "ptq": ("mse", {"softmax": "log2", "gelu": "twin", "ln_reparam": True},
+            "RepQ-ViT LayerNorm reparameterization + log-sqrt2 softmax, PTQ4ViT twin-uniform GELU"),
+    "repq": ("mse", {"softmax": "log2", "gelu": "uniform", "ln_reparam": True},
+             "RepQ-ViT: LayerNorm reparameterization + log-sqrt2 softmax, uniform elsewhere"),
+    "ptq4vit": ("mse", {"softmax": "twin", "gelu": "twin", "ln_reparam": False},
+                "PTQ4ViT twin-uniform softmax and GELU (range-select form), uniform elsewhere"),
+    "minmax": ("minmax", {"softmax": "uniform", "gelu": "uniform", "ln_reparam": False},
+               "plain per-tensor min-max activations (the baseline)"),
+}  # fmt: skip
+for _bits, _wfmt in ((8, "int8"), (4, "int4")):
+    for _suffix, (_wrange, _opts, _desc) in _VIT_PTQ_VARIANTS.items():
+        register_preset(
+            f"vit-w{_bits}a{_bits}-{_suffix}",
+            QuantConfig(
+                default=QuantSpec(weight=_wfmt, weight_range=_wrange),
+                method="vit-ptq",
+                method_options={"act_bits": _bits, **_opts},
+            ),
+            f"timm ViT W{_bits}A{_bits} PTQ (static, calib_data): {_desc}; per-channel {_wrange} weights",
+        )

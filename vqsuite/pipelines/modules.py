@@ -140,6 +140,10 @@ def quantize_model(
     cfg = resolve_config(config)
     if exclude:
         cfg = cfg.with_overrides(exclude=tuple(cfg.exclude) + tuple(exclude))
+    if cfg.method == "vit-ptq":  # RepQ LayerNorm folding and ViT activation quantizers go in on the float model
+        from vqsuite.calibrators.vit_ptq import prepare_vit_ptq
+
+        prepare_vit_ptq(model, cfg.options, calib_data)
     report = QuantReport(total_weight_numel=matrix_weight_numel(model), bytes_before=module_nbytes(model))
     targets: list[tuple[str, nn.Module, QuantSpec, Any]] = []
     for name, module in model.named_modules():
@@ -210,7 +214,11 @@ def quantize_model(
                 # per-step scales need the step at calibration and inference; a bare model publishes its timestep
                 attach_step_tracker(model)
             calibrate_static_scales(model, static, calib_data)
-        elif calib_data is not None and not any(q is not None for q, _ in prebuilt.values()):
+        if cfg.method == "vit-ptq":
+            from vqsuite.calibrators.vit_ptq import calibrate_vit_ptq
+
+            calibrate_vit_ptq(model, calib_data)
+        elif not static and calib_data is not None and not any(q is not None for q, _ in prebuilt.values()):
             logger.info("calib_data given but no layer needs static calibration or SVDQuant; it was not used")
     except BaseException:
         # a failed call (bad calibration data, say) leaves the model as it was, not half quantized
