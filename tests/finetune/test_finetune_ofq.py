@@ -145,3 +145,15 @@ def test_checkpoint_resume_is_exact(tmp_path):
     for (n, a), (_, b) in zip(ref.state_dict().items(), res.state_dict().items(), strict=True):
         assert torch.equal(a, b), n
     assert [h["loss"] for h in ref.vqsuite_ofq["history"]] == [h["loss"] for h in res.vqsuite_ofq["history"]]
+
+
+def test_oscillation_tracker_counts_flips_and_reversals():
+    from vqsuite.finetune.ofq import OscillationTracker
+
+    tr = OscillationTracker((3,), momentum=0.5)
+    # weight 0 oscillates 0 -> 1 -> 0; weight 1 climbs 0 -> 1 -> 2; weight 2 never moves
+    for codes in ([0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 2.0, 0.0]):
+        tr.update(torch.tensor(codes))
+    assert tr.flip_ema.tolist() == [0.75, 0.75, 0.0]
+    assert tr.osc_ema.tolist() == [0.5, 0.0, 0.0]
+    assert tr.summary(threshold=0.5)["oscillating_fraction"] == pytest.approx(1 / 3)

@@ -77,27 +77,39 @@ def cga_boundary_mask(w: torch.Tensor, bits: int, boundary: float = CGA_BOUNDARY
 
 
 class OscillationTracker(nn.Module):
-    """EMA of integer-level flips per weight: ``ema ← (1 - m)·ema + m·[code ≠ previous code]``."""
+    """Per-weight EMAs of integer-level flips and of oscillations (Nagel et al.'s ``TrackOscillation``).
+
+    A *flip* is any change of the integer level between two tracked steps; an *oscillation* is a flip whose
+    direction reverses the weight's previous flip. Both EMAs use ``ema ← (1 - m)·ema + m·event``.
+    """
 
     def __init__(self, shape: tuple[int, ...], momentum: float = OSC_MOMENTUM) -> None:
         super().__init__()
         self.momentum = float(momentum)
         self.register_buffer("prev_codes", torch.zeros(shape))
+        self.register_buffer("prev_dir", torch.zeros(shape))
         self.register_buffer("flip_ema", torch.zeros(shape))
+        self.register_buffer("osc_ema", torch.zeros(shape))
         self.register_buffer("started", torch.zeros((), dtype=torch.bool))
 
     @torch.no_grad()
     def update(self, codes: torch.Tensor) -> None:
         if bool(self.started):
-            flips = (codes != self.prev_codes).float()
-            self.flip_ema.mul_(1 - self.momentum).add_(self.momentum * flips)
+            d = torch.sign(codes - self.prev_codes)
+            flips = d != 0
+            osc = flips & (self.prev_dir != 0) & (d != self.prev_dir)
+            self.flip_ema.mul_(1 - self.momentum).add_(self.momentum * flips.float())
+            self.osc_ema.mul_(1 - self.momentum).add_(self.momentum * osc.float())
+            self.prev_dir.copy_(torch.where(flips, d, self.prev_dir))
         self.prev_codes.copy_(codes)
         self.started.fill_(True)
 
     def summary(self, threshold: float = OSC_THRESHOLD) -> dict[str, float]:
+        """``oscillating_fraction``: share of weights whose oscillation EMA is at least ``threshold``."""
         return {
             "flip_ema_mean": float(self.flip_ema.mean()),
-            "oscillating_fraction": float((self.flip_ema >= threshold).float().mean()),
+            "osc_ema_mean": float(self.osc_ema.mean()),
+            "oscillating_fraction": float((self.osc_ema >= threshold).float().mean()),
             "numel": self.flip_ema.numel(),
         }
 
@@ -324,12 +336,16 @@ def track_oscillations(model: nn.Module) -> None:
 
 
 def oscillation_report(model: nn.Module, threshold: float = OSC_THRESHOLD) -> dict[str, dict[str, float]]:
-    """Per quantized weight: mean flip EMA and the fraction of weights with EMA ≥ ``threshold``; plus ``"total"``."""
+    """Per quantized weight: mean flip/oscillation EMAs and the share with oscillation EMA ≥ ``threshold``.
+
+    Keys are weight names plus ``"total"`` (numel-weighted over all of them).
+    """
     rep = {n: q.tracker.summary(threshold) for n, (_, q) in quantized_weights(model).items()}
     tot = sum(r["numel"] for r in rep.values())
     if tot:
         rep["total"] = {
             "flip_ema_mean": sum(r["flip_ema_mean"] * r["numel"] for r in rep.values()) / tot,
+            "osc_ema_mean": sum(r["osc_ema_mean"] * r["numel"] for r in rep.values()) / tot,
             "oscillating_fraction": sum(r["oscillating_fraction"] * r["numel"] for r in rep.values()) / tot,
             "numel": tot,
         }
