@@ -331,7 +331,8 @@ def gan_section(
                 f"{1e3 * fp_s / n:.1f}",
             ]
         ]
-        grid_rows = [fp[:GRID_COLUMNS]]
+        cols = GRID_COLUMNS if fp.shape[-1] <= 64 else GRID_COLUMNS // 2  # keep the PNG small
+        grid_rows = [fp[:cols]]
         for preset in presets:
             q, q_s = quantize(m.model, preset, calib)
             out_raw, run_s = run_batched(q, z, 50)
@@ -373,7 +374,7 @@ def gan_section(
                     f"{row['ms_per_sample']:.1f}",
                 ]
             )
-            grid_rows.append(out[:GRID_COLUMNS])
+            grid_rows.append(out[:cols])
             log.info("%s %s FID-vs-FP %.2f PSNR %.1f", name, preset, fid, pm["psnr"])
         header = [
             "preset",
@@ -397,7 +398,7 @@ def gan_section(
             grid = image_grid(grid_rows)
             path = out_dir / f"grid-{name}.png"
             Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path)
-            text += f" Grid: `{path}` (rows: FP, then {', '.join(presets)}; first {GRID_COLUMNS} latents)."
+            text += f" Grid: `{path}` (rows: FP, then {', '.join(presets)}; first {cols} latents)."
         parts.append(text + "\n\n" + md_table(header, table))
     return "\n\n".join(parts)
 
