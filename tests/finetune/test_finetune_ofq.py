@@ -157,3 +157,12 @@ def test_oscillation_tracker_counts_flips_and_reversals():
     assert tr.flip_ema.tolist() == [0.75, 0.75, 0.0]
     assert tr.osc_ema.tolist() == [0.5, 0.0, 0.0]
     assert tr.summary(threshold=0.5)["oscillating_fraction"] == pytest.approx(1 / 3)
+
+
+def test_unsupported_attention_falls_back_to_lsq():
+    vit = tiny_vit()
+    vit.blocks[0].attn.relative_position_bias_table = torch.nn.Parameter(torch.zeros(1))  # a Swin-like attention
+    prepare_qat(vit, 4, "ofq")
+    attn = vit.blocks[0].attn
+    assert not isinstance(attn, QATAttention)
+    assert type(attn.qkv.wq).__name__ == "LSQWeight" and type(vit.blocks[0].mlp.fc1.wq).__name__ == "StatsQ"

@@ -284,17 +284,20 @@ def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool |
     ``method="ofq"``: StatsQ weights (+ QKR on timm ``Attention`` unless ``qkr=False``); ``"lsq"``: LSQ weights.
     Patch embedding conv and ``head``/``head_dist`` are W8A8 LSQ; every other Linear gets ``bits`` with an LSQ
     input quantizer (unsigned for an MLP's ``fc2``). Attention modules with relative-position bias, q/k norms or
-    gates (Swin, ...) are not rebuilt: their Linears fall back to plain QAT Linears and a line is logged.
+    gates (Swin's window attention, ...) are not rebuilt: their Linears fall back to LSQ QAT and a line is logged
+    (their softmax output stays unquantized).
     """
     if method not in ("ofq", "lsq"):
         raise ValueError(f"{method=} must be 'ofq' or 'lsq'")
     wkind = "statsq" if method == "ofq" else "lsq"
     qkr = (method == "ofq") if qkr is None else qkr
+    fallback: list[str] = []
     for name, m in list(model.named_modules()):
         if name and _is_timm_attention(m):
             _set(model, name, QATAttention(m, bits, wkind, qkr=qkr))
         elif name and hasattr(m, "qkv") and hasattr(m, "proj"):
-            logger.info("%s (%s): unsupported attention form, its Linears get plain QAT", name, type(m).__name__)
+            logger.info("%s (%s): unsupported attention form, its Linears fall back to LSQ QAT", name, type(m).__name__)
+            fallback.append(name + ".")
     for name, m in list(model.named_modules()):
         if not name:
             continue
@@ -305,7 +308,8 @@ def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool |
             if leaf in ("head", "head_dist") or name.startswith("head."):
                 _set(model, name, QATLinear(m, EDGE_BITS, EDGE_BITS, "lsq"))
             else:
-                _set(model, name, QATLinear(m, bits, bits, wkind, act_signed=leaf != "fc2"))
+                kind = "lsq" if any(name.startswith(p) for p in fallback) else wkind
+                _set(model, name, QATLinear(m, bits, bits, kind, act_signed=leaf != "fc2"))
     model.vqsuite_qat = {"bits": bits, "method": method, "qkr": qkr}
     return model
 
