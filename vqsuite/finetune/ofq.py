@@ -231,32 +231,26 @@ class QATAttention(nn.Module):
         wq = self.qk_wq(self.w_qk.reshape(h * c, c))
         return wq.reshape(h, c, c)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Pre-softmax attention logits ``[B, H, N, N]`` of the (already input-quantized) ``x: [B, N, C]``."""
-        b, n, c = x.shape
-        if self.qkr:
-            kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
-            return torch.einsum("bnc,bhmc->bhnm", x, kk) * self.scale
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = self.q_q(qkv[0]), self.k_q(qkv[1])
-        return (q @ k.transpose(-2, -1)) * self.scale
-
-    def values(self, x: torch.Tensor) -> torch.Tensor:
+    def logits_and_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-softmax logits ``[B, H, N, N]`` and values ``[B, H, N, d]`` of the input-quantized ``x: [B, N, C]``."""
         b, n, _ = x.shape
         if self.qkr:
+            kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
+            logits = torch.einsum("bnc,bhmc->bhnm", x, kk) * self.scale
             v = F.linear(x, self.v_wq(self.v_weight), self.v_bias)
-        else:
-            v = self.qkv(x)[..., 2 * self.num_heads * self.head_dim :]
-        return v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            return logits, v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_q(qkv[0]), self.k_q(qkv[1])
+        return (q @ k.transpose(-2, -1)) * self.scale, qkv[2]
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
         """x: ``[B, N, C]`` -> ``[B, N, C]``."""
         if attn_mask is not None:
             raise NotImplementedError("QATAttention does not take an attention mask")
         b, n, _ = x.shape
-        x = self.in_q(x)
-        attn = self.attn_q(self.logits(x).softmax(dim=-1))
-        out = (attn @ self.values(x)).transpose(1, 2).reshape(b, n, -1)
+        logits, v = self.logits_and_values(self.in_q(x))
+        attn = self.attn_q(logits.softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(out)
 
 
