@@ -6,28 +6,16 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import torch
+from cli_helpers import snapshot
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 _DIFFUSERS_TESTS = str(Path(__file__).resolve().parent.parent / "diffusers")
 if _DIFFUSERS_TESTS not in sys.path:
     sys.path.insert(0, _DIFFUSERS_TESTS)
-
-#: the tiny pipelines' VAE downsamples by 2 and the UNet by 2: 32x32 images are the smallest sensible size
-TINY_SIZE = 32
-
-
-@pytest.fixture(autouse=True, scope="package")
-def _one_thread() -> Iterator[None]:
-    """Tiny models gain nothing from threads; on busy shared cores OpenMP spin-waits make them much slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")
@@ -48,12 +36,6 @@ def quantized_sd(tiny_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     out = tmp_path_factory.mktemp("cli-quantized") / "tiny-sd-w4a16"
     assert main(["--quiet", "quantize", str(tiny_sd), "--preset", "w4a16", "--out", str(out)]) == 0
     return out
-
-
-def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
-    """``{relative path: (bytes, mtime_ns)}`` of every file under ``folder``."""
-    files = [p for p in sorted(folder.rglob("*")) if p.is_file()]
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in files}
 
 
 @pytest.fixture

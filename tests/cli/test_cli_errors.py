@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import snapshot
+from cli_helpers import snapshot
 
 from vqsuite.cli.main import EXIT_USAGE, main
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_SIZE
+from cli_helpers import TINY_SIZE
 from PIL import Image
 
 import vqsuite

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -18,22 +20,38 @@ def collect_input_amax(
     the float activations of the model in front of it.
     """
     amax: dict[str, torch.Tensor] = {}
-    handles = []
 
     def hook(name: str):
         def fn(_module: nn.Module, args: tuple) -> None:
-            x = args[0].detach()
-            smooth = getattr(_module, "smooth", None)
-            if smooth is not None:
-                x = x / smooth.to(x.dtype)
+            x = smoothed_input(_module, args[0].detach())
             cur = x.abs().amax().float().cpu()
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
 
         return fn
 
+    observe_layer_inputs(model, layers, calib_data, hook)
+    check_reached(layers, amax)
+    return amax
+
+
+def smoothed_input(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The input the layer quantizes: ``x / λ`` for layers with a smoothing vector, ``x`` otherwise."""
+    smooth = getattr(module, "smooth", None)
+    return x if smooth is None else x / smooth.to(x.dtype)
+
+
+def observe_layer_inputs(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    calib_data: CalibData,
+    hook_for: Callable[[str], Callable[[nn.Module, tuple], None]],
+) -> None:
+    """Run ``calib_data`` through ``model`` with each listed layer observing (activation quantization off) and a
+    forward pre-hook ``hook_for(name)`` on it; hooks and observing flags are removed even if a batch fails."""
+    handles = []
     for name, layer in layers.items():
         layer.act_observing = True
-        handles.append(layer.register_forward_pre_hook(hook(name)))
+        handles.append(layer.register_forward_pre_hook(hook_for(name)))
     try:
         run_calibration_data(model, calib_data)
     finally:
@@ -41,7 +59,10 @@ def collect_input_amax(
             h.remove()
         for layer in layers.values():
             layer.act_observing = False
-    missing = sorted(set(layers) - set(amax))
+
+
+def check_reached(layers: dict[str, nn.Module], seen: dict[str, object]) -> None:
+    """Raise ``ValueError`` naming the layers the calibration data never reached."""
+    missing = sorted(set(layers) - set(seen))
     if missing:
         raise ValueError(f"calibration data never reached layer(s): {', '.join(missing[:5])}")
-    return amax

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.calibrators.data import CalibData
+from vqsuite.calibrators.minmax import check_reached, observe_layer_inputs, smoothed_input
 from vqsuite.calibrators.ranges import DEFAULT_VALUE_RESERVOIR, RangeObserver, static_scale
 from vqsuite.nn import steps as _steps
 from vqsuite.nn.steps import StepInfo, bucket_of, current_steps
@@ -365,7 +366,6 @@ def observe_step_stats(
     ``sampler`` limits which steps feed statistics (steps with an unknown index always do).
     """
     stats: dict[str, StepStats] = {}
-    handles = []
     chosen: dict[int, frozenset[int]] = {}
 
     def wanted(step: StepInfo | None) -> bool:
@@ -379,10 +379,7 @@ def observe_step_stats(
         def fn(module: nn.Module, args: tuple) -> None:
             if not args or not isinstance(args[0], torch.Tensor):
                 return
-            x = args[0].detach()
-            smooth = getattr(module, "smooth", None)
-            if smooth is not None:
-                x = x / smooth.to(x.dtype)
+            x = smoothed_input(module, args[0].detach())
             st = stats.get(name)
             if st is None:
                 spec = module.spec
@@ -399,19 +396,8 @@ def observe_step_stats(
 
         return fn
 
-    for name, layer in layers.items():
-        layer.act_observing = True
-        handles.append(layer.register_forward_pre_hook(hook(name)))
-    try:
-        run_calibration_data(model, calib_data)
-    finally:
-        for h in handles:
-            h.remove()
-        for layer in layers.values():
-            layer.act_observing = False
-    missing = sorted(set(layers) - set(stats))
-    if missing:
-        raise ValueError(f"calibration data never reached layer(s): {', '.join(missing[:5])}")
+    observe_layer_inputs(model, layers, calib_data, hook)
+    check_reached(layers, stats)
     return stats
 
 
