@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,7 @@ def load_model(random_init: bool = False):
     from vqsuite import zoo
 
     try:
-        return zoo.load("fmnist-vit")
+        return zoo.load("fmnist-vit").model
     except Exception:  # noqa: BLE001 - registry entry may not exist yet; the module loader is the same model
         from vqsuite.zoo.vit import load_fmnist_vit
 
@@ -63,6 +64,7 @@ def main() -> None:
     ap.add_argument("--out", default="vit_qat.jsonl")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     from vqsuite import quantize_model
     from vqsuite.finetune import ofq
