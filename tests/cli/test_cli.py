@@ -51,8 +51,14 @@ def test_quantize_save_then_info(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["quantize", "--model", "timm:resnet18", "--weights", "/nonexistent.pth", "--out", "x"], "does not exist"),
         (["demo", "--presets", "w8a8,nope"], "unknown preset"),
     ],
-    ids=["missing-checkpoint", "unknown-timm-model", "no-library-prefix", "unknown-preset", "missing-weights",
-         "demo-unknown-preset"],
+    ids=[
+        "missing-checkpoint",
+        "unknown-timm-model",
+        "no-library-prefix",
+        "unknown-preset",
+        "missing-weights",
+        "demo-unknown-preset",
+    ],
 )
 def test_bad_input_is_one_line_exit_2(argv: list[str], needle: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(argv) == EXIT_USAGE
@@ -76,11 +82,34 @@ def test_corrupt_weights_file_is_one_line(tmp_path: Path, capsys: pytest.Capture
 
 
 def test_demo_runs_one_preset(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--presets", "w8a8", "--out", str(tmp_path / "demo")]) == 0
+    assert main(["demo", "--model", "mobilenet-v2", "--presets", "w8a8", "--out", str(tmp_path / "demo")]) == 0
     out = capsys.readouterr().out
     assert "reloaded outputs identical: True" in out
     row = next(ln for ln in out.splitlines() if ln.startswith("w8a8 "))
     assert float(row.split()[3]) > 2.0  # "x smaller" column: INT8 storage must shrink the model
+
+
+def _mini_sd_ships() -> bool:
+    from vqsuite.cli.demo_sd import mini_sd_available
+
+    return mini_sd_available()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _mini_sd_ships(), reason="mini-sd weights are not in this checkout")
+def test_demo_mini_sd_main_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The README's main job, at 4 steps: FP vs svdquant-int4 grid, memory, fidelity and alignment are written."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--steps", "4", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "UNet memory" in printed and "prompt alignment" in printed
+    result = json.loads((out / "demo.json").read_text())
+    assert result["preset"] == "svdquant-int4" and result["n_images"] == 10
+    assert result["unet_compression"] > 1.5, result  # packed 4-bit residual + 16-bit branch, some layers kept
+    assert result["psnr_db_vs_fp"] > 10.0, result  # same seeds: the quantized images follow the FP ones
+    assert (out / "grid.png").is_file() and len(list((out / "quantized").glob("*.png"))) == 10
+    # a second run never overwrites the first one's output
+    assert main(["demo", "--steps", "4", "--out", str(out)]) == 2
 
 
 def test_console_script_exit_code() -> None:

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, one_line
@@ -24,11 +25,26 @@ __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from vqsuite.cli.demo import DEMO_PRESETS, run_demo
-
-    presets = tuple(args.presets.split(",")) if args.presets else DEMO_PRESETS
     import vqsuite
+    from vqsuite.cli.demo import DEMO_PRESETS, run_demo
+    from vqsuite.cli.demo_sd import DEMO_SD_PRESET, mini_sd_available, run_sd_demo
 
+    model = args.model or ("mini-sd" if mini_sd_available() else "mobilenet-v2")
+    if model == "mini-sd":
+        if not mini_sd_available():
+            raise CLIError("mini-sd does not ship in this install (vqsuite/zoo/weights/mini-sd is missing)")
+        if not 1 <= args.steps <= 1000:
+            raise CLIError(f"--steps {args.steps} must lie in [1, 1000]")
+        presets = tuple(args.presets.split(",")) if args.presets else (DEMO_SD_PRESET,)
+        for p in presets:
+            vqsuite.get_preset(p)  # an unknown name fails before any work
+        out = Path(args.out or "vqsuite-demo")
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CLIError(f"output folder {out} exists and is not empty; choose another --out")
+        for p in presets:
+            run_sd_demo(out / p if len(presets) > 1 else out, preset=p, steps=args.steps)
+        return 0
+    presets = tuple(args.presets.split(",")) if args.presets else DEMO_PRESETS
     for p in presets:
         vqsuite.get_preset(p)  # an unknown name fails before any work
     run_demo(presets, out=args.out)
@@ -131,10 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=_cmd_info)
 
     d = sub.add_parser(
-        "demo", parents=parents, help="quantize a real pretrained MobileNetV2 with every baseline preset"
+        "demo",
+        parents=parents,
+        help="the main job: mini-sd (trained here) at 4 bits, FP vs quantized grid, memory, fidelity, alignment; "
+        "--model mobilenet-v2: a real MobileNetV2 with every baseline preset",
     )
-    d.add_argument("--presets", help="comma-separated preset names (default: all baselines)")
-    d.add_argument("--out", help="also save the last preset's model to this folder and reload it")
+    d.add_argument(
+        "--model",
+        choices=("mini-sd", "mobilenet-v2"),
+        help="demo model (default: mini-sd when it ships in this install, else mobilenet-v2)",
+    )
+    d.add_argument("--presets", help="comma-separated preset names (default: svdquant-int4 / all baselines)")
+    d.add_argument("--steps", type=int, default=20, help="mini-sd denoising steps (default 20)")
+    d.add_argument(
+        "--out", help="mini-sd: output folder (default vqsuite-demo); mobilenet-v2: save the last preset and reload"
+    )
     d.set_defaults(fn=_cmd_demo)
     return p
 
