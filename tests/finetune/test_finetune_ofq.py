@@ -76,10 +76,15 @@ def test_qkr_logits_equal_unfused_qk():
     b, n, c = x.shape
     qkv = attn.qkv(x).reshape(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
     ref = (qkv[0] @ qkv[1].transpose(-2, -1)) * attn.scale
-    qa = QATAttention(attn, bits=4, qkr=True)
+    qa = QATAttention(attn, bits=4, qkr=True).double()
     wqk = qa.w_qk  # un-quantized reparameterized weight
     got = torch.einsum("bnc,hce,bme->bhnm", x, wqk, x) * qa.scale
     torch.testing.assert_close(got, ref, atol=QKR_ATOL, rtol=0)
+    # the module's own logits path with its weight and activation quantizers switched off
+    qa.qk_wq, qa.k_q, qa.v_wq = torch.nn.Identity(), torch.nn.Identity(), torch.nn.Identity()
+    logits, v = qa.logits_and_values(x)
+    torch.testing.assert_close(logits, ref, atol=QKR_ATOL, rtol=0)
+    torch.testing.assert_close(v, qkv[2], atol=QKR_ATOL, rtol=0)
     assert qa.w_qk.shape == (2, 16, 16) and qa.v_weight.shape == (16, 16)
     assert not hasattr(qa, "qkv")
 
