@@ -463,6 +463,7 @@ def ofq(
     checkpoint_every: int | None = None,
     resume: bool = False,
     stop_after: int | None = None,
+    device: str | torch.device | None = None,
     **options,
 ) -> nn.Module:
     """Quantization-aware training of a timm ViT in place; returns the QAT model (eval mode).
@@ -479,6 +480,7 @@ def ofq(
         checkpoint_path: where to save ``{model, optimizer, generator, step}``; every ``checkpoint_every`` steps
             and at the end. ``resume=True`` continues from it (exactly: same weights as an uninterrupted run).
         stop_after: stop after this global step (to simulate an interruption).
+        device: where to train (model, teacher and each batch are moved there); the model's device when ``None``.
         options: other :class:`OFQOptions` fields (``lr``, ``cga_lr``, ``weight_decay``, ``batch_size``, ...).
 
     The result carries ``model.vqsuite_ofq``: the options, loss history, wall time and the per-layer
@@ -492,8 +494,16 @@ def ofq(
         teacher = copy.deepcopy(model)
     teacher.eval().requires_grad_(False)
     prepare_qat(model, opts.bits, opts.method, qkr=opts.qkr)
+    if device is not None:
+        model.to(device)
+        teacher.to(device)
+    dev = next(model.parameters()).device
     model.train()
-    pre = preprocess or (lambda t: t)
+
+    def pre(t: torch.Tensor) -> torch.Tensor:
+        t = t.to(dev)
+        return preprocess(t) if preprocess is not None else t
+
     gen = torch.Generator().manual_seed(opts.seed)
     # LSQ steps initialise from the first batch, before the optimizer sees them
     with torch.no_grad():
@@ -536,7 +546,7 @@ def ofq(
     start = time.perf_counter()
     for t in range(t0, end):
         idx = torch.randint(len(x_all), (opts.batch_size,), generator=gen)
-        xb, yb = pre(x_all[idx]), y_all[idx]
+        xb, yb = pre(x_all[idx]), y_all[idx].to(dev)
         for g in optim.param_groups:
             g["lr"] = opts.lr_at(t)
         with torch.no_grad():
