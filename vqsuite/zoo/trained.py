@@ -1,0 +1,36 @@
+"""Zoo entries for the models trained here (weights in ``vqsuite/zoo/weights/``): ``fmnist-vit`` and ``mini-sd``.
+
+* ``fmnist-vit`` (kind ``"classifier"``): timm ``VisionTransformer``; ``preprocess`` takes uint8 ``[N, 1, 28, 28]``.
+* ``mini-sd`` (kind ``"pipeline"``): ``model`` is a ready ``StableDiffusionPipeline`` (not an ``nn.Module``);
+  ``preprocess(k)`` is the evaluation prompt for digit ``k`` ("a photo of the digit seven").
+"""
+
+from __future__ import annotations
+
+from vqsuite.zoo import mini_sd, vit
+
+TRAINED_REQUIREMENT = "vqsuite (weights ship inside the package)"
+
+
+def register_trained() -> None:
+    """Register ``fmnist-vit`` and ``mini-sd`` whose weights are present in this checkout."""
+    from vqsuite.zoo import ZooEntry, register
+    from vqsuite.zoo.datasets import FASHION_CLASSES
+
+    if (vit.WEIGHTS_DIR / "model.safetensors").is_file():
+        register(ZooEntry(
+            "fmnist-vit", "classifier",
+            "timm VisionTransformer (28x28, patch 4, grey) trained here on Fashion-MNIST train (60k); "
+            "top-1 on the Fashion-MNIST test set in its meta['train']",
+            TRAINED_REQUIREMENT, vit.load_fmnist_vit, lambda: vit.vit_preprocess,
+            {"input": "uint8 or [0,1] float [N, 1, 28, 28]", "normalize": (vit.FMNIST_MEAN, vit.FMNIST_STD),
+             "classes": FASHION_CLASSES, "train": vit.train_record()},
+        ))  # fmt: skip
+    if (mini_sd.WEIGHTS_DIR / "model_index.json").is_file():
+        register(ZooEntry(
+            "mini-sd", "pipeline",
+            "diffusers StableDiffusionPipeline (AutoencoderKL, UNet2DConditionModel, tiny CLIPTextModel, offline "
+            "CLIPTokenizer) trained here on MNIST digits, 32x32; prompts like 'a photo of the digit seven'",
+            TRAINED_REQUIREMENT, mini_sd.load_mini_sd, lambda: mini_sd.prompt,
+            {"size": 32, "prompt": "a photo of the digit {word}", "train": mini_sd.train_record()},
+        ))  # fmt: skip
