@@ -279,6 +279,13 @@ def fid(a: argparse.Namespace) -> None:
                              progress=False)  # fmt: skip
         res["floor_train_vs_test"] = compute_fid(train, test).to_dict()
         logger.info("floor: %s", res["floor_train_vs_test"])
+    if a.fid_other:
+        from vqsuite.zoo.datasets import fashion_mnist
+
+        other = cached_stats("fashion-mnist-test", lambda: rgb(fashion_mnist("test")[0][:n]), net, cache,
+                             extra={"n": n}, progress=False)  # fmt: skip
+        res["fashion_mnist_test_vs_mnist_test"] = compute_fid(other, test).to_dict()
+        logger.info("another dataset: %s", res["fashion_mnist_test_vs_mnist_test"])
     if a.images:
         gen = torch.load(a.images)
         # an equal number of images per digit, N in all
@@ -345,6 +352,7 @@ def main() -> None:
     p.add_argument("--images", type=Path, default=None, help="eval stage writes, fid stage reads, generated digits")
     p.add_argument("--fid-n", type=int, default=500)
     p.add_argument("--fid-floor", action="store_true", help="fid stage: also the train-vs-test floor")
+    p.add_argument("--fid-other", action="store_true", help="fid stage: also Fashion-MNIST test vs MNIST test")
     p.add_argument("--wall-s", type=float, default=None, help="export stage: the stopped run's wall time (log)")
     p.add_argument("--loss-ema", type=float, default=None, help="export stage: its last logged loss EMA")
     p.add_argument("--n-train", type=int, default=50000, help="unet stage: digits encoded and trained on")
