@@ -21,10 +21,10 @@ MAX_FOLDER_BYTES = 15 * 2**20
 #: the trained ViT's top-1 on the first 500 Fashion-MNIST test images must stay above this
 MIN_VIT_TOP1_500 = 0.80
 N_VIT = 500
-#: of the generated test digits (one per prompted class below), at least this many are labelled as prompted
-GEN_DIGITS = (0, 1, 3, 7)
-MIN_GEN_CORRECT = 3
-GEN_STEPS = 10
+#: one image per digit at 4 DDIM steps (checked: 10/10 read as prompted at 4 steps, 9/10 at 2; 999/1000 at 20)
+GEN_DIGITS = tuple(range(10))
+MIN_GEN_CORRECT = 8
+GEN_STEPS = 4
 GEN_GUIDANCE = 4.0
 #: loading the pipeline offline must take seconds, not a hub timeout
 MAX_LOAD_S = 30.0
