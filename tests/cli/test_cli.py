@@ -105,7 +105,8 @@ def test_demo_mini_sd_main_job(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert "UNet memory" in printed and "prompt alignment" in printed
     result = json.loads((out / "demo.json").read_text())
     assert result["preset"] == "svdquant-int4" and result["n_images"] == 10
-    assert result["unet_compression"] > 1.5, result  # packed 4-bit residual + 16-bit branch, some layers kept
+    # 1.52x measured: at this tiny width many layers have K = 32, 288 or 864, which 64-groups do not divide (kept)
+    assert result["unet_compression"] > 1.3, result
     assert result["psnr_db_vs_fp"] > 10.0, result  # same seeds: the quantized images follow the FP ones
     assert (out / "grid.png").is_file() and len(list((out / "quantized").glob("*.png"))) == 10
     # a second run never overwrites the first one's output
