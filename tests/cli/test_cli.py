@@ -109,8 +109,13 @@ def test_demo_mini_sd_main_job(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert result["unet_compression"] > 1.3, result
     assert result["psnr_db_vs_fp"] > 10.0, result  # same seeds: the quantized images follow the FP ones
     assert (out / "grid.png").is_file() and len(list((out / "quantized").glob("*.png"))) == 10
-    # a second run never overwrites the first one's output
-    assert main(["demo", "--steps", "4", "--out", str(out)]) == 2
+    # a second run replaces the demo's own earlier output, never a folder of other files
+    assert main(["demo", "--steps", "4", "--out", str(out)]) == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    assert main(["demo", "--steps", "4", "--out", str(other)]) == 2
+    assert (other / "keep.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
 def test_console_script_exit_code() -> None:

@@ -40,7 +40,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             vqsuite.get_preset(p)  # an unknown name fails before any work
         out = Path(args.out or "vqsuite-demo")
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise CLIError(f"output folder {out} exists and is not empty; choose another --out")
+            if not (out / "demo.json").is_file():  # only an earlier demo's own output is ever replaced
+                raise CLIError(f"output folder {out} holds files the demo did not write; choose another --out")
+            import shutil
+
+            shutil.rmtree(out)
         for p in presets:
             run_sd_demo(out / p if len(presets) > 1 else out, preset=p, steps=args.steps)
         return 0
