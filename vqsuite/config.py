@@ -54,6 +54,10 @@ def _check_group(value: int | None, field_name: str) -> None:
         raise ValueError(f"{field_name}={value!r} must be a positive integer or None")
 
 
+#: smallest group a layer falls back to when the recipe's group does not divide its reduction length
+MIN_FALLBACK_GROUP = 16
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How one layer is quantized.
@@ -178,6 +182,30 @@ class QuantSpec:
         if self.rank > 0 and act_features is not None:
             return "the low-rank branch is only for linear layers"
         return None
+
+    def with_fitting_groups(self, in_features: int, *, act_features: int | None = None) -> QuantSpec | None:
+        """The same recipe with integer group sizes halved (down to :data:`MIN_FALLBACK_GROUP`) until they divide
+        the layer's reduction length, or ``None`` when no such spec exists (block formats such as NVFP4/MXFP4 fix
+        their block; a spec that already fits is returned as is)."""
+        spec = self
+        if spec.incompatibility(in_features, act_features=act_features) is None:
+            return spec
+        a = in_features if act_features is None else act_features
+        for attr, length, fmt_name, used in (
+            ("weight_group_size", in_features, self.weight, self.weight is not None),
+            ("act_group_size", a, self.act, self.act_mode == "dynamic_per_group"),
+        ):
+            g = getattr(spec, attr)
+            if not used or g is None or length % g == 0:
+                continue
+            if get_format(fmt_name).block_size is not None:
+                return None
+            while g > MIN_FALLBACK_GROUP and length % g != 0 and g % 2 == 0:
+                g //= 2
+            if length % g != 0:
+                return None
+            spec = spec.replace(**{attr: g})
+        return spec if spec.incompatibility(in_features, act_features=act_features) is None else None
 
     def validate_for(self, in_features: int, **kw: Any) -> None:
         reason = self.incompatibility(in_features, **kw)

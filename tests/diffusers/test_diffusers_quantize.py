@@ -195,7 +195,11 @@ def test_text_encoder_weight_only_when_asked() -> None:
     rep = pipe.vqsuite_report
     assert set(rep.components) == {"transformer", "text_encoder_2"}
     t5 = [r for r in rep.rows if r.component == "text_encoder_2" and r.status == "quantized"]
-    assert t5 and all(r.act == "16-bit" and r.weight == "int4/g64" and r.rank == 0 for r in t5)
+    assert t5 and all(
+        r.act == "16-bit" and r.weight in ("int4/g64", "int4/g32", "int4/g16") and r.rank == 0 for r in t5
+    )
+    fallback = [r for r in t5 if r.weight != "int4/g64"]  # tiny widths: layers whose K 64 does not divide
+    assert all("group fallback" in r.reason for r in fallback), fallback
     assert not any(isinstance(m, QuantLayer) for m in pipe.text_encoder.modules())  # not asked: left alone
     assert torch.isfinite(tp.generate(pipe, "flux")).all()
 

@@ -51,6 +51,23 @@ def _convt_reason(module: nn.ConvTranspose2d, spec: QuantSpec) -> str | None:
     return spec.incompatibility(module.in_channels // module.groups, act_features=module.in_channels)
 
 
+def _fitting_spec(
+    module: nn.Module, spec: QuantSpec, reason: Callable[[Any, QuantSpec], str | None]
+) -> QuantSpec | None:
+    """``spec`` with smaller integer groups that the layer accepts, or ``None`` (the layer is then skipped)."""
+    if isinstance(module, nn.Linear):
+        k, a = module.in_features, None
+    elif isinstance(module, nn.Conv2d):
+        k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        a = module.in_channels
+    elif isinstance(module, nn.ConvTranspose2d):
+        k, a = module.in_channels // module.groups, module.in_channels
+    else:
+        return None
+    fitted = spec.with_fitting_groups(k, act_features=a)
+    return fitted if fitted is not None and reason(module, fitted) is None else None
+
+
 #: float type -> (why it cannot take the spec, or None; builder of the quantized layer)
 LAYER_RULES: dict[
     type[nn.Module], tuple[Callable[[Any, QuantSpec], str | None], Callable[[Any, QuantSpec], QuantLayer]]
@@ -117,6 +134,7 @@ def quantize_model(
     include: list[str] | tuple[str, ...] | None = None,
     exclude: list[str] | tuple[str, ...] | None = None,
     freeze: bool = True,
+    group_fallback: bool = True,
 ) -> nn.Module:
     """Quantize ``model`` in place and return the same object.
 
@@ -133,6 +151,9 @@ def quantize_model(
         exclude: extra fnmatch patterns to leave in float (added to the config's).
         freeze: pack weights into low-bit storage now (memory drops). ``False`` keeps the fake-quant state
             for calibration or fine-tuning; call :func:`vqsuite.freeze` later.
+        group_fallback: a layer whose reduction length the recipe's integer group (e.g. INT4 g64) does not divide
+            gets the largest halved group that does (down to 16; K = 288 -> g32) instead of staying 16-bit; the
+            report says so. Block formats (NVFP4, MXFP4) keep their block and skip such layers.
 
     The per-layer report is ``model.vqsuite_report`` (:class:`QuantReport`): what was quantized with which
     spec, what was skipped and why. Quantizing nothing, or under half of the matrix weights, warns loudly.
@@ -146,6 +167,7 @@ def quantize_model(
         prepare_vit_ptq(model, cfg.options, calib_data)
     report = QuantReport(total_weight_numel=matrix_weight_numel(model), bytes_before=module_nbytes(model))
     targets: list[tuple[str, nn.Module, QuantSpec, Any]] = []
+    fallback_notes: dict[str, str] = {}
     for name, module in model.named_modules():
         if isinstance(module, QuantLayer):
             report.layers.append(LayerEntry(name, type(module).__name__, "skipped", "already quantized"))
@@ -176,6 +198,12 @@ def quantize_model(
             report.layers.append(LayerEntry(name, tname, "skipped", origin, weight_numel=numel))
             continue
         why = rule[0](module, spec)
+        if why is not None and group_fallback:
+            fitted = _fitting_spec(module, spec, rule[0])
+            if fitted is not None:
+                logger.info("%s: %s; using %s", name, why, fitted.short())
+                fallback_notes[name] = f"group fallback ({why})"
+                spec, why = fitted, None
         if why is not None:
             report.layers.append(LayerEntry(name, tname, "skipped", why, weight_numel=numel))
             continue
@@ -200,6 +228,8 @@ def quantize_model(
                 q.layer_name = name
                 replace_module(model, refs, module, q)  # a reused layer is swapped everywhere it is used
                 swapped[name] = q
+                if name in fallback_notes:
+                    how = f"{how}; {fallback_notes[name]}" if how else fallback_notes[name]
                 report.layers.append(
                     LayerEntry(name, type(module).__name__, "quantized", how, spec.short(), module.weight.numel())
                 )
