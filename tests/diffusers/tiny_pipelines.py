@@ -14,27 +14,17 @@ from pathlib import Path
 
 import torch
 
+from vqsuite.zoo.mini_sd import bytes_to_unicode
+
 CLIP_VOCAB_EXTRA = ["<|startoftext|>", "<|endoftext|>"]
 T5_PIECES = ["<pad>", "</s>", "<unk>"] + [f"\u2581{w}" for w in "a the of in on with and photo cat dog red".split()]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
 
 
 @cache
 def _clip_tokenizer_dir() -> str:
     """A CLIP BPE tokenizer folder: 256 byte characters, their ``</w>`` forms, two merges, the specials."""
     folder = Path(tempfile.mkdtemp(prefix="vqsuite-clip-tok-"))
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars] + ["th", "the</w>"] + CLIP_VOCAB_EXTRA
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab_list)}))
     (folder / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")

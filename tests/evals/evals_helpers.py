@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from vqsuite.evals.inception import resize_299
+from vqsuite.zoo.mini_sd import bytes_to_unicode
 
 
 class TinyExtractor(nn.Module):
@@ -74,18 +75,6 @@ def gen_sample(model: nn.Module, seeds: list[int]) -> torch.Tensor:
     return ((model(z) + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
 def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     """A randomly initialised CLIP (32-wide towers, 32x32 images) + processor with a hand-written BPE vocab,
     saved with ``save_pretrained`` to ``folder``. Wiring only: its scores are not CLIP scores."""
@@ -94,7 +83,7 @@ def save_tiny_clip(folder: Path, seed: int = 0) -> Path:
     folder = Path(folder)
     tok_dir = folder / "tok"
     tok_dir.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["th", "the</w>", "<|startoftext|>", "<|endoftext|>"]
     (tok_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
     (tok_dir / "merges.txt").write_text("#version: 0.2\nt h\nth e</w>\n")

@@ -60,8 +60,8 @@ def _caption_words() -> list[str]:
     return sorted(words)
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 / CLIP's reversible byte -> printable character table."""
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2 / CLIP's reversible byte -> printable character table (the base alphabet of an offline BPE vocab)."""
     bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
@@ -80,7 +80,7 @@ def write_caption_tokenizer(folder: Path) -> None:
     every caption word, the left-to-right merges that build it, so each caption word ends up as a single token.
     """
     folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
+    chars = list(bytes_to_unicode().values())
     vocab: list[str] = chars + [c + "</w>" for c in chars]
     merges: list[tuple[str, str]] = []
     seen = set(vocab)
