@@ -22,7 +22,7 @@ class Format:
 
     Attributes:
         name: registry name (``"int4"``, ``"nvfp4"``, ...).
-        bits: bits per element code.
+        bits: bits per element code (the information content: ``int2`` is 2, ``int3`` is 3).
         kind: ``"int"`` or ``"float"``.
         qmin, qmax: smallest and largest code value (integers) or representable value (floats).
         asymmetric: integer formats with a zero point (codes ``[0, 2^bits - 1]``).
@@ -48,11 +48,23 @@ class Format:
         return self.bits == 4
 
     @property
+    def storage_bits(self) -> int:
+        """Bits one code occupies in frozen storage: 4 (two codes per byte, :func:`pack_4bit`) for ``bits <= 4``,
+        8 (one byte) for ``5 <= bits <= 8``. ``int2``/``int3`` codes live in the 4-bit container and ``int6`` in
+        int8 bytes, so memory follows this, not :attr:`bits`."""
+        if self.bits <= 4:
+            return 4
+        if self.bits <= 8:
+            return 8
+        raise ValueError(f"format {self.name!r}: bits={self.bits} has no storage container (at most 8)")
+
+    @property
     def bits_per_element(self) -> float:
-        """Storage bits per element including block scales (not counting a per-tensor scale)."""
+        """Storage bits per element including block scales (not counting a per-tensor scale): the container's
+        :attr:`storage_bits`, not the code's information content."""
         if self.block_size is None:
-            return float(self.bits)
-        return self.bits + 8.0 / self.block_size
+            return float(self.storage_bits)
+        return self.storage_bits + 8.0 / self.block_size
 
 
 @dataclass

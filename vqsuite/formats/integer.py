@@ -1,7 +1,12 @@
-"""Integer formats: INT8 and INT4, symmetric (signed codes) and asymmetric (unsigned codes + zero point).
+"""Integer formats: INT8, INT6, INT4, INT3, INT2 symmetric (signed codes), INT8/INT4 asymmetric (unsigned codes +
+zero point).
 
-Symmetric: ``scale = amax / qmax`` (``qmax`` = 127 for INT8, 7 for INT4 as in deepcompressor),
-``q = clamp(round_half_even(x / scale), qmin, qmax)`` with ``qmin = -2^(b-1)``.
+Symmetric: ``scale = amax / qmax`` with ``qmax = 2^(b-1) - 1`` as in deepcompressor (127 for INT8, 31 for INT6,
+7 for INT4, 3 for INT3, 1 for INT2); ``qmin = -2^(b-1)`` is representable but never produced by the symmetric
+rounding (``|x / scale| <= qmax``), so INT2 in practice uses the codes {-1, 0, 1}.
+``q = clamp(round_half_even(x / scale), qmin, qmax)``.
+Storage (:attr:`Format.storage_bits`): INT2/INT3 codes are int8 after :func:`quantize` and are packed two per byte
+in the 4-bit container (:func:`vqsuite.formats.pack_4bit`) when a layer freezes; INT6 codes take one int8 byte.
 Asymmetric: the range is widened to include 0, ``scale = (max - min) / (2^b - 1)``,
 ``z = round(-min / scale)``, ``q = clamp(round(x / scale) + z, 0, 2^b - 1)``; ``x^ = (q - z) * scale``.
 An all-zero group gets ``scale = 0`` and codes 0 (no division by zero; it dequantizes to exact zeros).
@@ -82,6 +87,9 @@ INT8 = Format("int8", 8, "int", -128, 127, description="signed INT8, scale = ama
 INT8_ASYM = Format("int8_asym", 8, "int", 0, 255, asymmetric=True, description="unsigned INT8 with zero point")
 INT4 = Format("int4", 4, "int", -8, 7, description="signed INT4 [-8, 7], scale = amax/7")
 INT4_ASYM = Format("int4_asym", 4, "int", 0, 15, asymmetric=True, description="unsigned INT4 [0, 15] with zero point")
+INT6 = Format("int6", 6, "int", -32, 31, description="signed INT6 [-32, 31], scale = amax/31, stored in int8 bytes")
+INT3 = Format("int3", 3, "int", -4, 3, description="signed INT3 [-4, 3], scale = amax/3, stored packed as 4-bit")
+INT2 = Format("int2", 2, "int", -2, 1, description="signed INT2 [-2, 1], scale = amax/1, stored packed as 4-bit")
 
-for _f in (INT8, INT8_ASYM, INT4, INT4_ASYM):
+for _f in (INT8, INT8_ASYM, INT4, INT4_ASYM, INT6, INT3, INT2):
     register_format(_f, quantize_int, dequantize_int)

@@ -258,7 +258,7 @@ class QuantLayer(nn.Module):
             return {}
         n, k = self.gemm_shape
         fmt = get_format(self.spec.weight)
-        if fmt.bits == 4:
+        if fmt.storage_bits == 4:  # int2/int3/int4/fp4 codes: two per byte
             qdtype, qshape = torch.uint8, (n, k // 2)
         elif fmt.kind == "int":
             qdtype, qshape = (torch.uint8 if fmt.asymmetric else torch.int8), (n, k)
@@ -301,7 +301,7 @@ class QuantLayer(nn.Module):
                     f"{name}: qtensor.codes has shape {tuple(qt.codes.shape)}, the GEMM weight is {self.gemm_shape}"
                 )
         store = {
-            "qweight": pack_4bit(qt.codes) if get_format(self.spec.weight).bits == 4 else qt.codes,
+            "qweight": pack_4bit(qt.codes) if get_format(self.spec.weight).storage_bits == 4 else qt.codes,
             "wscales": qt.scales,
             "wzeros": qt.zero_points,
             "wtscale": qt.tensor_scale,
