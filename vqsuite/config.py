@@ -174,8 +174,8 @@ class QuantSpec:
         if self.weight is not None and self.weight_group_size is not None:
             if in_features % self.weight_group_size != 0:
                 return f"weight_group_size={self.weight_group_size} must divide in_features={in_features}"
-        if self.weight is not None and get_format(self.weight).is_4bit and in_features % 2 != 0:
-            return f"4-bit packing needs an even in_features, got {in_features}"
+        if self.weight is not None and get_format(self.weight).storage_bits == 4 and in_features % 2 != 0:
+            return f"4-bit packing ({self.weight}) needs an even in_features, got {in_features}"
         a = in_features if act_features is None else act_features
         if self.act_mode == "dynamic_per_group" and a % self.act_group_size != 0:
             return f"act_group_size={self.act_group_size} must divide the activation channels {a}"
@@ -398,6 +398,23 @@ register_preset(
     "FP8 E4M3 per-channel weights, dynamic per-token FP8 E4M3 activations",
 )
 register_preset(
+    "w2a8",
+    _spec(weight="int2", act="int8", act_mode="dynamic_per_token"),
+    "INT2 per-channel weights (stored packed 4-bit), dynamic per-token INT8 activations",
+)
+register_preset(
+    "w4a4-static",
+    _spec(weight="int4", act="int4", act_mode="static", act_granularity="per_step"),
+    "EfficientDM's setting: INT4 per-channel weights, static per-tensor INT4 activations with one scale per "
+    "denoising step (needs calibration: calib_data, or quantize_pipeline's calibration runs)",
+)
+register_preset(
+    "w4a8-static",
+    _spec(weight="int4", act="int8", act_mode="static", act_granularity="per_step"),
+    "INT4 per-channel weights, static per-tensor INT8 activations with one scale per denoising step (needs "
+    "calibration)",
+)
+register_preset(
     "w4a16",
     _spec(weight="int4", weight_group_size=64, scale_dtype="bfloat16"),
     "INT4 weights in groups of 64 (bf16 scales), 16-bit activations",
@@ -470,7 +487,7 @@ _VIT_PTQ_VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {
     "minmax": ("minmax", {"softmax": "uniform", "gelu": "uniform", "ln_reparam": False},
                "plain per-tensor min-max activations (the baseline)"),
 }  # fmt: skip
-for _bits, _wfmt in ((8, "int8"), (4, "int4")):
+for _bits, _wfmt in ((8, "int8"), (6, "int6"), (4, "int4"), (3, "int3")):
     for _suffix, (_wrange, _opts, _desc) in _VIT_PTQ_VARIANTS.items():
         register_preset(
             f"vit-w{_bits}a{_bits}-{_suffix}",

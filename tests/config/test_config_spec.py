@@ -14,8 +14,8 @@ REQUIRED_PRESETS = ("w8a8", "w8a8-fp8", "w4a16", "w4a8", "w4a4", "nvfp4", "mxfp4
 
 # (kwargs, text the error message must contain)
 INVALID_SPECS = [
-    ({"weight": "int3"}, "weight='int3'"),
-    ({"act": "int2", "act_mode": "dynamic_per_token"}, "act='int2'"),
+    ({"weight": "int5"}, "weight='int5'"),
+    ({"act": "int5", "act_mode": "dynamic_per_token"}, "act='int5'"),
     ({"weight_group_size": 0}, "weight_group_size=0"),
     ({"weight_group_size": -64}, "weight_group_size=-64"),
     ({"weight_group_size": 64.0}, "weight_group_size=64.0"),

@@ -46,10 +46,10 @@ def test_format_metadata(fmt):
 def test_registry_lists_every_format_and_rejects_unknown():
     assert set(ALL_FORMATS) <= set(F.list_formats())
     assert F.list_formats() == sorted(F.list_formats())
-    with pytest.raises(ValueError, match="int3"):
-        F.get_format("int3")
+    with pytest.raises(ValueError, match="int5"):
+        F.get_format("int5")
     with pytest.raises(ValueError, match="known formats"):
-        F.quantize(torch.ones(4), "int3")
+        F.quantize(torch.ones(4), "int5")
 
 
 # ----------------------------------------------------------------------------- library vs reference

@@ -1,7 +1,7 @@
 """Plain-PyTorch reference kernels: the twins every fast path is tested against.
 
 Weight storage (frozen layers), for a GEMM weight ``[N, K]`` with groups of ``G`` along K:
-    qweight: ``[N, K/2]`` uint8 (two 4-bit codes per byte) | ``[N, K]`` int8/uint8 | ``[N, K]`` float8
+    qweight: ``[N, K/2]`` uint8 (two codes of <= 4 bits per byte) | ``[N, K]`` int8/uint8 | ``[N, K]`` float8
     wscales: ``[N, K/G]`` (``G = K`` per channel) float, float8_e4m3fn (NVFP4) or uint8 E8M0 (MXFP4)
     wzeros:  ``[N, K/G]`` uint8, asymmetric integer formats only
     wtscale: ``[]`` float32, NVFP4 only
@@ -20,7 +20,7 @@ from vqsuite.nn.quantizers import quantize_activation
 def unpack_weight_codes(qweight: torch.Tensor, fmt_name: str) -> torch.Tensor:
     """Stored ``qweight`` -> unpacked codes ``[N, K]`` in the dtype :func:`vqsuite.formats.quantize` gives."""
     fmt = get_format(fmt_name)
-    if fmt.bits == 4:
+    if fmt.storage_bits == 4:  # int2/int3/int4/fp4 share the two-per-byte container
         return unpack_4bit(qweight, signed=fmt.kind == "int" and not fmt.asymmetric)
     return qweight
 
