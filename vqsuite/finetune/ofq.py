@@ -464,6 +464,7 @@ def ofq(
     resume: bool = False,
     stop_after: int | None = None,
     device: str | torch.device | None = None,
+    callback: Callable[[dict[str, float]], None] | None = None,
     **options,
 ) -> nn.Module:
     """Quantization-aware training of a timm ViT in place; returns the QAT model (eval mode).
@@ -481,6 +482,11 @@ def ofq(
             and at the end. ``resume=True`` continues from it (exactly: same weights as an uninterrupted run).
         stop_after: stop after this global step (to simulate an interruption).
         device: where to train (model, teacher and each batch are moved there); the model's device when ``None``.
+            Training runs through an ``accelerate.Accelerator`` (one process; CPU when ``device`` is the CPU), so
+            ``ACCELERATE_MIXED_PRECISION`` applies; with the default (no mixed precision) the steps are exactly the
+            plain-PyTorch ones.
+        callback: called after every optimizer step with that step's history entry (``step``, ``loss``, ``lr``,
+            ``trainable_fraction``), e.g. to drive a progress bar.
         options: other :class:`OFQOptions` fields (``lr``, ``cga_lr``, ``weight_decay``, ``batch_size``, ...).
 
     The result carries ``model.vqsuite_ofq``: the options, loss history, wall time and the per-layer
@@ -498,6 +504,12 @@ def ofq(
         model.to(device)
         teacher.to(device)
     dev = next(model.parameters()).device
+    from accelerate import Accelerator
+
+    # placement stays ours (``device``); accelerate owns backward (and mixed precision when asked for)
+    accelerator = Accelerator(cpu=dev.type == "cpu", device_placement=False)
+    if accelerator.num_processes > 1:
+        raise ValueError(f"ofq trains on one process; got {accelerator.num_processes} (run it without a launcher)")
     model.train()
 
     def pre(t: torch.Tensor) -> torch.Tensor:
@@ -514,6 +526,7 @@ def ofq(
     optim = torch.optim.AdamW(
         [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=opts.lr
     )
+    train_model, optim = accelerator.prepare(model, optim)  # the same module on one process
     history: list[dict[str, float]] = []
     t0, wall = 0, 0.0
     ckpt = Path(checkpoint_path) if checkpoint_path else None
@@ -551,9 +564,9 @@ def ofq(
             g["lr"] = opts.lr_at(t)
         with torch.no_grad():
             t_logits = _forward(teacher, xb)
-        loss = kd_loss(_forward(model, xb), t_logits, yb, opts.tau)
+        loss = kd_loss(_forward(train_model, xb), t_logits, yb, opts.tau)
         optim.zero_grad(set_to_none=True)
-        loss.backward()
+        accelerator.backward(loss)
         in_cga = cga is not None and t >= opts.steps
         frac = cga.mask_gradients() if in_cga else 1.0
         optim.step()
@@ -561,6 +574,8 @@ def ofq(
             cga.restore()
         track_oscillations(model)
         history.append({"step": t, "loss": float(loss.detach()), "lr": opts.lr_at(t), "trainable_fraction": frac})
+        if callback is not None:
+            callback(history[-1])
         if opts.log_every and (t % opts.log_every == 0 or t == total - 1):
             logger.info("ofq step %d/%d loss %.4f lr %.2e%s", t, total, float(loss.detach()), opts.lr_at(t),
                         f" cga trainable {frac:.4f}" if in_cga else "")  # fmt: skip
