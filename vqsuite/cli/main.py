@@ -126,7 +126,7 @@ def _common_parent() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vqsuite.cli import bench, generate, quantize, sweep
+    from vqsuite.cli import bench, finetune, generate, quantize, sweep
     from vqsuite.cli import eval as eval_cmd
 
     p = ArgParser(prog="vqsuite", description="Low-bit quantization for diffusion and vision models.")
@@ -141,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.add_parser(sub, parents)
     sweep.add_parser(sub, parents)
     bench.add_parser(sub, parents)
+    finetune.add_parser(sub, parents)
 
     sub.add_parser("presets", parents=parents, help="list the named presets").set_defaults(fn=_cmd_presets)
     sub.add_parser("formats", parents=parents, help="list the number formats").set_defaults(fn=_cmd_formats)

@@ -1,0 +1,582 @@
+"""``vqsuite finetune --method {ofq,qalora} SOURCE --out DIR``: quantization-aware fine-tuning from the shell.
+
+``--method ofq`` trains a vision transformer (a built-in classifier such as ``fmnist-vit``, or ``timm:<name>`` with
+``--weights``) with OFQ (:func:`vqsuite.finetune.ofq`: StatsQ, query-key reparameterization, KD from the float
+model, optional CGA), then measures top-1 of the float and the QAT model on held-out images. ``--method qalora``
+fine-tunes a diffusion pipeline (a built-in pipeline such as ``mini-sd`` or a local diffusers folder) with
+QALoRA/EfficientDM (:func:`vqsuite.finetune.qalora`) and saves it as a quantized pipeline folder that
+``vqsuite generate DIR`` runs.
+
+Output folder (written beside the target and renamed into place; ``--force`` replaces an earlier finetune output)::
+
+    finetune.json            method, settings, steps, wall time, the method's record (top-1, oscillations / losses)
+    ofq:    model.safetensors + qat_config.json   the QAT model's state dict (float master weights, LSQ steps) and
+                                                  how to rebuild it: :func:`load_finetuned`
+    qalora: a quantized pipeline folder (vqsuite_pipeline.json, model_index.json, components), as ``vqsuite quantize``
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from vqsuite.cli.errors import CLIError, check_float, check_int, check_out_dir, check_preset, read_prompt_file
+from vqsuite.cli.sources import REPORT_JSON, Source, resolve
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("ofq", "qalora")
+#: the record of every finetune output folder (also what marks the folder as replaceable with --force)
+MANIFEST = "finetune.json"
+#: OFQ: the QAT model's state dict and how to rebuild the architecture
+QAT_WEIGHTS = "model.safetensors"
+QAT_CONFIG = "qat_config.json"
+QAT_FORMAT = "vqsuite-ofq-qat"
+QAT_FORMAT_VERSION = 1
+#: OFQ checkpoint file inside --checkpoint-dir
+OFQ_CHECKPOINT = "ofq.pt"
+OFQ_BITS = (2, 4)
+DEFAULT_STEPS = {"ofq": 1000, "qalora": 200}
+DEFAULT_BATCH = {"ofq": 64, "qalora": 2}
+DEFAULT_EVAL_N = 1000
+DEFAULT_QALORA_CONFIG = "w4a4"
+MAX_STEPS = 1_000_000
+#: the Fashion-MNIST classifier trains on the built-in dataset; every other classifier needs --data
+BUILTIN_DATA = {"fmnist-vit": "Fashion-MNIST"}
+#: flags of one method only (dest, flag): given with the other method they are an error
+_OFQ_ONLY = (("bits", "--bits"), ("cga_steps", "--cga-steps"), ("lr", "--lr"), ("cga_lr", "--cga-lr"),
+             ("weights", "--weights"), ("data", "--data"), ("eval_n", "--eval-n"))  # fmt: skip
+_QALORA_ONLY = (("config", "--config"), ("rank", "--rank"), ("prompts_file", "--prompts-file"),
+                ("num_inference_steps", "--num-inference-steps"), ("guidance_scale", "--guidance-scale"),
+                ("lr_scale", "--lr-scale"))  # fmt: skip
+
+
+def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    f = sub.add_parser(
+        "finetune",
+        parents=parents,
+        help="quantization-aware fine-tuning: OFQ for vision transformers, QALoRA for diffusion pipelines",
+        description=__doc__.split("\n\n")[0].replace("``", ""),
+    )
+    f.add_argument("source", metavar="SOURCE", nargs="?", help="ofq: a built-in classifier (fmnist-vit) or "
+                   "timm:<name>; qalora: a built-in pipeline (mini-sd) or a diffusers pipeline folder")  # fmt: skip
+    f.add_argument("--method", required=True, choices=METHODS, help="ofq (vision transformers) or qalora (pipelines)")
+    f.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
+    f.add_argument("--force", "--overwrite", dest="force", action="store_true",
+                   help="replace an earlier vqsuite output folder at --out")  # fmt: skip
+    f.add_argument("--steps", type=int, help=f"optimizer updates (ofq {DEFAULT_STEPS['ofq']}, qalora "
+                   f"{DEFAULT_STEPS['qalora']})")  # fmt: skip
+    f.add_argument("--batch-size", type=int, help=f"ofq: images per step ({DEFAULT_BATCH['ofq']}); qalora: prompts "
+                   f"per step ({DEFAULT_BATCH['qalora']})")  # fmt: skip
+    f.add_argument("--seed", type=int, default=0, help="seed of the batches / noise (0)")
+    f.add_argument("--checkpoint-dir", metavar="D", help="save a resumable checkpoint here (outside --out)")
+    f.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (and "
+                   "at the end); needs --checkpoint-dir")  # fmt: skip
+    f.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    f.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda[:N]")
+    f.add_argument("--no-progress", action="store_true", help="no progress bar (same as --quiet)")
+    o = f.add_argument_group("ofq (vision transformers)")
+    o.add_argument("--bits", type=int, help="weight and activation bits of the body: 2, 3 or 4 (4); patch "
+                   "embedding and head stay 8-bit")  # fmt: skip
+    o.add_argument("--cga-steps", type=int, help="confidence-guided annealing steps after the main stage (0)")
+    o.add_argument("--lr", type=float, help="peak learning rate (5e-4, cosine to 0)")
+    o.add_argument("--cga-lr", type=float, help="CGA learning rate (lr / 10)")
+    o.add_argument("--weights", help="timm:<name>: local weights file (.safetensors, .pt/.pth)")
+    o.add_argument("--data", help="labelled image folder root/<class>/<image> (ImageFolder) to train and evaluate "
+                   "on; fmnist-vit uses Fashion-MNIST when not given")  # fmt: skip
+    o.add_argument("--eval-n", type=int, help=f"held-out images for top-1 ({DEFAULT_EVAL_N})")
+    q = f.add_argument_group("qalora (diffusion pipelines)")
+    q.add_argument("--config", help=f"quantization preset trained against ({DEFAULT_QALORA_CONFIG})")
+    q.add_argument("--rank", type=int, help="LoRA rank (32)")
+    q.add_argument("--prompts-file", metavar="F", help="training prompts, one per line (default: vqsuite's own)")
+    q.add_argument("--num-inference-steps", type=int, help="denoising steps of the teacher/student runs (20)")
+    q.add_argument("--guidance-scale", type=float, help="classifier-free guidance (the pipeline's default)")
+    q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (1/2500)")
+    f.set_defaults(fn=run)
+
+
+# ------------------------------------------------------------------------------------------------ validation
+def _given(args: argparse.Namespace, flags: tuple[tuple[str, str], ...]) -> list[str]:
+    return [flag for dest, flag in flags if getattr(args, dest) not in (None, False)]
+
+
+def _kind(src: Source) -> str:
+    """``classifier``, ``pipeline`` or what the built-in entry is (``generator``, ``features``)."""
+    if src.kind in ("float-pipeline", "quantized-pipeline"):
+        return "pipeline"
+    if src.kind == "quantized-module":
+        return "quantized"
+    if src.kind == "builtin":
+        from vqsuite.cli.sources import builtin_kind
+
+        return builtin_kind(src.arg)
+    return "classifier"
+
+
+def _checkpoint_file(args: argparse.Namespace) -> Path | None:
+    return Path(args.checkpoint_dir).expanduser() / OFQ_CHECKPOINT if args.checkpoint_dir else None
+
+
+def _check_out(args: argparse.Namespace, src: Source) -> Path:
+    """The output folder, refused before any work when it would overwrite something (see ``check_out_dir``);
+    an earlier finetune output counts as vqsuite's own."""
+    out = Path(args.out).expanduser()
+    if src.path is not None and out.resolve() == src.path.resolve():
+        raise CLIError(f"--out {out} is the input folder; choose another")
+    if not (args.force and out.is_dir() and (out / MANIFEST).is_file()):
+        check_out_dir(out, force=args.force)
+    if args.checkpoint_dir:
+        ck = Path(args.checkpoint_dir).expanduser().resolve()
+        if ck == out.resolve() or out.resolve() in ck.parents:
+            raise CLIError(f"--checkpoint-dir {args.checkpoint_dir} lies inside --out {out} (the output folder is "
+                           "replaced as a whole); choose a folder outside it")  # fmt: skip
+    return out
+
+
+def _validate_common(args: argparse.Namespace) -> None:
+    check_int(args.steps, "--steps", 1, MAX_STEPS)
+    check_int(args.batch_size, "--batch-size", 1, 65_536)
+    check_int(args.seed, "--seed", 0, 2**63 - 1)
+    check_int(args.checkpoint_every, "--checkpoint-every", 0, MAX_STEPS)
+    if args.checkpoint_every and not args.checkpoint_dir:
+        raise CLIError("--checkpoint-every needs --checkpoint-dir (where to write the checkpoint)")
+    if args.resume and not args.checkpoint_dir:
+        raise CLIError("--resume needs --checkpoint-dir (the folder holding the checkpoint to continue from)")
+    if args.checkpoint_dir:
+        ck = Path(args.checkpoint_dir).expanduser()
+        if ck.exists() and not ck.is_dir():
+            raise CLIError(f"--checkpoint-dir {ck} is a file, not a folder")
+
+
+def _source_arg(args: argparse.Namespace) -> str:
+    if not args.source:
+        what = "a built-in classifier (fmnist-vit) or timm:<name>" if args.method == "ofq" else (
+            "a built-in pipeline (mini-sd) or a diffusers pipeline folder")  # fmt: skip
+        raise CLIError(f"SOURCE is missing: {what}")
+    return args.source
+
+
+# ------------------------------------------------------------------------------------------------ ofq
+def _ofq_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The :class:`~vqsuite.finetune.OFQOptions` fields the command sets (validated by constructing them)."""
+    from vqsuite.finetune import OFQOptions
+
+    lr = 5e-4 if args.lr is None else args.lr
+    opts = {
+        "bits": 4 if args.bits is None else args.bits,
+        "method": "ofq",
+        "steps": args.steps or DEFAULT_STEPS["ofq"],
+        "cga_steps": args.cga_steps or 0,
+        "batch_size": args.batch_size or DEFAULT_BATCH["ofq"],
+        "lr": lr,
+        "cga_lr": lr / 10 if args.cga_lr is None else args.cga_lr,
+        "seed": args.seed,
+        "log_every": 50,
+    }
+    OFQOptions(**opts)
+    return opts
+
+
+def _validate_ofq(args: argparse.Namespace, src: Source) -> dict[str, Any]:
+    """Every OFQ check that needs no model or data; returns the options."""
+    wrong = _given(args, _QALORA_ONLY)
+    if wrong:
+        raise CLIError(f"{wrong[0]} applies to --method qalora, not to ofq")
+    kind = _kind(src)
+    if kind == "pipeline":
+        raise CLIError(f"{src.arg} is a diffusion pipeline; ofq fine-tunes vision transformers (use --method qalora)")
+    if kind == "quantized":
+        raise CLIError(f"{src.arg} is already a quantized checkpoint (vqsuite_config.json); ofq starts from the float "
+                       "model")  # fmt: skip
+    if kind != "classifier":
+        raise CLIError(f"built-in model {src.arg!r} is a {kind}; ofq fine-tunes classifiers (vision transformers)")
+    if src.kind == "module" and not src.arg.startswith("timm:"):
+        raise CLIError(f"ofq fine-tunes timm vision transformers; {src.arg!r} is not a timm:<name> model")
+    check_int(args.bits, "--bits", *OFQ_BITS)
+    check_int(args.cga_steps, "--cga-steps", 0, MAX_STEPS)
+    check_int(args.eval_n, "--eval-n", 1, 1_000_000)
+    check_float(args.lr, "--lr", 1e-12, 10.0)
+    check_float(args.cga_lr, "--cga-lr", 1e-12, 10.0)
+    if args.weights:
+        if src.kind == "builtin":
+            raise CLIError(f"--weights does not apply to the built-in model {src.arg!r} (it ships its own)")
+        w = Path(args.weights).expanduser()
+        if not w.is_file():
+            what = "is a folder, not a file" if w.is_dir() else "does not exist"
+            raise CLIError(f"weights file {args.weights} {what}")
+    if args.data:
+        if not Path(args.data).expanduser().is_dir():
+            raise CLIError(f"--data {args.data} is not a folder (a labelled image folder root/<class>/<image>)")
+    elif src.arg not in BUILTIN_DATA:
+        raise CLIError(f"{src.arg} needs --data, a labelled image folder root/<class>/<image> to train on (only "
+                       f"{', '.join(BUILTIN_DATA)} has a built-in training set)")  # fmt: skip
+    opts = _ofq_options(args)
+    ck = _checkpoint_file(args)
+    if args.resume:
+        if ck is None or not ck.is_file():
+            raise CLIError(f"--resume: no checkpoint at {ck} (run once with --checkpoint-dir first)")
+        _check_resumable(ck, opts)
+    return opts
+
+
+def _check_resumable(ck: Path, opts: dict[str, Any]) -> None:
+    """A checkpoint written with other settings cannot be continued exactly: say which differ, before any work."""
+    import torch
+
+    from vqsuite.finetune import OFQOptions
+
+    try:
+        saved = torch.load(ck, map_location="cpu", weights_only=False)["options"]
+    except Exception as e:  # truncated or foreign files surface as many exception types
+        raise CLIError(f"--resume: cannot read the checkpoint {ck} ({type(e).__name__})") from None
+    want = asdict(OFQOptions(**opts))
+    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in want.items() if saved.get(k) != v]
+    if diff:
+        raise CLIError(f"--resume: the checkpoint {ck} was written with other settings ({'; '.join(diff)})")
+
+
+def _image_transform(src: Source, model: Any, zoo_model: Any) -> Any:
+    """One PIL image -> the model's float input ``[C, H, W]``."""
+    if zoo_model is None:
+        from vqsuite.evals.accuracy import timm_transform
+
+        return timm_transform(model)
+    if "PIL" in str(zoo_model.meta.get("input", "")):
+        return zoo_model.preprocess
+    import re
+
+    import numpy as np
+    import torch
+
+    m = re.search(r"\[N, (\d+), (\d+), (\d+)\]", str(zoo_model.meta.get("input", "")))
+    if not m:
+        raise CLIError(f"built-in model {src.arg!r} does not say what images it takes; --data cannot feed it")
+    c, h, w = (int(g) for g in m.groups())
+
+    def transform(img: Any) -> torch.Tensor:
+        img = img.convert("L" if c == 1 else "RGB").resize((w, h))
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+        arr = arr[None] if c == 1 else arr.permute(2, 0, 1)
+        return zoo_model.preprocess(arr[None])[0]
+
+    return transform
+
+
+def _folder_data(root: Path, transform: Any, eval_n: int, seed: int) -> tuple[Any, ...]:
+    """Train/held-out split of a labelled folder: the held-out part is ``min(eval_n, N // 5)`` images of a seeded
+    permutation. Training batches are loaded lazily: ``x`` holds file indices and ``preprocess`` reads them."""
+    import torch
+    from PIL import Image
+
+    from vqsuite.evals.accuracy import labelled_folder
+
+    files, labels, classes = labelled_folder(root)
+    if len(files) < 2:
+        raise CLIError(f"--data {root} holds {len(files)} image(s); need at least 2 (training and held-out)")
+    perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))
+    n_eval = max(1, min(eval_n, len(files) // 5))
+    held, train = perm[:n_eval], perm[n_eval:]
+
+    def load(idx: torch.Tensor) -> torch.Tensor:
+        return torch.stack([transform(Image.open(files[int(i)]).convert("RGB")) for i in idx.cpu()]).to(idx.device)
+
+    eval_files = [files[int(i)] for i in held]
+    desc = f"{root} ({len(classes)} classes, {len(train)} train / {n_eval} held out)"
+    return train, labels[train], load, eval_files, labels[held], desc
+
+
+def _top1(model: Any, x: Any, y: Any, *, transform: Any = None, batch_transform: Any = None, progress: bool) -> float:
+    from vqsuite.evals.accuracy import collect_logits, topk_accuracy
+
+    logits = collect_logits(model, x, transform=transform, batch_transform=batch_transform, batch_size=250,
+                            progress=progress, desc="top-1")  # fmt: skip
+    return 100.0 * topk_accuracy(logits, y, topk=(1,))["top1"]
+
+
+def _strip_trackers(state: dict[str, Any]) -> dict[str, Any]:
+    """The deployable state: the oscillation trackers are training statistics, not weights."""
+    return {k: v.detach().contiguous() for k, v in state.items() if ".tracker." not in k}
+
+
+def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
+    """The QAT model saved by ``vqsuite finetune --method ofq`` (eval mode): rebuilt from its source, prepared
+    for QAT with the recorded bits, and loaded (strict, except the oscillation trackers, which are not saved)."""
+    from safetensors.torch import load_file
+
+    from vqsuite.finetune import prepare_qat
+
+    path = Path(path)
+    cfg_file = path / QAT_CONFIG
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path} holds no {QAT_CONFIG}; not a folder written by vqsuite finetune --method ofq")
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("format") != QAT_FORMAT:
+        raise ValueError(f"{cfg_file}: format {cfg.get('format')!r} is not {QAT_FORMAT!r}")
+    src = cfg["source"]
+    if src["library"] == "vqsuite.zoo":
+        from vqsuite import zoo
+
+        model = zoo.load(src["name"]).model
+    else:
+        import timm
+
+        model = timm.create_model(src["name"], pretrained=False)
+    prepare_qat(model, cfg["bits"], cfg["method"], qkr=cfg["qkr"])
+    missing, unexpected = model.load_state_dict(load_file(str(path / QAT_WEIGHTS)), strict=False)
+    missing = [k for k in missing if ".tracker." not in k]
+    if missing or unexpected:
+        raise ValueError(f"{path / QAT_WEIGHTS} does not fit the rebuilt model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")  # fmt: skip
+    return model.to(device).eval()
+
+
+def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, Any]) -> int:
+    from vqsuite.cli.progress import bar
+    from vqsuite.cli.sources import pick_device
+    from vqsuite.finetune import ofq
+    from vqsuite.pipelines.io import atomic_folder, write_json
+
+    device = pick_device(args.device)
+    progress = not (args.quiet or args.no_progress)
+    eval_n = DEFAULT_EVAL_N if args.eval_n is None else args.eval_n
+    zoo_model = None
+    if src.kind == "builtin":
+        from vqsuite import zoo
+
+        zoo_model = zoo.load(src.arg)
+        model = zoo_model.model
+        source = {"library": "vqsuite.zoo", "name": src.arg}
+    else:
+        from vqsuite.cli.models import build_model
+
+        model = build_model(src.arg, args.weights)
+        source = {"library": "timm", "name": src.arg.partition(":")[2]}
+    if not any(hasattr(m, "qkv") for m in model.modules()):
+        logger.warning("%s has no attention with a fused qkv: OFQ's QKR does not apply, only its Linear layers "
+                       "get %d bits", src.arg, opts["bits"])  # fmt: skip
+    if args.data:
+        x, y, preprocess, eval_x, eval_y, data_desc = _folder_data(
+            Path(args.data).expanduser(), _image_transform(src, model, zoo_model), eval_n, args.seed
+        )
+        eval_kw: dict[str, Any] = {"transform": _image_transform(src, model, zoo_model)}
+    else:  # fmnist-vit: Fashion-MNIST train to train on, the first eval_n test images to measure
+        from vqsuite.zoo.datasets import fashion_mnist
+
+        x, y = fashion_mnist("train")
+        eval_x, eval_y = fashion_mnist("test")
+        eval_x, eval_y = eval_x[:eval_n], eval_y[:eval_n]
+        preprocess = zoo_model.preprocess
+        eval_kw = {"batch_transform": preprocess}
+        data_desc = f"Fashion-MNIST (train {len(x)}, test first {len(eval_x)})"
+    model.to(device)
+    teacher = copy.deepcopy(model).eval()
+    top1_fp = _top1(teacher, eval_x, eval_y, progress=progress, **eval_kw)
+    total = opts["steps"] + opts["cga_steps"]
+    ck = _checkpoint_file(args)
+    pbar = bar(total, f"ofq W{opts['bits']}A{opts['bits']}", unit="step", disable=not progress)
+
+    def tick(h: dict[str, float]) -> None:
+        pbar.update(1)
+        pbar.set_postfix_str(f"loss {h['loss']:.3f}")
+
+    t0 = time.perf_counter()
+    try:
+        ofq(model, train_data=(x, y), teacher=teacher, preprocess=preprocess, checkpoint_path=ck,
+            checkpoint_every=args.checkpoint_every or None, resume=args.resume, device=device, callback=tick,
+            **opts)  # fmt: skip
+    finally:
+        pbar.close()
+    seconds = time.perf_counter() - t0
+    top1_qat = _top1(model, eval_x, eval_y, progress=progress, **eval_kw)
+    rec = model.vqsuite_ofq
+    osc = rec["oscillation"]
+    history = rec["history"]
+    record = {
+        "method": "ofq",
+        "source": src.arg,
+        "weights": str(Path(args.weights).expanduser().resolve()) if args.weights else None,
+        "data": data_desc,
+        "bits": opts["bits"],
+        "steps": opts["steps"],
+        "cga_steps": opts["cga_steps"],
+        "options": rec["options"],
+        "resumed": bool(args.resume),
+        "checkpoint": str(ck) if ck else None,
+        "wall_s": round(rec["wall_s"], 3),
+        "command_s": round(seconds, 3),
+        "device": str(device),
+        "top1": {"fp": top1_fp, "qat": top1_qat, "n": len(eval_y)},
+        "loss_first": history[0]["loss"] if history else None,
+        "loss_last": history[-1]["loss"] if history else None,
+        "oscillation": {"total": osc.get("total"), "layers": {k: v for k, v in osc.items() if k != "total"}},
+        "saved": {"weights": QAT_WEIGHTS, "config": QAT_CONFIG, "loader": "vqsuite.cli.finetune.load_finetuned",
+                  "format": "QAT state dict (float master weights + quantizer steps), not a vqsuite checkpoint"},
+    }  # fmt: skip
+    qat_cfg = {
+        "format": QAT_FORMAT,
+        "version": QAT_FORMAT_VERSION,
+        "source": source,
+        "bits": opts["bits"],
+        "method": "ofq",
+        "qkr": model.vqsuite_qat["qkr"],
+    }
+    from safetensors.torch import save_file
+
+    with atomic_folder(out) as tmp:
+        save_file(_strip_trackers(model.state_dict()), str(tmp / QAT_WEIGHTS), metadata={"format": "pt"})
+        write_json(tmp / QAT_CONFIG, qat_cfg)
+        write_json(tmp / MANIFEST, record)
+    total_osc = osc.get("total") or {}
+    print(f"ofq W{opts['bits']}A{opts['bits']} on {src.arg}: {len(history)} steps ({opts['steps']} + "
+          f"{opts['cga_steps']} CGA) in {rec['wall_s']:.1f} s on {device}; data {data_desc}")  # fmt: skip
+    if history:
+        print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
+    print(f"top-1 (n={len(eval_y)} held out): FP {top1_fp:.2f}%  QAT {top1_qat:.2f}%")
+    if total_osc:
+        print(f"oscillating weights: {100 * total_osc['oscillating_fraction']:.3f}% "
+              f"(flip EMA mean {total_osc['flip_ema_mean']:.2e})")  # fmt: skip
+    print(
+        f"saved the QAT state dict to {out / QAT_WEIGHTS} (+ {QAT_CONFIG}, {MANIFEST}); OFQ's QAT layers are "
+        "not vqsuite checkpoint layers: load it with vqsuite.cli.finetune.load_finetuned, not load_quantized"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ qalora
+def qalora_fn() -> Any:
+    """:func:`vqsuite.finetune.qalora`, imported when the command runs (its module is optional in a build)."""
+    try:
+        mod = importlib.import_module("vqsuite.finetune.qalora")
+    except ModuleNotFoundError as e:
+        if e.name and e.name.startswith("vqsuite"):
+            raise CLIError("vqsuite finetune --method qalora is not available in this build "
+                           "(vqsuite.finetune.qalora is missing)") from None  # fmt: skip
+        raise
+    return mod.qalora
+
+
+def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
+    """Every QALoRA check that needs no pipeline; returns the training prompts (``None``: vqsuite's own)."""
+    wrong = _given(args, _OFQ_ONLY)
+    if wrong:
+        raise CLIError(f"{wrong[0]} applies to --method ofq, not to qalora")
+    kind = _kind(src)
+    if src.kind == "quantized-pipeline":
+        raise CLIError(f"{src.arg} is already a quantized pipeline (vqsuite_pipeline.json); qalora starts from the "
+                       "float pipeline")  # fmt: skip
+    if kind != "pipeline":
+        what = "a classifier" if kind in ("classifier", "quantized") else f"a {kind}"
+        raise CLIError(f"{src.arg} is {what}; qalora fine-tunes diffusion pipelines (use --method ofq for vision "
+                       "transformers)")  # fmt: skip
+    check_preset(args.config)
+    check_int(args.rank, "--rank", 1, 4096)
+    check_int(args.num_inference_steps, "--num-inference-steps", 1, 1000)
+    check_float(args.guidance_scale, "--guidance-scale", 0.0, 100.0)
+    check_float(args.lr_scale, "--lr-scale", 1e-12, 1e6)
+    if args.resume:
+        ck = Path(args.checkpoint_dir).expanduser()
+        if not ck.is_dir() or not any(ck.iterdir()):
+            raise CLIError(f"--resume: no checkpoint in {ck} (run once with --checkpoint-dir first)")
+    return read_prompt_file(args.prompts_file, "--prompts-file") if args.prompts_file else None
+
+
+def _pipeline_source_folder(src: Source) -> Path | None:
+    """The float pipeline folder (recorded so ``vqsuite generate DIR --compare`` finds the FP pipeline)."""
+    if src.path is not None:
+        return src.path.resolve()
+    if src.arg == "mini-sd":
+        from vqsuite.zoo import mini_sd
+
+        return mini_sd.WEIGHTS_DIR.resolve()
+    return None
+
+
+def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[str] | None) -> int:
+    import vqsuite
+    from vqsuite.cli.sources import load_float_pipeline, pick_device, quiet_hf_progress
+    from vqsuite.pipelines.io import atomic_folder, write_json
+
+    fn = qalora_fn()
+    device = pick_device(args.device)
+    quiet_hf_progress(args.verbose)
+    progress = not (args.quiet or args.no_progress)
+    if src.kind == "builtin":
+        from vqsuite import zoo
+
+        pipe = zoo.load(src.arg).model
+        if device != "cpu":
+            pipe.to(device)
+    else:
+        pipe = load_float_pipeline(src.path, device=device)
+    config = args.config or DEFAULT_QALORA_CONFIG
+    kw: dict[str, Any] = {
+        "num_inference_steps": args.num_inference_steps or 20,
+        "guidance_scale": args.guidance_scale,
+        "batch_size": args.batch_size or DEFAULT_BATCH["qalora"],
+        "seed": args.seed,
+        "checkpoint_dir": str(Path(args.checkpoint_dir).expanduser()) if args.checkpoint_dir else None,
+        "checkpoint_every": args.checkpoint_every,
+        "resume": args.resume,
+        "progress": progress,
+    }
+    steps = args.steps or DEFAULT_STEPS["qalora"]
+    rank = args.rank or 32
+    lr_scale = 1 / 2500 if args.lr_scale is None else args.lr_scale
+    t0 = time.perf_counter()
+    pipe = fn(pipe, config=config, steps=steps, rank=rank, lr_scale=lr_scale, prompts=prompts, **kw)
+    seconds = time.perf_counter() - t0
+    rec = dict(getattr(pipe, "vqsuite_qalora", None) or {})
+    curve = rec.pop("loss_curve", None)
+    record = {
+        "method": "qalora",
+        "source": src.arg,
+        "config": config,
+        "rank": rank,
+        "steps": steps,
+        "lr_scale": lr_scale,
+        "prompts": len(prompts) if prompts is not None else "vqsuite's own",
+        **{k: v for k, v in kw.items() if k != "progress"},
+        "wall_s": rec.get("wall_s", round(seconds, 3)),
+        "command_s": round(seconds, 3),
+        "device": str(device),
+        "record": rec,
+        "loss_curve": curve,
+    }
+    fp_folder = _pipeline_source_folder(src)
+    with atomic_folder(out) as tmp:
+        vqsuite.save_quantized(pipe, tmp)
+        write_json(tmp / MANIFEST, record)
+        report = getattr(pipe, "vqsuite_report", None)
+        info = {"kind": "pipeline", "source": str(fp_folder) if fp_folder else None, "preset": config,
+                "pipeline": type(pipe).__name__, "seconds": round(seconds, 3), "finetune": "qalora",
+                "vqsuite_version": vqsuite.__version__}  # fmt: skip
+        if report is not None and hasattr(report, "to_dict"):
+            info["report"] = report.to_dict()
+        (tmp / REPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    loss = ""
+    if rec.get("loss_first") is not None and rec.get("loss_last") is not None:
+        loss = f"; loss {rec['loss_first']:.4g} -> {rec['loss_last']:.4g}"
+    print(f"qalora {config} rank {rank} on {src.arg}: {rec.get('updates', steps)} updates in "
+          f"{float(record['wall_s']):.1f} s on {device}{loss}")  # fmt: skip
+    print(f"saved the quantized {type(pipe).__name__} to {out}; run it with: vqsuite generate {out} --prompt ...")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ entry
+def run(args: argparse.Namespace) -> int:
+    src = resolve(_source_arg(args))
+    _validate_common(args)
+    if args.method == "ofq":
+        opts = _validate_ofq(args, src)
+        out = _check_out(args, src)
+        return _run_ofq(args, src, out, opts)
+    prompts = _validate_qalora(args, src)
+    out = _check_out(args, src)
+    return _run_qalora(args, src, out, prompts)
