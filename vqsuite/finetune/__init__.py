@@ -1,8 +1,9 @@
-"""Quantization-aware fine-tuning: OFQ for vision transformers (StatsQ, QKR, CGA) and LSQ quantizers."""
+"""Quantization-aware fine-tuning: EfficientDM QALoRA for diffusion denoisers, OFQ for vision transformers (StatsQ,
+QKR, CGA) and LSQ quantizers."""
 
 from __future__ import annotations
 
-from vqsuite.finetune.lsq import LSQActQuantizer, LSQWeightQuantizer
+from vqsuite.finetune.lsq import LSQActQuantizer, LSQWeightQuantizer, TimestepLSQActQuantizer
 from vqsuite.finetune.ofq import (
     CGA,
     OFQOptions,
@@ -17,6 +18,7 @@ from vqsuite.finetune.ofq import (
     statsq_codes,
     statsq_quantize,
 )
+from vqsuite.finetune.qalora import QALoRAAdapter, attach_adapters, merge_adapters, qalora, qalora_mse, unfreeze_layer
 
 __all__ = [
     "CGA",
@@ -24,13 +26,20 @@ __all__ = [
     "LSQWeightQuantizer",
     "OFQOptions",
     "QATAttention",
+    "QALoRAAdapter",
     "QATLinear",
     "StatsQ",
+    "TimestepLSQActQuantizer",
+    "attach_adapters",
     "cga_boundary_mask",
     "kd_loss",
+    "merge_adapters",
     "ofq",
     "oscillation_report",
     "prepare_qat",
+    "qalora",
+    "qalora_mse",
     "statsq_codes",
     "statsq_quantize",
+    "unfreeze_layer",
 ]

@@ -121,3 +121,62 @@ class LSQWeightQuantizer(nn.Module):
     def codes(self, w: torch.Tensor) -> torch.Tensor:
         """Integer levels of ``w`` (same shape)."""
         return torch.round(torch.clamp(w / self._step(w), self.qn, self.qp))
+
+
+class TimestepLSQActQuantizer(nn.Module):
+    """Per-timestep LSQ activation quantizer (EfficientDM's TALSQ, Eq. 9): one learnable step per slot.
+
+    ``x̂ = s_t · Q(clamp(x / s_t, q_min, q_max))`` with ``s_t = step[slot]``; symmetric (no zero point): the
+    static activation formats this wraps are symmetric (``fake_quantize_static``), so EfficientDM's asymmetric
+    zero point is not used. ``Q`` is round-to-nearest for integer formats, the format's own rounding (FP8 cast,
+    E2M1) for float ones; rounding passes gradients straight through, the step's gradient is LSQ's, scaled by
+    ``g = 1 / sqrt(numel · q_max)``.
+
+    The forward *value* is exactly :func:`vqsuite.nn.quantizers.fake_quantize_static` with ``step[slot]`` (the
+    gradient path is added as ``y_grad - y_grad.detach()``, an exact zero), so a layer that stores the learned
+    steps as its static scales reproduces the training forward bit for bit.
+
+    Args:
+        init_steps: ``[S]`` initial step sizes (positive, finite), one per slot.
+        fmt: the static activation format name (``"int8"``, ``"int4"``, ``"fp8_e4m3"``, ...).
+    """
+
+    def __init__(self, init_steps: torch.Tensor, fmt: str) -> None:
+        super().__init__()
+        from vqsuite.formats import get_format
+
+        init_steps = init_steps.detach().float().reshape(-1)
+        if init_steps.numel() == 0 or not bool(torch.isfinite(init_steps).all()) or not bool((init_steps > 0).all()):
+            raise ValueError(f"init_steps must be positive and finite, got {init_steps.tolist()}")
+        f = get_format(fmt)
+        if f.asymmetric:
+            raise ValueError(f"TimestepLSQActQuantizer is symmetric; fmt={fmt!r} is asymmetric")
+        self.fmt = f.name
+        self.qn, self.qp = float(f.qmin), float(f.qmax)
+        self.step = nn.Parameter(init_steps.clone())
+
+    @property
+    def num_slots(self) -> int:
+        return int(self.step.numel())
+
+    def _round(self, v: torch.Tensor) -> torch.Tensor:
+        from vqsuite.nn.quantizers import fake_quantize_static
+
+        # the format's rounding of already-clamped values at unit scale
+        return fake_quantize_static(v.detach(), self.fmt, torch.ones((), device=v.device))
+
+    def forward(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        """x: ``[..., C]`` any float dtype -> fake-quantized, same shape and dtype; ``slot`` in ``[0, S)``."""
+        from vqsuite.nn.quantizers import fake_quantize_static
+
+        s = self.step[slot]
+        value = fake_quantize_static(x.detach(), self.fmt, s.detach())
+        if not (torch.is_grad_enabled() and (x.requires_grad or s.requires_grad)):
+            return value
+        sg = grad_scale(s.clamp(min=torch.finfo(torch.float32).tiny), 1.0 / math.sqrt(x.numel() * self.qp))
+        v = torch.clamp(x.float() / sg, self.qn, self.qp)
+        y = ((v + (self._round(v) - v).detach()) * sg).to(x.dtype)
+        return value + (y - y.detach())
+
+    def extra_repr(self) -> str:
+        return f"fmt={self.fmt}, slots={self.num_slots}"

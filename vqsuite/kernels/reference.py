@@ -9,6 +9,8 @@ Weight storage (frozen layers), for a GEMM weight ``[N, K]`` with groups of ``G`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -72,6 +74,8 @@ def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
         proj_up=getattr(layer, "proj_up", None),
         quantize_input=not layer.act_observing,
         name=f"{layer.layer_name or type(layer).__name__}.input",
+        # a fine-tuning adapter (QALoRA's per-step LSQ) owns the input fake-quant: see QuantLayer.quantize_input
+        act_quantizer=layer.quantize_input if getattr(layer, "adapter", None) is not None else None,
     )
 
 
@@ -87,6 +91,7 @@ def linear_with_weight(
     proj_up: torch.Tensor | None = None,
     quantize_input: bool = True,
     name: str = "input",
+    act_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference quantized linear: ``y = Q(x/λ) @ W^T + (x/λ) @ proj_down @ proj_up^T + bias``.
 
@@ -95,7 +100,12 @@ def linear_with_weight(
     """
     if smooth is not None:
         x = x / smooth.to(x.dtype)
-    xq = quantize_activation(x, spec, act_scale, name) if quantize_input else x
+    if not quantize_input:
+        xq = x
+    elif act_quantizer is not None:
+        xq = act_quantizer(x)
+    else:
+        xq = quantize_activation(x, spec, act_scale, name)
     y = F.linear(xq, weight, None if bias is None else bias.to(x.dtype))
     if proj_down is not None and proj_up is not None:
         y = y + (x @ proj_down.to(x.dtype)) @ proj_up.to(x.dtype).t()

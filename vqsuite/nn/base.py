@@ -45,6 +45,10 @@ PROTECTED_BUFFERS: tuple[str, ...] = (
     "act_scale_steps",
     "act_scale_t",
 )
+#: submodule name of an optional fine-tuning adapter (:mod:`vqsuite.finetune.qalora`); when registered (fake-quant
+#: state only) it supplies the GEMM weight (``adapter.gemm_weight(layer, dtype)``) and the input activations'
+#: fake-quant (``adapter.quantize_input(layer, x, channel_dim)``); absent, nothing changes
+ADAPTER_NAME = "qalora"
 #: elements of the master weight remembered to notice that it changed after ``set_pending_qtensor``
 PENDING_PROBE_ELEMENTS = 256
 
@@ -226,6 +230,9 @@ class QuantLayer(nn.Module):
                 wtscale=getattr(self, "wtscale", None),
                 dtype=dtype or self.weight_dtype,
             )
+        adapter = self.__dict__["_modules"].get(ADAPTER_NAME)
+        if adapter is not None and self.quantizes_weight:
+            return adapter.gemm_weight(self, dtype)
         w = self._to_gemm(self.__dict__["_parameters"]["weight"])
         if dtype is not None:
             w = w.to(dtype)
@@ -236,6 +243,11 @@ class QuantLayer(nn.Module):
             return ste(w, dequantize(pending, w.dtype).to(w.device))
         return fake_quantize_weight(w, self.spec, name=f"{self.layer_name or type(self).__name__}.weight")
 
+    @property
+    def adapter(self) -> nn.Module | None:
+        """The fine-tuning adapter registered as submodule ``ADAPTER_NAME``, or ``None``."""
+        return self.__dict__["_modules"].get(ADAPTER_NAME)
+
     def effective_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Quantized weight in the layer's own shape."""
         return self._from_gemm(self.quantized_gemm_weight(dtype))
@@ -244,6 +256,9 @@ class QuantLayer(nn.Module):
         """Activation fake-quant along ``channel_dim`` (moved last and back); identity while observing."""
         if self.act_observing or self.spec.act is None:
             return x
+        adapter = self.__dict__["_modules"].get(ADAPTER_NAME)
+        if adapter is not None:
+            return adapter.quantize_input(self, x, channel_dim)
         name = f"{self.layer_name or type(self).__name__}.input"
         scale = self.current_act_scale()
         if channel_dim in (-1, x.ndim - 1):
