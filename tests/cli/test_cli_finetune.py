@@ -213,6 +213,12 @@ def ctx(tiny_sd: Path, quantized_sd: Path, tmp_path_factory: pytest.TempPathFact
     c["other_ck"] = root / "other-ck"  # an OFQ checkpoint written with other settings
     c["other_ck"].mkdir()
     torch.save({"options": {"bits": 4, "steps": 99}}, c["other_ck"] / ft_cli.OFQ_CHECKPOINT)
+    c["ofq_ck"] = root / "ofq-ck"  # an earlier run's checkpoints: kept unless --resume continues them
+    c["ofq_ck"].mkdir()
+    torch.save({"options": {}}, c["ofq_ck"] / ft_cli.OFQ_CHECKPOINT)
+    c["qalora_ck"] = root / "qalora-ck"
+    c["qalora_ck"].mkdir()
+    (c["qalora_ck"] / ft_cli.QALORA_CHECKPOINT_POINTER).write_text('{"dir": "step-000002", "updates": 2}')
     c["data"] = root / "data"
     (c["data"] / "a").mkdir(parents=True)
     return c
@@ -250,6 +256,16 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
         lambda c: _ft(c, "qalora", "sd", "--resume", "--checkpoint-dir", str(c["empty_ck"])),
         "--resume: no checkpoint in",
     ),
+    (
+        "ofq-checkpoint-without-resume",
+        lambda c: _ft(c, "ofq", "fmnist-vit", "--checkpoint-dir", str(c["ofq_ck"])),
+        "holds a checkpoint (ofq.pt); pass --resume",
+    ),
+    (
+        "qalora-checkpoint-without-resume",
+        lambda c: _ft(c, "qalora", "sd", "--checkpoint-dir", str(c["qalora_ck"])),
+        "holds a checkpoint (latest.json); pass --resume",
+    ),
     ("every-without-dir", lambda c: _ft(c, "ofq", "fmnist-vit", "--checkpoint-every", "5"), "needs --checkpoint-dir"),
     (
         "checkpoint-inside-out",
@@ -276,7 +292,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
 
 
 def _protected(c: Ctx) -> dict[str, dict[str, tuple[bytes, int]]]:
-    return {k: snapshot(c[k]) for k in ("foreign", "prev", "q", "sd", "empty_ck", "other_ck")}
+    return {k: snapshot(c[k]) for k in ("foreign", "prev", "q", "sd", "empty_ck", "other_ck", "ofq_ck", "qalora_ck")}
 
 
 @pytest.mark.parametrize("argv_of, needle", [case[1:] for case in CASES], ids=[case[0] for case in CASES])

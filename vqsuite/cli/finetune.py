@@ -42,6 +42,8 @@ QAT_FORMAT = "vqsuite-ofq-qat"
 QAT_FORMAT_VERSION = 1
 #: OFQ checkpoint file inside --checkpoint-dir
 OFQ_CHECKPOINT = "ofq.pt"
+#: QALoRA's pointer to its newest checkpoint inside --checkpoint-dir (vqsuite.finetune.qalora.CKPT_LATEST)
+QALORA_CHECKPOINT_POINTER = "latest.json"
 OFQ_BITS = (2, 4)
 DEFAULT_STEPS = {"ofq": 1000, "qalora": 200}
 DEFAULT_BATCH = {"ofq": 64, "qalora": 2}
@@ -223,6 +225,9 @@ def _validate_ofq(args: argparse.Namespace, src: Source) -> dict[str, Any]:
         if ck is None or not ck.is_file():
             raise CLIError(f"--resume: no checkpoint at {ck} (run once with --checkpoint-dir first)")
         _check_resumable(ck, opts)
+    elif ck is not None and ck.is_file():
+        raise CLIError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint ({ck.name}); pass --resume to "
+                       "continue it, or choose another folder")  # fmt: skip
     return opts
 
 
@@ -462,6 +467,15 @@ def qalora_fn() -> Any:
     return mod.qalora
 
 
+def _qalora_checkpoint_pointer() -> str:
+    """The file that marks a QALoRA checkpoint folder (``latest.json``: which ``step-XXXXXX`` is the newest)."""
+    try:
+        from vqsuite.finetune.qalora import CKPT_LATEST
+    except Exception:  # a build without the module (the command then says so), or one that fails to import
+        return QALORA_CHECKPOINT_POINTER
+    return str(CKPT_LATEST)
+
+
 def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     """Every QALoRA check that needs no pipeline; returns the training prompts (``None``: vqsuite's own)."""
     wrong = _given(args, _OFQ_ONLY)
@@ -480,10 +494,14 @@ def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     check_int(args.num_inference_steps, "--num-inference-steps", 1, 1000)
     check_float(args.guidance_scale, "--guidance-scale", 0.0, 100.0)
     check_float(args.lr_scale, "--lr-scale", 1e-12, 1e6)
-    if args.resume:
+    if args.checkpoint_dir:
         ck = Path(args.checkpoint_dir).expanduser()
-        if not ck.is_dir() or not any(ck.iterdir()):
+        latest = ck / _qalora_checkpoint_pointer()
+        if args.resume and not latest.is_file():
             raise CLIError(f"--resume: no checkpoint in {ck} (run once with --checkpoint-dir first)")
+        if not args.resume and latest.is_file():
+            raise CLIError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint ({latest.name}); pass "
+                           "--resume to continue it, or choose another folder")  # fmt: skip
     return read_prompt_file(args.prompts_file, "--prompts-file") if args.prompts_file else None
 
 
