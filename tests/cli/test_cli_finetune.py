@@ -193,6 +193,29 @@ def test_qalora_plumbing_into_a_pipeline_folder_generate_runs(
     assert (gen / "000.png").is_file() and (gen / "fp" / "000.png").is_file()
 
 
+def test_qalora_end_to_end_on_a_tiny_pipeline_then_resume_and_generate(
+    tiny_sd: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The real :func:`vqsuite.finetune.qalora` (2 updates, rank 4, W4A4) through the CLI; ``--resume`` from the
+    finished checkpoint trains nothing more and reproduces the record; the folder runs in ``vqsuite generate``."""
+    pytest.importorskip("vqsuite.finetune.qalora")
+    out, again, ck = tmp_path / "qalora", tmp_path / "qalora-again", tmp_path / "ck"
+    argv = ["finetune", "--method", "qalora", str(tiny_sd), "--config", "w4a4", "--steps", "2", "--rank", "4",
+            "--num-inference-steps", "2", "--batch-size", "1", "--checkpoint-dir", str(ck), "--quiet"]  # fmt: skip
+    assert main([*argv, "--out", str(out)]) == 0
+    rec = json.loads((out / ft_cli.MANIFEST).read_text())
+    assert rec["record"]["updates"] == 2 and len(rec["loss_curve"]) == 2 and rec["record"]["rank"] == 4
+    assert all(v > 0 for v in rec["loss_curve"])
+    assert (out / "vqsuite_pipeline.json").is_file() and (ck / ft_cli.QALORA_CHECKPOINT_POINTER).is_file()
+    assert main([*argv, "--out", str(again), "--resume"]) == 0
+    rec2 = json.loads((again / ft_cli.MANIFEST).read_text())
+    assert rec2["resume"] and rec2["record"]["resumed_from"] == 2 and rec2["loss_curve"] == rec["loss_curve"]
+    gen = tmp_path / "gen"
+    assert main(["generate", str(out), "--prompt", "a cat", "--steps", "2", "--out", str(gen)]) == 0
+    assert (gen / "000.png").is_file()
+    capsys.readouterr()
+
+
 # ------------------------------------------------------------------------------------------------ bad input
 Ctx = dict[str, Path]
 

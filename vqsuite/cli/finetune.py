@@ -80,7 +80,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     f.add_argument("--seed", type=int, default=0, help="seed of the batches / noise (0)")
     f.add_argument("--checkpoint-dir", metavar="D", help="save a resumable checkpoint here (outside --out)")
     f.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (and "
-                   "at the end); needs --checkpoint-dir")  # fmt: skip
+                   "at the end; only at the end when not given); needs --checkpoint-dir")  # fmt: skip
     f.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     f.add_argument("--device", default="auto", help="where to train: auto, cpu, cuda[:N]")
     f.add_argument("--no-progress", action="store_true", help="no progress bar (same as --quiet)")
@@ -505,14 +505,14 @@ def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     return read_prompt_file(args.prompts_file, "--prompts-file") if args.prompts_file else None
 
 
-def _pipeline_source_folder(src: Source) -> Path | None:
-    """The float pipeline folder (recorded so ``vqsuite generate DIR --compare`` finds the FP pipeline)."""
+def _pipeline_source_folder(src: Source, pipe: Any) -> Path | None:
+    """The float pipeline folder (recorded so ``vqsuite generate DIR --compare`` finds the FP pipeline): the
+    SOURCE folder, or the folder a built-in pipeline was loaded from."""
     if src.path is not None:
         return src.path.resolve()
-    if src.arg == "mini-sd":
-        from vqsuite.zoo import mini_sd
-
-        return mini_sd.WEIGHTS_DIR.resolve()
+    folder = getattr(pipe, "name_or_path", None)
+    if isinstance(folder, str) and (Path(folder) / "model_index.json").is_file():
+        return Path(folder).resolve()
     return None
 
 
@@ -533,18 +533,19 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
             pipe.to(device)
     else:
         pipe = load_float_pipeline(src.path, device=device)
+    fp_folder = _pipeline_source_folder(src, pipe)  # before training: a method may rebuild components
     config = args.config or DEFAULT_QALORA_CONFIG
+    steps = args.steps or DEFAULT_STEPS["qalora"]
     kw: dict[str, Any] = {
         "num_inference_steps": args.num_inference_steps or 20,
         "guidance_scale": args.guidance_scale,
         "batch_size": args.batch_size or DEFAULT_BATCH["qalora"],
         "seed": args.seed,
         "checkpoint_dir": str(Path(args.checkpoint_dir).expanduser()) if args.checkpoint_dir else None,
-        "checkpoint_every": args.checkpoint_every,
+        "checkpoint_every": args.checkpoint_every or (steps if args.checkpoint_dir else 0),  # at least at the end
         "resume": args.resume,
         "progress": progress,
     }
-    steps = args.steps or DEFAULT_STEPS["qalora"]
     rank = args.rank or 32
     lr_scale = 1 / 2500 if args.lr_scale is None else args.lr_scale
     t0 = time.perf_counter()
@@ -567,7 +568,6 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "record": rec,
         "loss_curve": curve,
     }
-    fp_folder = _pipeline_source_folder(src)
     with atomic_folder(out) as tmp:
         vqsuite.save_quantized(pipe, tmp)
         write_json(tmp / MANIFEST, record)
