@@ -16,7 +16,7 @@ import vqsuite
 from vqsuite.config import QuantConfig, QuantSpec
 from vqsuite.finetune import attach_adapters, merge_adapters, qalora, qalora_mse
 from vqsuite.finetune.lsq import TimestepLSQActQuantizer
-from vqsuite.nn import QConv2d, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.nn.steps import StepInfo, publish
 
 pytest.importorskip("diffusers")
@@ -44,12 +44,14 @@ def _layer(kind: str, spec: QuantSpec) -> QuantLayer:
         return QLinear.from_float(nn.Linear(128, 96), spec)
     if kind == "lowrank":
         return QLinearLowRank.from_float(nn.Linear(128, 96), spec.replace(rank=8))
+    if kind == "convt":
+        return QConvTranspose2d.from_float(nn.ConvTranspose2d(64, 32, 3, stride=2, padding=1), spec)
     return QConv2d.from_float(nn.Conv2d(64, 32, 3, padding=1), spec)
 
 
 def _input(kind: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(1)
-    return torch.randn((2, 64, 6, 6) if kind == "conv" else (5, 128), generator=g)
+    return torch.randn((2, 64, 6, 6) if kind.startswith("conv") else (5, 128), generator=g)
 
 
 def _perturb(adapter) -> None:
@@ -69,7 +71,7 @@ def _perturb(adapter) -> None:
     [INT4_G64, INT8_CH, INT8_STATIC, NVFP4, INT4_ASYM],
     ids=["int4_g64", "int8_ch", "int8_static_per_step", "nvfp4", "int4_asym_g64"],
 )
-@pytest.mark.parametrize("kind", ["linear", "lowrank", "conv"])
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "conv", "convt"])
 def test_merge_is_exact(kind: str, spec: QuantSpec, freeze: bool) -> None:
     layer = _layer(kind, spec)
     layer.layer_name = kind

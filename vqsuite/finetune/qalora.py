@@ -684,8 +684,9 @@ def qalora(
         lr_weight_scale, lr_act_scale: learning rates of the weight scales and the activation step sizes.
         teacher: the float denoiser (required when ``pipe``'s denoiser is already quantized).
 
-    Records ``pipe.vqsuite_qalora``: updates, wall_s, loss_first, loss_last, loss_curve, config, rank, talsq,
-    layers, lora_params, resumed_from.
+    Records ``pipe.vqsuite_qalora``: updates, wall_s, loss_first, loss_last, loss_curve (one loss per update),
+    loss_per_trajectory (mean per trajectory: the comparable figure), config, rank, talsq, layers, lora_params,
+    guidance_scale, num_inference_steps, resumed_from, frozen.
     """
     from vqsuite.config import resolve_config
     from vqsuite.pipelines.diffusers import default_calib_prompts, find_denoiser, quantize_pipeline
@@ -714,6 +715,8 @@ def qalora(
                 f"{den_name} is already quantized: pass teacher=<the float {type(den).__name__}> (the FP model)"
             )
         cfg_used = getattr(getattr(den, "vqsuite_config", None), "name", None) or "custom"
+        if config != "w4a4":  # the default: not worth a line
+            logger.info("qalora: %s is already quantized (%s); config=%r is not used", den_name, cfg_used, config)
     else:
         try:
             resolved = resolve_config(config)
@@ -724,7 +727,7 @@ def qalora(
             teacher = copy.deepcopy(den)
         quantize_pipeline(
             pipe, resolved, calib_prompts=calib_prompts, num_inference_steps=num_inference_steps, seed=seed,
-            freeze=False,
+            guidance_scale=guidance_scale, freeze=False,
         )  # fmt: skip
     teacher.eval().requires_grad_(False)
     dev = next(den.parameters()).device
@@ -853,6 +856,9 @@ def qalora(
         "talsq": talsq, "layers": len(adapters), "lora_params": sum(a.lora_A.numel() + a.lora_B.numel()
         for a in adapters.values()), "guidance_scale": guidance, "num_inference_steps": num_inference_steps,
         "resumed_from": resumed_from, "frozen": bool(freeze),
+        # losses of different steps are not comparable (late, low-noise steps are larger): compare trajectories
+        "loss_per_trajectory": [sum(c) / len(c) for c in (curve[k : k + tr.steps_per_traj]
+                                for k in range(0, len(curve), tr.steps_per_traj))],
     }  # fmt: skip
     logger.info(
         "qalora: %d updates on %d layers in %.1f s, loss %.4g -> %.4g",
