@@ -76,7 +76,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     f.add_argument("--steps", type=int, help=f"optimizer updates (ofq {DEFAULT_STEPS['ofq']}, qalora "
                    f"{DEFAULT_STEPS['qalora']})")  # fmt: skip
     f.add_argument("--batch-size", type=int, help=f"ofq: images per step ({DEFAULT_BATCH['ofq']}); qalora: prompts "
-                   f"per step ({DEFAULT_BATCH['qalora']})")  # fmt: skip
+                   f"per trajectory ({DEFAULT_BATCH['qalora']})")  # fmt: skip
     f.add_argument("--seed", type=int, default=0, help="seed of the batches / noise (0)")
     f.add_argument("--checkpoint-dir", metavar="D", help="save a resumable checkpoint here (outside --out)")
     f.add_argument("--checkpoint-every", type=int, default=0, metavar="N", help="checkpoint every N steps (and "
@@ -579,7 +579,10 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
             info["report"] = report.to_dict()
         (tmp / REPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     loss = ""
-    if rec.get("loss_first") is not None and rec.get("loss_last") is not None:
+    per_traj = rec.get("loss_per_trajectory")
+    if per_traj:  # one update per denoising step: only whole trajectories compare like with like
+        loss = f"; mean loss per trajectory {per_traj[0]:.4g} (first) -> {per_traj[-1]:.4g} (last of {len(per_traj)})"
+    elif rec.get("loss_first") is not None and rec.get("loss_last") is not None:
         loss = f"; loss {rec['loss_first']:.4g} -> {rec['loss_last']:.4g}"
     print(f"qalora {config} rank {rank} on {src.arg}: {rec.get('updates', steps)} updates in "
           f"{float(record['wall_s']):.1f} s on {device}{loss}")  # fmt: skip
