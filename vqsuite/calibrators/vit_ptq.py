@@ -15,12 +15,18 @@ Used by ``quantize_model(model, "vit-w4a4-ptq", calib_data=...)`` (``method="vit
 LayerNorms and the MLP activation with activation quantizers; after the swap :func:`calibrate_vit_ptq` observes
 ``calib_data`` once and fixes every quantizer. Parameter searches minimise the quantizer's own MSE on the
 calibration sample (not PTQ4ViT's Hessian-guided output metric).
+
+Save/load: the quantizers' parameters are buffers and their state (``off``/``observe``/``quant``) is module extra
+state, so they travel in the checkpoint's state dict; the RepQ folding lives in the saved LayerNorm and Linear
+tensors. ``load_quantized`` calls :func:`restore_vit_ptq` on the float model first, which puts the same wrappers
+back (no calibration, no folding) from the saved config's ``method_options``.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +46,8 @@ LOG2_QUANTILES = (0.999, 0.9999, 0.99999)
 SEARCH_ALPHA, SEARCH_BETA, SEARCH_POINTS = 0.01, 1.2, 100
 #: values each quantizer keeps from calibration (random subsample per batch)
 SAMPLE_LIMIT = 1 << 18
+#: an activation quantizer's states, in the order its saved extra state indexes them
+QUANTIZER_MODES = ("off", "observe", "quant")
 
 
 # ---------------------------------------------------------------------------------------------------- pure ops
@@ -124,6 +132,17 @@ class ActQuantizer(nn.Module):
         self.fit(sample)
         self._sample = []
         self.mode = "quant"
+
+    def get_extra_state(self) -> torch.Tensor:
+        """The state as a 0-d uint8 tensor (index into :data:`QUANTIZER_MODES`), so a safetensors checkpoint keeps
+        it; the observed sample is not state (it only lives between ``observe`` and :meth:`finish`)."""
+        return torch.tensor(QUANTIZER_MODES.index(self.mode), dtype=torch.uint8)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        i = int(state)
+        if not 0 <= i < len(QUANTIZER_MODES):
+            raise ValueError(f"{type(self).__name__}: saved mode index {i} is not one of {QUANTIZER_MODES}")
+        self.mode, self._sample = QUANTIZER_MODES[i], []
 
     def fit(self, sample: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -320,6 +339,41 @@ def _quantizers(model: nn.Module) -> list[ActQuantizer]:
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
 
 
+def _wrap_block(blk: nn.Module, opts: ViTPTQOptions) -> None:
+    """Put the activation quantizers (mode ``off``) around one timm block's LayerNorms, attention and MLP act."""
+    blk.norm1 = QuantAfter(blk.norm1, UniformQuantizer(opts.act_bits))
+    blk.norm2 = QuantAfter(blk.norm2, UniformQuantizer(opts.act_bits))
+    blk.attn = PTQAttention(blk.attn, opts.act_bits, opts.softmax)
+    blk.mlp.act = QuantAfter(blk.mlp.act, GELU_QUANTIZERS[opts.gelu](opts.act_bits))
+
+
+def restore_vit_ptq(model: nn.Module, options: dict) -> Callable[[], None]:
+    """Rebuild the wrapper structure of a ``method="vit-ptq"`` model on its float architecture, for loading.
+
+    Inserts the same quantizer modules :func:`prepare_vit_ptq` does, with neither calibration nor RepQ folding:
+    the quantizer buffers and states and the folded LayerNorm/Linear tensors come from the checkpoint's state
+    dict. Blocks already wrapped (the model was quantized with this recipe) are left alone. Returns an undo
+    function that takes the wrappers out again (a failed load leaves the model as it was). ``ValueError`` when
+    the model has no timm block at all.
+    """
+    opts = ViTPTQOptions.from_dict(options)
+    blocks = _vit_blocks(model)
+    wrapped = any(isinstance(m, PTQAttention) for m in model.modules())
+    if not blocks and not wrapped:
+        raise ValueError("method='vit-ptq' checkpoint: the model has no timm ViT block (norm1/attn.qkv/norm2/mlp)")
+    saved = [(blk, blk.norm1, blk.norm2, blk.attn, blk.mlp.act) for _, blk in blocks]
+    for _, blk in blocks:
+        _wrap_block(blk, opts)
+    logger.info("vit-ptq: restored activation quantizers on %d block(s) (A%d)", len(blocks), opts.act_bits)
+
+    def undo() -> None:
+        for blk, norm1, norm2, attn, act in saved:
+            blk.norm1, blk.norm2, blk.attn = norm1, norm2, attn
+            blk.mlp.act = act
+
+    return undo
+
+
 @torch.no_grad()
 def prepare_vit_ptq(model: nn.Module, options: dict, calib_data: CalibData | None) -> int:
     """Reparameterize LayerNorms (RepQ, on the float model) and insert activation quantizers; returns #blocks.
@@ -362,10 +416,7 @@ def prepare_vit_ptq(model: nn.Module, options: dict, calib_data: CalibData | Non
             reparameterize_layernorm(blk.norm1, [blk.attn.qkv], *ranges[f"{name}.norm1"], opts.act_bits)
             reparameterize_layernorm(blk.norm2, [blk.mlp.fc1], *ranges[f"{name}.norm2"], opts.act_bits)
     for _, blk in blocks:
-        blk.norm1 = QuantAfter(blk.norm1, UniformQuantizer(opts.act_bits))
-        blk.norm2 = QuantAfter(blk.norm2, UniformQuantizer(opts.act_bits))
-        blk.attn = PTQAttention(blk.attn, opts.act_bits, opts.softmax)
-        blk.mlp.act = QuantAfter(blk.mlp.act, GELU_QUANTIZERS[opts.gelu](opts.act_bits))
+        _wrap_block(blk, opts)
     logger.info("vit-ptq: %d block(s), A%d, softmax=%s, gelu=%s, ln_reparam=%s", len(blocks), opts.act_bits,
                 opts.softmax, opts.gelu, opts.ln_reparam)  # fmt: skip
     return len(blocks)

@@ -15,7 +15,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,6 +250,19 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
     raise CheckpointError(f"unknown model source {src!r}; pass the float model: load_quantized(path, model=...)")
 
 
+def _restore_method_modules(model: nn.Module, config: QuantConfig | None, path: Path) -> Callable[[], None]:
+    """Modules a method adds beside the quantized layers (``vit-ptq``: activation quantizer wrappers), put back on
+    the float model before its state is loaded; returns an undo for a failed load."""
+    if config is None or config.method != "vit-ptq":
+        return lambda: None
+    from vqsuite.calibrators.vit_ptq import restore_vit_ptq
+
+    try:
+        return restore_vit_ptq(model, config.options)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
 def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dict[int, list[str]]) -> nn.Module:
     """Swap the model's layer ``name`` (everywhere it is used) for an empty quantized one; returns the old one."""
     try:
@@ -341,6 +354,7 @@ def load_quantized(
             raise CheckpointError(f"{path / CONFIG_NAME}: bad config ({e})") from None
     if model is None:
         model = _build_model(meta)
+    undo_method = _restore_method_modules(model, config, path)
     refs = module_references(model)
     replaced: dict[str, nn.Module] = {}
     try:
@@ -364,6 +378,7 @@ def load_quantized(
     except BaseException:
         for original in replaced.values():  # put the float layers back: a failed load changes nothing
             replace_module(model, refs, original, original)
+        undo_method()
         raise
     model.load_state_dict(tensors, strict=True, assign=True)
     _retie(model, aliases)
