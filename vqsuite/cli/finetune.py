@@ -343,6 +343,8 @@ def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
 
 
 def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, Any]) -> int:
+    import torch
+
     from vqsuite.cli.progress import bar
     from vqsuite.cli.sources import pick_device
     from vqsuite.finetune import ofq
@@ -386,6 +388,8 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
     total = opts["steps"] + opts["cga_steps"]
     ck = _checkpoint_file(args)
     pbar = bar(total, f"ofq W{opts['bits']}A{opts['bits']}", unit="step", disable=not progress)
+    if args.resume and ck is not None:  # the bar starts where the checkpoint left off
+        pbar.update(int(torch.load(ck, map_location="cpu", weights_only=False)["step"]))
 
     def tick(h: dict[str, float]) -> None:
         pbar.update(1)
