@@ -1,7 +1,8 @@
-"""Bit-exact low-bit number formats: INT8, INT4 (sym/asym), FP8 E4M3/E5M2, FP4 E2M1, NVFP4, MXFP4.
+"""Bit-exact low-bit number formats: INT8, INT6, INT4 (sym/asym), INT3, INT2, FP8 E4M3/E5M2, FP4 E2M1, NVFP4, MXFP4.
 
 Each format is a registered :class:`Format`; ``quantize``/``dequantize``/``fake_quantize`` dispatch by name,
-``pack_4bit``/``unpack_4bit`` store two 4-bit codes per byte.
+``pack_4bit``/``unpack_4bit`` store two 4-bit codes per byte (INT3/INT2 codes use the same 4-bit container, INT6 a
+byte: ``Format.storage_bits``).
 """
 
 from __future__ import annotations
