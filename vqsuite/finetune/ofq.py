@@ -6,6 +6,9 @@ Pieces:
 - :class:`QATAttention`: timm's fused-qkv ``Attention`` rebuilt for QAT. With query-key reparameterization
   (QKR) each head's ``W_qk = W_qᵀ W_k: [C, C]`` is one StatsQ'd matrix and the logits are
   ``X̂ · LSQ(X̂ · Q(W_qk)ᵀ)ᵀ · d^{-½}``; the q/k biases are dropped (as the official code does).
+  :class:`QATWindowAttention` does the same for Swin's ``WindowAttention`` and adds timm's relative-position bias
+  and shifted-window mask. Which attention class gets which QAT module is a small registry of layer rules
+  (:data:`ATTENTION_RULES`); other attention forms fall back to LSQ QAT of their Linears, with a log line.
 - Confidence-guided annealing (CGA, :class:`CGA`): only weights whose pre-rounding value lies within
   ``±boundary`` of a rounding threshold are updated; the others get zero gradient and their values restored.
 - An oscillation tracker per quantized weight (EMA of integer-level flips), reported per layer.
@@ -192,18 +195,27 @@ class QATConv2d(nn.Module):
         return F.conv2d(x, self.wq(self.weight), self.bias, **self.conv_kw)
 
 
+def _head_dim(attn: nn.Module) -> int:
+    """Channels per head of a fused-qkv attention (timm's ``WindowAttention`` has no ``head_dim`` attribute)."""
+    hd = getattr(attn, "head_dim", None)
+    return int(hd) if hd else attn.qkv.out_features // (3 * int(attn.num_heads))
+
+
 class QATAttention(nn.Module):
     """timm ``Attention`` (fused ``qkv``) for QAT, with or without query-key reparameterization.
 
-    Shapes: ``x: [B, N, C]``, ``H`` heads of ``d = C/H``. QKR keeps ``w_qk: [H, C, C]`` (``W_q^hᵀ W_k^h``),
-    ``v_weight: [C, C]``/``v_bias``; without QKR the fused ``qkv`` is a :class:`QATLinear` and q, k are LSQ'd.
+    Shapes: ``x: [B, N, C]``, ``H`` heads of ``d`` channels (``C/H`` unless the module says otherwise). QKR keeps
+    ``w_qk: [H, C, C]`` (``W_q^hᵀ W_k^h``), ``v_weight: [H·d, C]``/``v_bias``; without QKR the fused ``qkv`` is a
+    :class:`QATLinear` and q, k are LSQ'd. The softmax output is unsigned-LSQ'd and ``proj`` is a :class:`QATLinear`.
+    Subclasses add to the logits through :meth:`bias_logits` (relative-position bias, window masks).
+    Attention and projection dropout are not applied (the OFQ recipe trains without them).
     """
 
     def __init__(self, attn: nn.Module, bits: int, weight_quant: str = "statsq", qkr: bool = True) -> None:
         super().__init__()
         qkv: nn.Linear = attn.qkv
-        self.num_heads, self.head_dim = int(attn.num_heads), int(attn.head_dim)
-        self.scale = self.head_dim**-0.5
+        self.num_heads, self.head_dim = int(attn.num_heads), _head_dim(attn)
+        self.scale = float(getattr(attn, "scale", self.head_dim**-0.5))
         c, hd = qkv.in_features, self.num_heads * self.head_dim
         self.qkr = bool(qkr)
         self.in_q = LSQActQuantizer(bits, c, signed=True)
@@ -232,7 +244,8 @@ class QATAttention(nn.Module):
         return wq.reshape(h, c, c)
 
     def logits_and_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-softmax logits ``[B, H, N, N]`` and values ``[B, H, N, d]`` of the input-quantized ``x: [B, N, C]``."""
+        """Pre-softmax logits ``[B, H, N, N]`` (scaled, no bias) and values ``[B, H, N, d]`` of the input-quantized
+        ``x: [B, N, C]``."""
         b, n, _ = x.shape
         if self.qkr:
             kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
@@ -243,18 +256,68 @@ class QATAttention(nn.Module):
         q, k = self.q_q(qkv[0]), self.k_q(qkv[1])
         return (q @ k.transpose(-2, -1)) * self.scale, qkv[2]
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_: object) -> torch.Tensor:
-        """x: ``[B, N, C]`` -> ``[B, N, C]``."""
-        if attn_mask is not None:
-            raise NotImplementedError("QATAttention does not take an attention mask")
+    def bias_logits(self, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """What is added to ``logits: [B, H, N, N]`` before the softmax; plain self-attention takes no mask."""
+        if mask is not None:
+            raise NotImplementedError(f"{type(self).__name__} does not take an attention mask")
+        return logits
+
+    def attend(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``[B, N, C]`` -> ``[B, N, C_out]``: logits, :meth:`bias_logits`, softmax, LSQ, values, ``proj``."""
         b, n, _ = x.shape
         logits, v = self.logits_and_values(self.in_q(x))
-        attn = self.attn_q(logits.softmax(dim=-1))
+        attn = self.attn_q(self.bias_logits(logits, mask).softmax(dim=-1))
         out = (attn @ v).transpose(1, 2).reshape(b, n, -1)
         return self.proj(out)
 
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        """x: ``[B, N, C]`` -> ``[B, N, C_out]`` (timm ``Attention.forward``'s signature)."""
+        if is_causal:
+            raise NotImplementedError("QATAttention does not do causal attention")
+        return self.attend(x, attn_mask)
 
+
+class QATWindowAttention(QATAttention):
+    """timm Swin ``WindowAttention`` (W-MSA / SW-MSA) for QAT: :class:`QATAttention`'s QKR logits plus the
+    relative-position bias and, for shifted windows, the window mask, added exactly as timm does.
+
+    Shapes: ``x: [nW·B, N, C]`` with ``N = Wh·Ww`` tokens per window; ``mask: [nW, N, N]`` (0 / -100) or ``None``;
+    ``relative_position_bias_table: [(2Wh-1)(2Ww-1), H]`` (kept float, trainable) indexed by
+    ``relative_position_index: [N, N]``. The logits are computed explicitly whatever timm's ``fused_attn`` says
+    (``set_window_size`` is not supported after the swap).
+    """
+
+    def __init__(self, attn: nn.Module, bits: int, weight_quant: str = "statsq", qkr: bool = True) -> None:
+        super().__init__(attn, bits, weight_quant, qkr)
+        self.window_size = tuple(int(w) for w in attn.window_size)
+        self.window_area = int(attn.window_area)
+        self.relative_position_bias_table = nn.Parameter(attn.relative_position_bias_table.detach().clone())
+        self.register_buffer("relative_position_index", attn.relative_position_index.clone(), persistent=False)
+
+    def rel_pos_bias(self) -> torch.Tensor:
+        """``[1, H, N, N]`` (timm ``WindowAttention._get_rel_pos_bias``)."""
+        n = self.window_area
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, -1)
+        return bias.permute(2, 0, 1).contiguous().unsqueeze(0)
+
+    def bias_logits(self, logits: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        logits = logits + self.rel_pos_bias()
+        if mask is not None:  # windows are batch-major: index nW·b + w carries mask[w]
+            num_win, h, n = mask.shape[0], self.num_heads, logits.shape[-1]
+            logits = (logits.view(-1, num_win, h, n, n) + mask.unsqueeze(1).unsqueeze(0)).view(-1, h, n, n)
+        return logits
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: ``[nW·B, N, C]`` -> ``[nW·B, N, C]`` (timm ``WindowAttention.forward``'s signature)."""
+        return self.attend(x, mask)
+
+    def extra_repr(self) -> str:
+        return f"window_size={self.window_size}, num_heads={self.num_heads}, qkr={self.qkr}"
+
+
+# ---------------------------------------------------------------------------------------------------- layer rules
 def _is_timm_attention(m: nn.Module) -> bool:
+    """timm ``Attention`` in the plain form QATAttention reproduces (no q/k norm, scale norm, gate or rel-pos bias)."""
     return (
         isinstance(getattr(m, "qkv", None), nn.Linear)
         and isinstance(getattr(m, "proj", None), nn.Linear)
@@ -267,6 +330,49 @@ def _is_timm_attention(m: nn.Module) -> bool:
     )
 
 
+def _is_timm_window_attention(m: nn.Module) -> bool:
+    """timm Swin (v1) ``WindowAttention``: fused qkv, proj, rel-pos bias table and index."""
+    return (
+        isinstance(getattr(m, "qkv", None), nn.Linear)
+        and isinstance(getattr(m, "proj", None), nn.Linear)
+        and isinstance(getattr(m, "relative_position_bias_table", None), torch.Tensor)
+        and isinstance(getattr(m, "relative_position_index", None), torch.Tensor)
+        and hasattr(m, "num_heads")
+        and hasattr(m, "window_area")
+    )
+
+
+@dataclass(frozen=True)
+class AttentionRule:
+    """How one attention class is rebuilt for QAT.
+
+    ``accepts(module)`` checks that an instance has the form ``build`` reproduces (an instance with options the
+    rule does not cover is rejected and falls back to LSQ); ``build(module, bits, weight_quant, qkr)`` returns the
+    QAT module.
+    """
+
+    accepts: Callable[[nn.Module], bool]
+    build: Callable[[nn.Module, int, str, bool], nn.Module]
+
+
+#: layer rules keyed by the attention class's qualified name (``module.QualName``; timm is never imported here).
+#: timm's ``Attention`` moved from ``timm.models.vision_transformer`` to ``timm.layers.attention`` in 1.0.
+ATTENTION_RULES: dict[str, AttentionRule] = {
+    "timm.layers.attention.Attention": AttentionRule(_is_timm_attention, QATAttention),
+    "timm.models.vision_transformer.Attention": AttentionRule(_is_timm_attention, QATAttention),
+    "timm.models.swin_transformer.WindowAttention": AttentionRule(_is_timm_window_attention, QATWindowAttention),
+}
+
+
+def attention_rule(m: nn.Module) -> AttentionRule | None:
+    """The rule for ``m``'s class (or its nearest registered base class) if it accepts ``m``; else ``None``."""
+    for cls in type(m).__mro__:
+        rule = ATTENTION_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule if rule.accepts(m) else None
+    return None
+
+
 def _set(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -275,11 +381,13 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool | None = None) -> nn.Module:
     """Swap ``model``'s layers in place for QAT ones and return it.
 
-    ``method="ofq"``: StatsQ weights (+ QKR on timm ``Attention`` unless ``qkr=False``); ``"lsq"``: LSQ weights.
-    Patch embedding conv and ``head``/``head_dist`` are W8A8 LSQ; every other Linear gets ``bits`` with an LSQ
-    input quantizer (unsigned for an MLP's ``fc2``). Attention modules with relative-position bias, q/k norms or
-    gates (Swin's window attention, ...) are not rebuilt: their Linears fall back to LSQ QAT and a line is logged
-    (their softmax output stays unquantized).
+    ``method="ofq"``: StatsQ weights (+ QKR unless ``qkr=False``); ``"lsq"``: LSQ weights. Attention modules are
+    rebuilt by the rule :data:`ATTENTION_RULES` holds for their class: timm ``Attention`` (ViT, DeiT) becomes a
+    :class:`QATAttention`, Swin's ``WindowAttention`` a :class:`QATWindowAttention`. Patch embedding conv and
+    ``head``/``head_dist`` (``head.fc``) are W8A8 LSQ; every other Linear (Swin's ``reduction`` included) gets
+    ``bits`` with an LSQ input quantizer (unsigned for an MLP's ``fc2``). Other attention forms (q/k norms, gates,
+    Swin V2, ...) are not rebuilt: their Linears fall back to LSQ QAT and a line is logged (their softmax output
+    stays unquantized).
     """
     if method not in ("ofq", "lsq"):
         raise ValueError(f"{method=} must be 'ofq' or 'lsq'")
@@ -287,8 +395,9 @@ def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool |
     qkr = (method == "ofq") if qkr is None else qkr
     fallback: list[str] = []
     for name, m in list(model.named_modules()):
-        if name and _is_timm_attention(m):
-            _set(model, name, QATAttention(m, bits, wkind, qkr=qkr))
+        rule = attention_rule(m) if name else None
+        if rule is not None:
+            _set(model, name, rule.build(m, bits, wkind, qkr))
         elif name and hasattr(m, "qkv") and hasattr(m, "proj"):
             logger.info("%s (%s): unsupported attention form, its Linears fall back to LSQ QAT", name, type(m).__name__)
             fallback.append(name + ".")
@@ -394,10 +503,14 @@ def kd_loss(
     labels: torch.Tensor,
     tau: float = 1.0,
 ) -> torch.Tensor:
-    """``CE(cls, labels) + τ²·KL(softmax(teacher/τ) ‖ softmax(dist/τ))``; ``logits: [B, K]`` or ``(cls, dist)``."""
+    """``CE(cls, labels) + τ²·KL(softmax(teacher/τ) ‖ softmax(dist/τ))``; ``logits: [B, K]`` or ``(cls, dist)``.
+
+    A DeiT in distilled training returns ``(cls, dist)`` (CE on the class head, KL on the distillation head, as in
+    the OFQ recipe); in eval it returns their average, which is what a ``(cls, dist)`` teacher is reduced to here.
+    """
     cls, dist = logits if isinstance(logits, tuple) else (logits, logits)
     if isinstance(teacher_logits, tuple):
-        teacher_logits = teacher_logits[0]
+        teacher_logits = (teacher_logits[0] + teacher_logits[1]) / 2
     kl = F.kl_div(
         F.log_softmax(dist / tau, -1), F.log_softmax(teacher_logits.detach() / tau, -1), reduction="batchmean",
         log_target=True,
@@ -470,7 +583,8 @@ def ofq(
     """Quantization-aware training of a timm ViT in place; returns the QAT model (eval mode).
 
     Args:
-        model: a float timm ``VisionTransformer`` (or DeiT); swapped in place by :func:`prepare_qat`.
+        model: a float timm ``VisionTransformer``, DeiT (distilled: trained with ``distilled_training`` on, so
+            CE reads ``head`` and KL ``head_dist``) or ``SwinTransformer``; swapped in place by :func:`prepare_qat`.
         bits: weight and activation bits of the body (2, 3 or 4 in the paper; patch embed and head stay 8-bit).
         train_data: ``(x [M, ...], y [M] int64)``; batches are sampled with replacement by a seeded generator
             (its state is checkpointed, so resuming replays the same batches).
@@ -500,6 +614,10 @@ def ofq(
         teacher = copy.deepcopy(model)
     teacher.eval().requires_grad_(False)
     prepare_qat(model, opts.bits, opts.method, qkr=opts.qkr)
+    # DeiT (timm VisionTransformerDistilled) returns (cls, dist) only in distilled training; restored at the end
+    distilled = getattr(model, "distilled_training", None)
+    if distilled is not None and callable(getattr(model, "set_distilled_training", None)):
+        model.set_distilled_training(True)
     if device is not None:
         model.to(device)
         teacher.to(device)
@@ -583,6 +701,8 @@ def ofq(
             save(t + 1)
     save(end)
     wall += time.perf_counter() - start
+    if distilled is not None and callable(getattr(model, "set_distilled_training", None)):
+        model.set_distilled_training(distilled)
     model.eval()
     model.vqsuite_ofq = {
         "options": asdict(opts),
