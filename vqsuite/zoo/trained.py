@@ -1,19 +1,22 @@
-"""Zoo entries for the models trained here (weights in ``vqsuite/zoo/weights/``): ``fmnist-vit`` and ``mini-sd``.
+"""Zoo entries for the models trained here (weights in ``vqsuite/zoo/weights/``): ``fmnist-vit``, ``mini-sd`` and
+``mini-pixart``.
 
 * ``fmnist-vit`` (kind ``"classifier"``): timm ``VisionTransformer``; ``preprocess`` takes uint8 ``[N, 1, 28, 28]``.
 * ``mini-sd`` (kind ``"pipeline"``): ``model`` is a ready ``StableDiffusionPipeline`` (not an ``nn.Module``);
   ``preprocess(k)`` is the evaluation prompt for digit ``k`` ("a photo of the digit seven").
+* ``mini-pixart`` (kind ``"pipeline"``): a ready ``PixArtAlphaPipeline``, same prompts; call it with
+  ``meta["call_kwargs"]`` (``use_resolution_binning=False, clean_caption=False``).
 """
 
 from __future__ import annotations
 
-from vqsuite.zoo import mini_sd, vit
+from vqsuite.zoo import mini_pixart, mini_sd, vit
 
 TRAINED_REQUIREMENT = "vqsuite (weights ship inside the package)"
 
 
 def register_trained() -> None:
-    """Register ``fmnist-vit`` and ``mini-sd`` whose weights are present in this checkout."""
+    """Register ``fmnist-vit``, ``mini-sd`` and ``mini-pixart`` whose weights are present in this checkout."""
     from vqsuite.zoo import ZooEntry, register
     from vqsuite.zoo.datasets import FASHION_CLASSES
 
@@ -33,4 +36,13 @@ def register_trained() -> None:
             "CLIPTokenizer) trained here on MNIST digits, 32x32; prompts like 'a photo of the digit seven'",
             TRAINED_REQUIREMENT, mini_sd.load_mini_sd, lambda: mini_sd.prompt,
             {"size": 32, "prompt": "a photo of the digit {word}", "train": mini_sd.train_record()},
+        ))  # fmt: skip
+    if (mini_pixart.WEIGHTS_DIR / "model_index.json").is_file() and (mini_pixart.VAE_DIR / "config.json").is_file():
+        register(ZooEntry(
+            "mini-pixart", "pipeline",
+            "diffusers PixArtAlphaPipeline (PixArtTransformer2DModel, tiny T5EncoderModel, offline T5Tokenizer, "
+            "mini-sd's AutoencoderKL) trained here on MNIST digits, 32x32; prompts like 'a photo of the digit seven'",
+            TRAINED_REQUIREMENT, mini_pixart.load_mini_pixart, lambda: mini_pixart.prompt,
+            {"size": 32, "prompt": "a photo of the digit {word}", "call_kwargs": dict(mini_pixart.CALL_KWARGS),
+             "train": mini_pixart.train_record()},
         ))  # fmt: skip
