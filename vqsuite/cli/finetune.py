@@ -100,7 +100,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--prompts-file", metavar="F", help="training prompts, one per line (default: vqsuite's own)")
     q.add_argument("--num-inference-steps", type=int, help="denoising steps of the teacher/student runs (20)")
     q.add_argument("--guidance-scale", type=float, help="classifier-free guidance (the pipeline's default)")
-    q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (1/2500)")
+    q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (0.1; official 1/2500 is for 16k updates)")
     f.set_defaults(fn=run)
 
 
@@ -471,6 +471,15 @@ def qalora_fn() -> Any:
     return mod.qalora
 
 
+def _qalora_default_lr_scale() -> float:
+    """``vqsuite.finetune.qalora``'s default LoRA learning-rate scale (one source of truth)."""
+    import sys
+
+    import vqsuite.finetune  # noqa: F401  (the package's ``qalora`` attribute is the function, not the module)
+
+    return float(sys.modules["vqsuite.finetune.qalora"].DEFAULT_LR_SCALE)
+
+
 def _qalora_checkpoint_pointer() -> str:
     """The file that marks a QALoRA checkpoint folder (``latest.json``: which ``step-XXXXXX`` is the newest)."""
     try:
@@ -551,7 +560,7 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "progress": progress,
     }
     rank = args.rank or 32
-    lr_scale = 1 / 2500 if args.lr_scale is None else args.lr_scale
+    lr_scale = _qalora_default_lr_scale() if args.lr_scale is None else args.lr_scale
     t0 = time.perf_counter()
     pipe = fn(pipe, config=config, steps=steps, rank=rank, lr_scale=lr_scale, prompts=prompts, **kw)
     seconds = time.perf_counter() - t0
