@@ -46,8 +46,9 @@ import vqsuite
 import vqsuite.zoo as zoo
 
 PRESETS = ("w8a8", "w8a8-fp8", "w4a16", "w4a8", "w4a4", "nvfp4", "mxfp4", "svdquant-int4", "svdquant-nvfp4")
-SECTIONS = ("mnist", "imagenet", "gan")
+SECTIONS = ("mnist", "fmnist", "imagenet", "gan")
 MNIST_MODELS = ("mnist-cnn3", "mnist-cnn2")
+FMNIST_MODELS = ("fmnist-vit",)
 IMAGENET_MODELS = ("efficientnet-lite0", "mobilenet-v2")
 GAN_MODELS = ("face-dcgan", "eye-cdcgan")
 #: latent seeds: the evaluated set, the FP-vs-FP floor set, the calibration set
@@ -116,13 +117,23 @@ def pct(x: float) -> str:
 
 # ------------------------------------------------------------------------------------------------ MNIST
 def mnist_section(
-    presets: Sequence[str], n: int, resamples: int, rows_out: list[dict], models: Sequence[str] = MNIST_MODELS
+    presets: Sequence[str],
+    n: int,
+    resamples: int,
+    rows_out: list[dict],
+    models: Sequence[str] = MNIST_MODELS,
+    dataset: str = "mnist",
 ) -> str:
-    from vqsuite.zoo.datasets import mnist_test, mnist_train
+    """Classifiers on 28x28 digits (``dataset="mnist"``) or Fashion-MNIST (``"fmnist"``): first ``n`` test images,
+    calibration on the first train images."""
+    from vqsuite.zoo.datasets import fashion_mnist, mnist_test, mnist_train
 
-    x, y = mnist_test()
+    if dataset == "fmnist":
+        (x, y), xc = fashion_mnist("test"), fashion_mnist("train")[0][:N_CALIB_MNIST]
+    else:
+        (x, y), xc = mnist_test(), mnist_train()[0][:N_CALIB_MNIST]
     x, y = x[:n], y[:n]
-    xc = mnist_train()[0][:N_CALIB_MNIST]
+    label = "Fashion-MNIST" if dataset == "fmnist" else "MNIST"
     parts = []
     for name in models:
         m = zoo.load(name)
@@ -153,7 +164,7 @@ def mnist_section(
 
             c = cost(q, m.model)
             row = {
-                "section": "mnist",
+                "section": dataset,
                 "model": name,
                 "preset": preset,
                 "n": n,
@@ -194,7 +205,7 @@ def mnist_section(
             "quantize s",
             "ms/img",
         ]
-        parts.append(f"**{name}** — {m.description}. MNIST test, n = {n}, bootstrap {resamples}×.\n\n")
+        parts.append(f"**{name}** — {m.description}. {label} test, n = {n}, bootstrap {resamples}×.\n\n")
         parts[-1] += md_table(header, table)
     return "\n\n".join(parts)
 
@@ -408,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--presets", default=",".join(PRESETS), help="comma-separated preset names")
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated, of {SECTIONS}")
-    ap.add_argument("--mnist-n", type=int, default=10000, help="MNIST test images (first N of t10k)")
+    ap.add_argument("--mnist-n", type=int, default=10000, help="MNIST / Fashion-MNIST test images (first N)")
     ap.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the MNIST interval")
     ap.add_argument("--gan-n", type=int, default=1000, help="GAN samples per set for FID / PSNR / SSIM")
     ap.add_argument("--max-photos", type=int, default=None, help="cap on the agreement photos (default: all)")
@@ -434,6 +445,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     runners: dict[str, Callable[[], str]] = {
         "mnist": lambda: mnist_section(presets, args.mnist_n, args.bootstrap, rows, pick(MNIST_MODELS)),
+        "fmnist": lambda: mnist_section(presets, args.mnist_n, args.bootstrap, rows, pick(FMNIST_MODELS), "fmnist"),
         "imagenet": lambda: imagenet_section(presets, rows, args.max_photos, pick(IMAGENET_MODELS)),
         "gan": lambda: gan_section(presets, args.gan_n, rows, args.out, pick(GAN_MODELS)),
     }
