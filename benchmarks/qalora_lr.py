@@ -50,7 +50,8 @@ def main() -> None:
         wall = time.perf_counter() - t0
         after = qalora_mse(pipe, teacher, **held_out)
         row = {"preset": a.preset, "lr_scale": text, "updates": a.steps, "mse_before": round(before, 5),
-               "mse_after": round(after, 5), "ratio": round(after / before, 3), "finetune_s": round(wall, 1)}  # fmt: skip
+               "mse_after": round(after, 5), "ratio": round(after / before, 3),
+               "finetune_s": round(wall, 1)}  # fmt: skip
         print(json.dumps(row), flush=True)
 
 
