@@ -149,6 +149,14 @@ def train(a: argparse.Namespace) -> None:
     plan = {"total": a.steps}
     sched = sd._cosine(opt, plan, a.warmup)
     ema_tr, ema_tx = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
+    step0, prev = 0, None
+    if a.resume:  # continue a finished run: its weights and EMA, a fresh optimizer and warm-up + cosine schedule
+        ck = torch.load(a.resume)
+        for m, k in ((transformer, "transformer"), (text, "text"), (ema_tr, "ema_transformer"), (ema_tx, "ema_text")):
+            m.load_state_dict(ck[k])
+        step0 = ck["step"]
+        prev = json.loads(Path(a.record).read_text())["transformer"] if a.record else None
+        logger.info("resumed from %s at step %d", a.resume, step0)
     g = torch.Generator().manual_seed(a.seed)
     acp = noise_sched.alphas_cumprod
     transformer.train()
@@ -178,7 +186,7 @@ def train(a: argparse.Namespace) -> None:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(a.ema, (1 + step) / (10 + step))
+        decay = min(a.ema, (1 + step0 + step) / (10 + step0 + step))
         with torch.no_grad():
             for m, e in ((transformer, ema_tr), (text, ema_tx)):
                 for p, q in zip(m.parameters(), e.parameters(), strict=True):
@@ -190,18 +198,20 @@ def train(a: argparse.Namespace) -> None:
                         sched.get_last_lr()[0], time.perf_counter() - t0)  # fmt: skip
         if a.ckpt_every and step % a.ckpt_every == 0:
             torch.save({"transformer": transformer.state_dict(), "text": text.state_dict(),
-                        "ema_transformer": ema_tr.state_dict(), "ema_text": ema_tx.state_dict(), "step": step},
-                       a.work / "ckpt.pt")  # fmt: skip
+                        "ema_transformer": ema_tr.state_dict(), "ema_text": ema_tx.state_dict(),
+                        "step": step0 + step}, a.work / "ckpt_running.pt")  # fmt: skip
     wall = time.perf_counter() - t0
     bar.close()
     torch.save({"transformer": transformer.state_dict(), "text": text.state_dict(),
-                "ema_transformer": ema_tr.state_dict(), "ema_text": ema_tx.state_dict(), "step": step},
+                "ema_transformer": ema_tr.state_dict(), "ema_text": ema_tx.state_dict(), "step": step0 + step},
                a.work / "ckpt.pt")  # fmt: skip
     use_tr, use_tx = (transformer, text) if a.no_ema else (ema_tr, ema_tx)
     _save(_pipeline(use_tr, use_tx, tok, vae), a.out)
-    rec = {"transformer": {"steps": step, "batch": a.batch, "lr": a.lr, "warmup": a.warmup, "wall_s": round(wall, 1),
+    rec = {"transformer": {"steps": step0 + step, "steps_this_run": step, "batch": a.batch, "lr": a.lr,
+                           "warmup": a.warmup, "wall_s": round(wall, 1),
                            "final_loss_ema": round(ema, 4), "seed": a.seed, "params": n_tr, "config": tcfg,
                            "weights": "raw" if a.no_ema else f"EMA (decay {a.ema})"},
+           "resumed": None if not a.resume else {"from_step": step0, "previous_run": prev},
            "text_encoder": {"params": n_tx, "trained": not a.freeze_text, "config": xcfg, "train_tokens": TRAIN_TOKENS},
            "vae": {"from": "mini-sd/vae", "sha256": vae_sha256(), "scaling_factor": sf},
            "scheduler": SCHED, "caption_dropout": 0.1, "threads": a.threads, "budget_min": a.budget_min,
@@ -335,7 +345,14 @@ def main() -> None:
     p.add_argument("--freeze-text", action="store_true", help="keep the T5 encoder at its random init")
     p.add_argument("--work", type=Path, default=Path("/tmp/mini_pixart"))
     p.add_argument("--out", type=Path, default=Path("vqsuite/zoo/weights/mini-pixart"))
-    p.add_argument("--record", type=Path, default=None, help="export stage: the train.json to carry over")
+    p.add_argument(
+        "--record",
+        type=Path,
+        default=None,
+        help="export stage: the train.json to carry over; train "
+        "stage with --resume: the resumed run's train.json (kept in the record)",
+    )
+    p.add_argument("--resume", type=Path, default=None, help="train stage: continue from this ckpt.pt")
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-n", type=int, default=50, help="eval stage: images per digit")
