@@ -117,6 +117,8 @@ def main() -> None:
     p.add_argument("--qalora-steps", type=int, default=200)
     p.add_argument("--qalora-rank", type=int, default=32)
     p.add_argument("--qalora-batch", type=int, default=2)
+    p.add_argument("--qalora-lr-scale", default=None, help="LoRA lr scale (default: the library's; fractions ok)")
+    p.add_argument("--qalora-weighting", default="eps", help="per-step loss weighting: eps, x0, min_snr")
     p.add_argument("--n-per-digit", type=int, default=50)
     p.add_argument("--steps", type=int, default=20, help="sampling steps for calibration, fine-tuning and sampling")
     p.add_argument("--seed", type=int, default=1000)
@@ -202,12 +204,16 @@ def main() -> None:
 
             teacher = find_denoiser(load()[0])[1]
             t0 = time.perf_counter()
+            from fractions import Fraction
+
+            lr_kw = {} if a.qalora_lr_scale is None else {"lr_scale": float(Fraction(a.qalora_lr_scale))}
             qalora(pipe, preset, steps=a.qalora_steps, rank=a.qalora_rank, prompts=calib_prompts,
                    num_inference_steps=a.steps, guidance_scale=GUIDANCE, batch_size=a.qalora_batch, seed=0,
-                   progress=False, teacher=teacher)  # fmt: skip
+                   progress=False, teacher=teacher, loss_weighting=a.qalora_weighting, **lr_kw)  # fmt: skip
             rec = getattr(pipe, "vqsuite_qalora", {})
             extra.update(finetune_s=round(time.perf_counter() - t0, 1), qalora_updates=a.qalora_steps,
-                         qalora_rank=a.qalora_rank, loss_first=rec.get("loss_first"),
+                         qalora_rank=a.qalora_rank, qalora_lr_scale=rec.get("lr_scale", a.qalora_lr_scale),
+                         qalora_weighting=a.qalora_weighting, loss_first=rec.get("loss_first"),
                          loss_last=rec.get("loss_last"))  # fmt: skip
         den = find_denoiser(pipe)[1]
         extra["denoiser_mib"] = round(module_nbytes(den) / MIB, 3)

@@ -155,7 +155,7 @@ class FakeQALoRA:
     def __init__(self) -> None:
         self.calls: list[tuple[tuple, dict[str, Any]]] = []
 
-    def __call__(self, pipe: Any, config: str = "w4a4", steps: int = 200, rank: int = 32, lr_scale: float = 0.1,
+    def __call__(self, pipe: Any, config: str = "w4a4", steps: int = 200, rank: int = 32, lr_scale: float = 1 / 2500,
                  prompts: list[str] | None = None, **kw: Any) -> Any:  # fmt: skip
         import vqsuite
 
@@ -181,7 +181,7 @@ def test_qalora_plumbing_into_a_pipeline_folder_generate_runs(
     assert main(argv) == 0
     (config, steps, rank, lr_scale, got_prompts), kw = fake.calls[0]
     # the CLI passes the library's default LoRA learning-rate scale when --lr-scale is not given
-    assert (config, steps, rank, lr_scale, got_prompts) == ("w4a8", 2, 4, 0.1, ["a cat", "a dog"])
+    assert (config, steps, rank, lr_scale, got_prompts) == ("w4a8", 2, 4, 1 / 2500, ["a cat", "a dog"])
     assert kw == {"num_inference_steps": 3, "guidance_scale": 1.5, "batch_size": 1, "seed": 7,
                   "checkpoint_dir": str(ck), "checkpoint_every": 1, "resume": False, "progress": False}  # fmt: skip
     rec = json.loads((out / ft_cli.MANIFEST).read_text())

@@ -256,8 +256,9 @@ def test_frozen_pipeline_needs_teacher_and_unfreezes() -> None:
         ({"config": "w3a3-nonsense"}, "unknown preset"),
         ({"checkpoint_every": 2}, "checkpoint_dir"),
         ({"resume": True}, "checkpoint_dir"),
+        ({"loss_weighting": "snr"}, "loss_weighting"),
     ],
-    ids=["steps", "rank", "config", "ckpt-every", "resume"],
+    ids=["steps", "rank", "config", "ckpt-every", "resume", "weighting"],
 )
 def test_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -267,3 +268,26 @@ def test_bad_input(kwargs: dict, match: str) -> None:
 def test_not_a_pipeline() -> None:
     with pytest.raises(ValueError, match="denoiser"):
         qalora(object(), steps=1)
+
+
+def test_step_weights_follow_the_noise_schedule() -> None:
+    """``x0`` weights fall from the noisiest step to the cleanest ((1 - ᾱ)/ᾱ), ``min_snr`` caps them at the
+    low-noise end only; both have mean 1; ``eps`` is no weighting; a weighted run trains and records it."""
+    qmod = sys.modules["vqsuite.finetune.qalora"]
+    sched = copy.deepcopy(_sd().scheduler)
+    sched.set_timesteps(10)
+    assert qmod._step_weights(sched, "eps") is None
+    x0 = torch.tensor(qmod._step_weights(sched, "x0"), dtype=torch.float64)
+    snr = torch.tensor(qmod._step_weights(sched, "min_snr"), dtype=torch.float64)
+    for w in (x0, snr):
+        assert abs(float(w.mean()) - 1.0) < 1e-9
+        assert bool((w[1:] <= w[:-1]).all()), "weights must not grow as the noise falls"
+    assert float(x0[0] / x0[-1]) > float(snr[0] / snr[-1]) > 1.0
+    a = sched.alphas_cumprod[[int(t) for t in sched.timesteps]].double()
+    ref = (1 - a) / a
+    torch.testing.assert_close(x0, ref / ref.mean(), rtol=1e-12, atol=0.0)
+    pipe = _sd()
+    teacher = copy.deepcopy(pipe.unet)
+    tp.quantize("sd15", "w4a4", pipe=pipe, freeze=False)
+    qalora(pipe, steps=2, rank=4, teacher=teacher, loss_weighting="x0", **SHORT)
+    assert pipe.vqsuite_qalora["loss_weighting"] == "x0" and len(pipe.vqsuite_qalora["loss_curve"]) == 2

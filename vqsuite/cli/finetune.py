@@ -100,7 +100,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--prompts-file", metavar="F", help="training prompts, one per line (default: vqsuite's own)")
     q.add_argument("--num-inference-steps", type=int, help="denoising steps of the teacher/student runs (20)")
     q.add_argument("--guidance-scale", type=float, help="classifier-free guidance (the pipeline's default)")
-    q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (0.1; official 1/2500 is for 16k updates)")
+    q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (official 1/2500)")
     f.set_defaults(fn=run)
 
 

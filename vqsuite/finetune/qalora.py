@@ -72,11 +72,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_RANK = 32
 #: official code: each layer's LoRA learning rate is its mean weight scale / 2500 (for 16k updates)
 LORA_LR_DIVISOR = 2500.0
-#: default ``lr_scale``: the official 1/2500 is tuned for EfficientDM's 16k updates; at budgets of 200-1000 updates
-#: on mini-sd it barely moves the student (held-out denoiser MSE -11 % after 200 updates at W4A4), 1/10 gave the
-#: lowest error of {1/2500, 1/250, 1/50, 1/10} for w4a4, w4a4-static and svdquant-int4 at 200 updates and for w4a4
-#: at 1000 (BENCHMARKS.md, "QALoRA on mini-sd")
-DEFAULT_LR_SCALE = 0.1
+#: default ``lr_scale``: the official 1/2500. On mini-sd a larger one (1/50, 1/10) lowers the held-out denoiser MSE
+#: far more in 200-1000 updates (-61 % / -68 % vs -11 % at W4A4) but makes the images drift further from FP (PSNR
+#: vs FP 21.1 -> 16.7 dB at 1/10), see BENCHMARKS.md "QALoRA on mini-sd"; the denoiser MSE is not the target
+DEFAULT_LR_SCALE = 1.0 / LORA_LR_DIVISOR
 #: AdamW weight decay of the LoRA factors (torch's default); scales and activation steps are not decayed
 LORA_WEIGHT_DECAY = 0.01
 #: files of one checkpoint (inside ``checkpoint_dir/step-XXXXXX``) and the pointer to the latest one
@@ -543,6 +542,24 @@ def _own_step_publishing(pipe: Any, den: nn.Module) -> Iterator[None]:
             attach_step_tracker(pipe, denoiser=den)
 
 
+#: per-step loss weightings of :func:`qalora` (``min_snr`` uses ``MIN_SNR_GAMMA``)
+LOSS_WEIGHTINGS = ("eps", "x0", "min_snr")
+MIN_SNR_GAMMA = 5.0
+
+
+def _step_weights(scheduler: Any, kind: str) -> list[float] | None:
+    """One loss weight per step of ``scheduler.timesteps`` (mean 1), or ``None`` for ``"eps"``."""
+    if kind == "eps":
+        return None
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise ValueError(f"loss_weighting={kind!r} needs a scheduler with alphas_cumprod")
+    a = torch.stack([acp[int(t)] for t in scheduler.timesteps]).double().clamp(1e-8, 1 - 1e-8)
+    snr = a / (1 - a)
+    w = 1 / snr if kind == "x0" else torch.clamp(MIN_SNR_GAMMA / snr, max=1.0)
+    return (w / w.mean()).tolist()
+
+
 def _default_guidance(pipe: Any) -> float:
     try:
         p = inspect.signature(pipe.__call__).parameters.get("guidance_scale")
@@ -663,6 +680,7 @@ def qalora(
     lr_weight_scale: float = 1e-6,
     lr_act_scale: float = 5e-4,
     teacher: nn.Module | None = None,
+    loss_weighting: str = "eps",
 ) -> Any:
     """EfficientDM fine-tuning of ``pipe``'s quantized denoiser, in place; returns ``pipe``.
 
@@ -673,8 +691,8 @@ def qalora(
         config: the quantization recipe (preset name, ``QuantConfig``, ...) when the denoiser is still float.
         steps: optimizer updates, one per denoising step (a trajectory gives ``num_inference_steps`` of them).
         rank: LoRA rank (clipped to ``min(N, K)`` per layer).
-        lr_scale: each layer's LoRA learning rate is ``lr_scale · mean(s_w)`` (default 1/10, measured for short
-            budgets; the official code's ``1/2500`` = ``1 / LORA_LR_DIVISOR`` is tuned for 16k updates).
+        lr_scale: each layer's LoRA learning rate is ``lr_scale · mean(s_w)`` (default: the official code's
+            ``1/2500`` = ``1 / LORA_LR_DIVISOR``; see ``DEFAULT_LR_SCALE`` for what larger values did on mini-sd).
         prompts: training prompts (default: the shipped calibration prompts); ``batch_size`` per trajectory,
             cycled in order.
         num_inference_steps, guidance_scale: the trajectories' steps and CFG scale (the pipeline's default when
@@ -689,6 +707,10 @@ def qalora(
         calib_prompts: calibration prompts for the initial quantization.
         lr_weight_scale, lr_act_scale: learning rates of the weight scales and the activation step sizes.
         teacher: the float denoiser (required when ``pipe``'s denoiser is already quantized).
+        loss_weighting: per-step weight of the MSE: ``"eps"`` (the paper: every step alike), ``"x0"`` (the error of
+            the implied clean-image prediction, ``(1 - ᾱ_t) / ᾱ_t`` times the eps error) or ``"min_snr"``
+            (``min(1, γ / SNR_t)``, γ = 5, Hang et al. 2023: low-noise steps down-weighted); weights are normalised
+            to mean 1 over a trajectory, so learning rates keep their meaning.
 
     Records ``pipe.vqsuite_qalora``: updates, wall_s, loss_first, loss_last, loss_curve (one loss per update),
     loss_per_trajectory (mean per trajectory: the comparable figure), config, rank, talsq, layers, lora_params,
@@ -707,6 +729,8 @@ def qalora(
         raise ValueError(f"checkpoint_every={checkpoint_every} needs checkpoint_dir and must be >= 0")
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir")
+    if loss_weighting not in LOSS_WEIGHTINGS:
+        raise ValueError(f"loss_weighting={loss_weighting!r} must be one of {', '.join(LOSS_WEIGHTINGS)}")
     try:
         den_name, den = find_denoiser(pipe)
     except ValueError as err:
@@ -778,7 +802,7 @@ def qalora(
     signature = {
         "config": str(cfg_used), "steps": steps, "rank": rank, "lr_scale": lr_scale, "seed": seed,
         "num_inference_steps": num_inference_steps, "guidance_scale": guidance, "batch_size": batch_size,
-        "lr_weight_scale": lr_weight_scale, "lr_act_scale": lr_act_scale,
+        "lr_weight_scale": lr_weight_scale, "lr_act_scale": lr_act_scale, "loss_weighting": loss_weighting,
         "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], "trainable": len(trainable),
     }  # fmt: skip
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
@@ -806,6 +830,7 @@ def qalora(
                 tr.x = extra["latents"].to(tr.x.device, tr.x.dtype)
             logger.info("qalora: resumed from %s at update %d", ckpt, u0)
     resumed_from = u0
+    step_weights = _step_weights(tr.scheduler, loss_weighting)
 
     from tqdm.auto import tqdm
 
@@ -838,6 +863,8 @@ def qalora(
                         e_t = tr.eps(teacher, x, t)
                     e_s = tr.eps(student, x, t)
                 loss = F.mse_loss(e_s.float(), e_t.float())
+                if step_weights is not None:
+                    loss = loss * step_weights[tr.i]
                 optim.zero_grad(set_to_none=True)
                 accelerator.backward(loss)
                 optim.step()
@@ -861,7 +888,7 @@ def qalora(
         "loss_last": curve[-1] if curve else math.nan, "loss_curve": curve, "config": cfg_used, "rank": rank,
         "talsq": talsq, "layers": len(adapters), "lora_params": sum(a.lora_A.numel() + a.lora_B.numel()
         for a in adapters.values()), "guidance_scale": guidance, "num_inference_steps": num_inference_steps,
-        "resumed_from": resumed_from, "frozen": bool(freeze),
+        "resumed_from": resumed_from, "frozen": bool(freeze), "lr_scale": lr_scale, "loss_weighting": loss_weighting,
         # losses of different steps are not comparable (late, low-noise steps are larger): compare trajectories
         "loss_per_trajectory": [sum(c) / len(c) for c in (curve[k : k + tr.steps_per_traj]
                                 for k in range(0, len(curve), tr.steps_per_traj))],
