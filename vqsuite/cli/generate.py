@@ -36,7 +36,7 @@ from vqsuite.cli.errors import (
     check_size,
     read_prompt_file,
 )
-from vqsuite.cli.sources import Source, recorded_source, resolve
+from vqsuite.cli.sources import Source, is_builtin_pipeline, recorded_builtin, recorded_source, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         help="generate images with a quantized (or float) pipeline folder; --compare adds the FP images",
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
-    g.add_argument("model", metavar="DIR_OR_MODEL", help="quantized or float pipeline folder, or a built-in "
-                   "generator (vqsuite.zoo: face-dcgan, eye-cdcgan)")  # fmt: skip
+    g.add_argument("model", metavar="DIR_OR_MODEL", help="quantized or float pipeline folder, a built-in "
+                   "pipeline (vqsuite.zoo: mini-sd, mini-pixart) or a built-in generator (face-dcgan, "
+                   "eye-cdcgan)")  # fmt: skip
     p = g.add_mutually_exclusive_group()
     p.add_argument("--prompt", help="one prompt")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one per line")
@@ -92,9 +93,10 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
 def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
     """Validate everything that needs no model: (source, float folder for --compare, prompts)."""
     src = resolve(args.model, folders_only=True)
-    if src.kind == "builtin":
+    builtin_pipe = is_builtin_pipeline(src)
+    if src.kind == "builtin" and not builtin_pipe:
         return _plan_generator(args, src)
-    if src.kind not in ("float-pipeline", "quantized-pipeline"):
+    if src.kind not in ("float-pipeline", "quantized-pipeline") and not builtin_pipe:
         what = "a quantized model checkpoint" if src.kind == "quantized-module" else "not a pipeline"
         raise CLIError(f"{args.model} is {what}; generate needs a diffusers pipeline folder (float or quantized)")
     if args.prompt is not None:
@@ -127,12 +129,14 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
         read_prompt_file(args.calib_prompts, "--calib-prompts")
     fp_folder = None
     if args.compare:
-        if src.kind == "float-pipeline":
+        if src.kind == "float-pipeline" or builtin_pipe:
             if not args.preset:
                 raise CLIError("--compare on a float pipeline needs --preset (there is nothing to compare against)")
             if args.fp_model:
                 raise CLIError("--fp-model applies to a quantized folder; here the float pipeline is the input")
-            fp_folder = src.path
+            fp_folder = src.path  # None for a built-in pipeline: the FP images come from the same pipeline
+        elif not args.fp_model and recorded_builtin(src.path) is not None:
+            fp_folder = None  # made from a built-in pipeline: --compare loads it from vqsuite.zoo
         else:
             fp_folder = Path(args.fp_model).expanduser() if args.fp_model else recorded_source(src.path)
             if fp_folder is None:
@@ -189,8 +193,13 @@ def _plan_generator(args: argparse.Namespace, src: Source) -> tuple[Source, Path
 
 
 # ----------------------------------------------------------------------------------------- generation
-def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
+def _call_kwargs(pipe: Any, args: argparse.Namespace, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The keyword arguments of every generation call: the flags, ``extra`` (what the pipeline needs on every
+    call: a zoo entry's ``call_kwargs`` or those recorded beside a quantized folder) and the PixArt fallbacks of
+    :func:`vqsuite.cli.sources.pipeline_call_kwargs`."""
     import inspect
+
+    from vqsuite.cli.sources import pipeline_call_kwargs
 
     params = inspect.signature(pipe.__call__).parameters
     if "prompt" not in params:
@@ -206,14 +215,15 @@ def _call_kwargs(pipe: Any, args: argparse.Namespace) -> dict[str, Any]:
             if name not in params:
                 raise CLIError(f"{type(pipe).__name__} takes no {name}")
             kw[name] = value
-    if "clean_caption" in params:  # PixArt's caption cleaning needs bs4/ftfy
-        kw["clean_caption"] = False
+    kw.update(pipeline_call_kwargs(pipe, extra))  # clean_caption=False, use_resolution_binning=False, ...
     if "output_type" in params:
         kw["output_type"] = "pil"
     return kw
 
 
-def _generate(pipe: Any, jobs: list[tuple[str, int]], args: argparse.Namespace, desc: str) -> list[Any]:
+def _generate(
+    pipe: Any, jobs: list[tuple[str, int]], args: argparse.Namespace, desc: str, extra: dict[str, Any] | None = None
+) -> list[Any]:
     """``[(prompt, seed)]`` -> PIL images, ``--batch-size`` per pipeline call, under a progress bar.
 
     Each image has its own ``torch.Generator`` (diffusers draws each latent from its own generator), so the
@@ -223,7 +233,7 @@ def _generate(pipe: Any, jobs: list[tuple[str, int]], args: argparse.Namespace, 
 
     from vqsuite.cli.progress import bar
 
-    kw = _call_kwargs(pipe, args)
+    kw = _call_kwargs(pipe, args, extra)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)  # our bar counts images; the pipeline's would nest per step
     images: list[Any] = []
@@ -331,23 +341,43 @@ def _run_pipeline(
 ) -> tuple[list[Any], list[Any] | None, str, str]:
     """(images, FP images or None, label, pipeline class) of a pipeline folder, quantized or quantized here."""
     import vqsuite
-    from vqsuite.cli.sources import load_float_pipeline, load_quantized_pipeline
+    from vqsuite.cli.sources import (
+        builtin_call_kwargs,
+        builtin_prompts,
+        load_builtin_pipeline,
+        load_float_pipeline,
+        load_quantized_pipeline,
+        pipeline_call_kwargs,
+        recorded_call_kwargs,
+    )
 
     fp_images = None
     if src.kind == "quantized-pipeline":
-        if fp_folder is not None:
+        extra = recorded_call_kwargs(src.path)
+        builtin = None if args.fp_model else recorded_builtin(src.path)
+        if args.compare and builtin is not None:
+            fp = load_builtin_pipeline(builtin, dtype=args.dtype or _saved_dtype(src.path), device=device)
+            fp_images = _generate(fp, jobs, args, "full precision", {**builtin_call_kwargs(builtin), **extra})
+            _free(fp)
+        elif fp_folder is not None:
             fp = load_float_pipeline(fp_folder, dtype=args.dtype or _saved_dtype(src.path), device=device)
-            fp_images = _generate(fp, jobs, args, "full precision")
+            fp_images = _generate(fp, jobs, args, "full precision", extra)
             _free(fp)
         pipe = load_quantized_pipeline(src.path, device=device)
         label = "quantized"
     else:
-        pipe = load_float_pipeline(src.path, dtype=args.dtype, device=device)
+        calib = read_prompt_file(args.calib_prompts, "--calib-prompts") if args.calib_prompts else None
+        if src.kind == "builtin":  # a zoo pipeline: its call kwargs on every call, its prompts calibrate
+            pipe = load_builtin_pipeline(src.arg, dtype=args.dtype, device=device)
+            extra = builtin_call_kwargs(src.arg)
+            calib = calib if calib is not None else builtin_prompts(src.arg)
+        else:
+            pipe = load_float_pipeline(src.path, dtype=args.dtype, device=device)
+            extra = {}
         label = "float"
         if args.preset:
             if args.compare:
-                fp_images = _generate(pipe, jobs, args, "full precision")
-            calib = read_prompt_file(args.calib_prompts, "--calib-prompts") if args.calib_prompts else None
+                fp_images = _generate(pipe, jobs, args, "full precision", extra)
             vqsuite.quantize_pipeline(
                 pipe,
                 args.preset,
@@ -356,9 +386,17 @@ def _run_pipeline(
                 num_inference_steps=args.calib_steps,
                 height=args.height,
                 width=args.width,
+                **pipeline_call_kwargs(pipe, extra),
             )
             label = f"quantized ({args.preset})"
-    return _generate(pipe, jobs, args, label), fp_images, label, type(pipe).__name__
+    return _generate(pipe, jobs, args, label, extra), fp_images, label, type(pipe).__name__
+
+
+def _fp_label(src: Source) -> str:
+    """What the FP images of ``--compare`` came from when no float folder was given: a zoo pipeline's name."""
+    if src.path is not None:
+        return recorded_builtin(src.path) or src.arg
+    return src.arg
 
 
 def run(args: argparse.Namespace) -> int:
@@ -373,7 +411,7 @@ def run(args: argparse.Namespace) -> int:
     jobs = [(prompts[j // args.n], args.seed + j) for j in range(len(prompts) * args.n)]
     t0 = time.perf_counter()
 
-    if src.kind == "builtin":
+    if src.kind == "builtin" and not is_builtin_pipeline(src):
         images, fp_images, label = _run_generator(args, src, device)
         files = [f"{j:03d}.png" for j in range(len(images))]
         manifest: dict[str, Any] = {
@@ -388,7 +426,7 @@ def run(args: argparse.Namespace) -> int:
         images, fp_images, label, pipe_name = _run_pipeline(args, src, fp_folder, jobs, device)
         files = [f"{j:03d}.png" for j in range(len(jobs))]
         manifest = {
-            "model": str(src.path.resolve()),
+            "model": str(src.path.resolve()) if src.path is not None else src.arg,
             "kind": src.kind,
             "preset": args.preset,
             "pipeline": pipe_name,
@@ -418,7 +456,7 @@ def run(args: argparse.Namespace) -> int:
                 rows += [fp_images[i : i + cols], images[i : i + cols]]
             grid([], rows_of=rows).save(tmp / "compare_grid.png")
             manifest.update(
-                fp_model=str(fp_folder.resolve()) if fp_folder is not None else src.arg,
+                fp_model=str(fp_folder.resolve()) if fp_folder is not None else _fp_label(src),
                 compare_grid="compare_grid.png",
                 compare_layout="compare/*.png: left full precision, right quantized; compare_grid.png: "
                 "each pair of rows is full precision above quantized",

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vqsuite.cli.errors import CLIError, check_int, check_out_dir, check_preset, check_size, read_prompt_file
-from vqsuite.cli.sources import REPORT_JSON, REPORT_TXT, Source, resolve
+from vqsuite.cli.sources import REPORT_JSON, REPORT_TXT, Source, is_builtin_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -85,9 +85,9 @@ def _validate(args: argparse.Namespace, src: Source) -> None:
         raise CLIError(f"{src.arg} is already a quantized pipeline (vqsuite_pipeline.json); quantize its float source")
     if src.kind == "quantized-module":
         raise CLIError(f"{src.arg} is already a quantized checkpoint (vqsuite_config.json); quantize the float model")
-    if src.kind == "float-pipeline":
+    if src.kind == "float-pipeline" or is_builtin_pipeline(src):
         if args.weights:
-            raise CLIError("--weights applies to timm/torchvision models; a pipeline folder carries its own weights")
+            raise CLIError("--weights applies to timm/torchvision models; a pipeline carries its own weights")
         if args.calib_batches:
             raise CLIError("--calib-batches applies to timm/torchvision models; pipelines calibrate on prompts")
         if args.exclude:
@@ -114,17 +114,32 @@ def _write_reports(out: Path, report: Any, info: dict[str, Any]) -> None:
 def _quantize_pipeline(args: argparse.Namespace, src: Source, out: Path) -> int:
     import vqsuite
     from vqsuite.cli.progress import StepProgress, accepts_step_callback
-    from vqsuite.cli.sources import load_float_pipeline, pick_device, quiet_hf_progress
+    from vqsuite.cli.sources import (
+        builtin_call_kwargs,
+        builtin_prompts,
+        load_builtin_pipeline,
+        load_float_pipeline,
+        pick_device,
+        pipeline_call_kwargs,
+        quiet_hf_progress,
+    )
 
     preset = args.preset or DEFAULT_PIPELINE_PRESET
     prompts = read_prompt_file(args.calib_prompts, "--calib-prompts") if args.calib_prompts else None
     device = pick_device(args.device)
     quiet_hf_progress(args.verbose)
     t0 = time.perf_counter()
-    pipe = load_float_pipeline(src.path, dtype=args.dtype, device=device)
+    builtin = src.arg if src.kind == "builtin" else None
+    if builtin is not None:  # a zoo pipeline: its own prompts calibrate by default, its call kwargs on every call
+        pipe = load_builtin_pipeline(builtin, dtype=args.dtype, device=device)
+        prompts = prompts if prompts is not None else builtin_prompts(builtin)
+        call_kw = pipeline_call_kwargs(pipe, builtin_call_kwargs(builtin))
+    else:
+        pipe = load_float_pipeline(src.path, dtype=args.dtype, device=device)
+        call_kw = pipeline_call_kwargs(pipe)
     n = min(len(prompts) if prompts is not None else args.num_calib_prompts, args.num_calib_prompts)
     steps = args.calib_steps or 20
-    kw: dict[str, Any] = {}
+    kw: dict[str, Any] = dict(call_kw)
     progress = StepProgress(math.ceil(n / args.calib_batch_size) * steps, "calibrating", disable=args.quiet)
     if accepts_step_callback(pipe):
         kw["callback_on_step_end"] = progress
@@ -147,7 +162,9 @@ def _quantize_pipeline(args: argparse.Namespace, src: Source, out: Path) -> int:
     vqsuite.save_quantized(pipe, out)
     info = {
         "kind": "pipeline",
-        "source": str(src.path.resolve()),
+        "source": str(src.path.resolve()) if src.path is not None else None,
+        "builtin": builtin,
+        "call_kwargs": call_kw,
         "preset": preset,
         "pipeline": type(pipe).__name__,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -201,6 +218,6 @@ def run(args: argparse.Namespace) -> int:
     src = resolve(_model_arg(args))
     _validate(args, src)
     out = Path(args.out).expanduser()
-    if src.kind == "float-pipeline":
+    if src.kind == "float-pipeline" or is_builtin_pipeline(src):
         return _quantize_pipeline(args, src, out)
     return _quantize_module(args, src, out)

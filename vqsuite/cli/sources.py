@@ -183,3 +183,92 @@ def recorded_source(path: Path) -> Path | None:
     except (OSError, ValueError, AttributeError):
         return None
     return Path(src) if isinstance(src, str) and src else None
+
+
+# ------------------------------------------------------------------------------------ zoo pipelines
+#: PixArt's resolution binning knows these transformer sample sizes (latent side) only: 32/64/128 (Alpha), 256
+#: (Sigma); any other raises "Invalid sample size" inside the pipeline call
+_PIXART_BIN_SAMPLE_SIZES = (32, 64, 128, 256)
+
+
+def is_builtin_pipeline(src: Source) -> bool:
+    """Whether ``src`` names a zoo entry of kind ``"pipeline"`` (``mini-sd``, ``mini-pixart``)."""
+    return src.kind == "builtin" and builtin_kind(src.arg) == "pipeline"
+
+
+def builtin_call_kwargs(name: str) -> dict[str, Any]:
+    """Keyword arguments every call of zoo pipeline ``name`` needs (its ``meta["call_kwargs"]``; often empty)."""
+    from vqsuite import zoo
+
+    entry = getattr(zoo, "_REGISTRY", {}).get(name)
+    return dict((getattr(entry, "meta", None) or {}).get("call_kwargs") or {})
+
+
+def builtin_prompts(name: str) -> list[str]:
+    """The zoo pipeline's own prompts, ``preprocess(k)`` for the digits ``k = 0..9`` (default calibration set)."""
+    from vqsuite import zoo
+
+    entry = zoo._REGISTRY[name]
+    make = entry.preprocess()
+    return [str(make(k)) for k in range(10)]
+
+
+def load_builtin_pipeline(name: str, *, dtype: str | None = None, device: str = "cpu") -> Any:
+    """The ready diffusers pipeline of zoo entry ``name`` (shipped weights, offline), in ``dtype`` on ``device``."""
+    from vqsuite import zoo
+
+    try:
+        pipe = zoo.load(name).model
+    except KeyError:
+        raise CLIError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_models())}") from None
+    if dtype is not None:
+        pipe.to(dtype=torch_dtype(dtype))
+    if device != "cpu":
+        pipe.to(device)
+    return pipe
+
+
+def pipeline_call_kwargs(pipe: Any, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extra keyword arguments a pipeline's calls need: ``recorded`` ones (a zoo entry's ``call_kwargs``, or what
+    ``vqsuite quantize`` saved beside a folder), plus ``use_resolution_binning=False`` for a PixArt pipeline whose
+    transformer ``sample_size`` has no resolution bins (the call would raise otherwise), and
+    ``clean_caption=False`` (caption cleaning needs bs4/ftfy). Only arguments ``pipe.__call__`` takes are kept."""
+    import inspect
+
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return dict(recorded or {})
+    kw: dict[str, Any] = {}
+    if "clean_caption" in params:
+        kw["clean_caption"] = False
+    if "use_resolution_binning" in params and type(pipe).__name__.startswith("PixArt"):
+        sample = getattr(getattr(getattr(pipe, "transformer", None), "config", None), "sample_size", None)
+        if sample not in _PIXART_BIN_SAMPLE_SIZES:
+            kw["use_resolution_binning"] = False
+    kw.update({k: v for k, v in (recorded or {}).items() if k in params})
+    return kw
+
+
+def recorded_call_kwargs(path: Path) -> dict[str, Any]:
+    """The call keyword arguments ``vqsuite quantize`` recorded beside a quantized folder (empty when none)."""
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return {}
+    try:
+        kw = json.loads(file.read_text()).get("call_kwargs")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return dict(kw) if isinstance(kw, dict) else {}
+
+
+def recorded_builtin(path: Path) -> str | None:
+    """The zoo pipeline a quantized folder was made from (``vqsuite quantize mini-sd ...``), or None."""
+    file = path / REPORT_JSON
+    if not file.is_file():
+        return None
+    try:
+        name = json.loads(file.read_text()).get("builtin")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name in builtin_models() else None
