@@ -22,7 +22,7 @@ from vqsuite.cli.errors import (
     read_prompt_file,
     unavailable,
 )
-from vqsuite.cli.sources import resolve
+from vqsuite.cli.sources import is_builtin_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -124,11 +124,20 @@ def run(args: argparse.Namespace) -> int:
     check_size(args.width, "--width")
     src = resolve(args.model)
     model: dict[str, Any] = {"name": src.arg if src.path is None else src.path.name}
-    if src.kind == "float-pipeline":
-        model["source"] = f"pipeline:{src.path.resolve()}"
+    if src.kind == "float-pipeline" or is_builtin_pipeline(src):
+        if src.path is not None:
+            model["source"] = f"pipeline:{src.path.resolve()}"
+        else:  # a zoo pipeline: built by its loader, with its call kwargs and (by default) its digit prompts
+            from vqsuite.cli.sources import builtin_call_kwargs, builtin_prompts
+            from vqsuite.zoo import _REGISTRY
+
+            build = _REGISTRY[src.arg].build
+            model["source"] = f"python:{build.__module__}:{build.__qualname__}"
+            model["call_kwargs"] = builtin_call_kwargs(src.arg)
+            model["prompts"] = builtin_prompts(src.arg)
         for flag, value in (("--weights", args.weights), ("--data", args.data)):
             if value:
-                raise CLIError(f"{flag} applies to classifiers, not to a pipeline folder")
+                raise CLIError(f"{flag} applies to classifiers, not to a pipeline")
         if args.prompts:
             model["prompts"] = read_prompt_file(args.prompts)
         for key, value in (("num_samples", args.num_samples), ("steps", args.steps)):
