@@ -57,9 +57,7 @@ def test_quantize_builtin_pipeline_writes_a_loadable_folder_and_records_call_kwa
     assert type(pipe).__name__ == type(zoo.load(name).model).__name__
 
 
-def test_generate_on_saved_folder_matches_library_and_compare_uses_the_zoo(
-    quantized: tuple[str, Path], tmp_path: Path
-):
+def test_generate_on_saved_folder_matches_library_and_compare_uses_the_zoo(quantized: tuple[str, Path], tmp_path: Path):
     name, folder = quantized
     out = tmp_path / "gen"
     argv = ["--quiet", "generate", str(folder), "--prompt", PROMPT, "--steps", str(STEPS), "--out", str(out)]
