@@ -359,3 +359,67 @@ def test_qalora_missing_module_is_one_line(
         "(vqsuite.finetune.qalora is missing)"
     )
     assert not ctx["new"].exists()
+
+
+# ------------------------------------------------------------------------------------------------ qalora on the zoo
+ZOO_PIPELINES = [n for n in ("mini-sd", "mini-pixart") if n in __import__("vqsuite.zoo").zoo.list()]
+
+
+def _zoo_qalora(name: str, out: Path, config: str = "w8a8", *extra: str) -> list[str]:
+    return ["--quiet", "finetune", "--method", "qalora", name, "--config", config, "--steps", "2", "--rank", "4",
+            "--num-inference-steps", "2", "--batch-size", "1", "--out", str(out), *extra]  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ZOO_PIPELINES)
+def test_qalora_on_a_zoo_pipeline_records_the_builtin_and_generate_compare_uses_it(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The zoo's own loader (mini-pixart's folder has no VAE), its digit prompts by default, report.json as
+    ``vqsuite quantize`` writes it; ``generate DIR --compare`` then loads the FP pipeline from the zoo."""
+    import numpy as np
+    from PIL import Image
+
+    from vqsuite import zoo
+    from vqsuite.cli.sources import builtin_call_kwargs, builtin_prompts, pipeline_call_kwargs
+
+    pytest.importorskip("vqsuite.finetune.qalora")
+    real, seen = ft_cli.qalora_fn(), {}
+
+    def spy(pipe: Any, **kw: Any) -> Any:  # the real qalora, recording what the CLI passed
+        seen.update(kw)
+        return real(pipe, **kw)
+
+    monkeypatch.setattr(ft_cli, "qalora_fn", lambda: spy)
+    out = tmp_path / "qalora"
+    assert main(_zoo_qalora(name, out)) == 0
+    info = json.loads((out / "report.json").read_text())
+    fp = zoo.load(name).model
+    assert (info["builtin"], info["source"], info["preset"]) == (name, None, "w8a8")
+    assert info["call_kwargs"] == pipeline_call_kwargs(fp, builtin_call_kwargs(name))
+    rec = json.loads((out / ft_cli.MANIFEST).read_text())
+    digits = builtin_prompts(name)
+    assert rec["prompts"] == len(digits) == 10 and rec["record"]["updates"] == 2
+    assert seen["prompts"] == seen["calib_prompts"] == digits and "teacher" not in seen  # w8a8 needs no calibration
+    gen = tmp_path / "gen"
+    prompt = "a photo of the digit seven"
+    argv = ["--quiet", "generate", str(out), "--compare", "--steps", "2", "--prompt", prompt, "--out", str(gen)]
+    assert main(argv) == 0
+    assert json.loads((gen / "generate.json").read_text())["fp_model"] == name
+    fp.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = fp(prompt=prompt, generator=torch.Generator("cpu").manual_seed(0), num_inference_steps=2,
+                 output_type="pil", **builtin_call_kwargs(name)).images[0]  # fmt: skip
+    assert np.array_equal(np.asarray(Image.open(gen / "fp" / "000.png").convert("RGB")), np.asarray(ref.convert("RGB")))
+    assert (gen / "000.png").is_file()
+
+
+@pytest.mark.skipif("mini-pixart" not in ZOO_PIPELINES, reason="mini-pixart is not in this checkout")
+def test_qalora_static_preset_on_mini_pixart_calibrates_with_its_call_kwargs(tmp_path: Path) -> None:
+    """A preset that calibrates runs mini-pixart before training; without use_resolution_binning=False that call
+    raises "Invalid sample size" inside diffusers (the CLI quantizes first, with the call kwargs)."""
+    pytest.importorskip("vqsuite.finetune.qalora")
+    out = tmp_path / "qalora-static"
+    assert main(_zoo_qalora("mini-pixart", out, "w4a8-static")) == 0
+    rec = json.loads((out / ft_cli.MANIFEST).read_text())
+    assert rec["record"]["config"] == "w4a8-static" and rec["record"]["updates"] == 2
+    assert json.loads((out / "report.json").read_text())["call_kwargs"]["use_resolution_binning"] is False

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from vqsuite.cli.errors import CLIError, check_float, check_int, check_out_dir, check_preset, read_prompt_file
-from vqsuite.cli.sources import REPORT_JSON, Source, resolve
+from vqsuite.cli.sources import REPORT_JSON, Source, is_builtin_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -529,24 +529,57 @@ def _pipeline_source_folder(src: Source, pipe: Any) -> Path | None:
     return None
 
 
+def _calibrates(config: str) -> bool:
+    """Whether preset ``config`` runs the pipeline to calibrate (static activation scales)."""
+    from vqsuite.config import resolve_config
+
+    cfg = resolve_config(config)
+    specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
+    return any(s.act_mode == "static" for s in specs)
+
+
+def _prequantize(pipe: Any, config: str, call_kw: dict[str, Any], kw: dict[str, Any]) -> Any:
+    """Quantize ``pipe``'s denoiser as :func:`vqsuite.finetune.qalora` would (fake-quant, ``freeze=False``), but
+    with the pipeline's call kwargs on the calibration calls (mini-pixart raises without
+    ``use_resolution_binning=False``, which qalora does not pass); returns the float denoiser, qalora's teacher."""
+    import vqsuite
+    from vqsuite.pipelines.diffusers import find_denoiser
+
+    teacher = copy.deepcopy(find_denoiser(pipe)[1])
+    vqsuite.quantize_pipeline(
+        pipe, config, calib_prompts=kw["calib_prompts"], num_inference_steps=kw["num_inference_steps"],
+        seed=kw["seed"], guidance_scale=kw["guidance_scale"], freeze=False, **call_kw,
+    )  # fmt: skip
+    return teacher
+
+
 def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[str] | None) -> int:
     import vqsuite
-    from vqsuite.cli.sources import load_float_pipeline, pick_device, quiet_hf_progress
+    from vqsuite.cli.sources import (
+        builtin_call_kwargs,
+        builtin_prompts,
+        load_builtin_pipeline,
+        load_float_pipeline,
+        pick_device,
+        pipeline_call_kwargs,
+        quiet_hf_progress,
+    )
     from vqsuite.pipelines.io import atomic_folder, write_json
 
     fn = qalora_fn()
     device = pick_device(args.device)
     quiet_hf_progress(args.verbose)
     progress = not (args.quiet or args.no_progress)
-    if src.kind == "builtin":
-        from vqsuite import zoo
-
-        pipe = zoo.load(src.arg).model
-        if device != "cpu":
-            pipe.to(device)
+    builtin = src.arg if is_builtin_pipeline(src) else None
+    if builtin is not None:  # a zoo pipeline: its own loader (mini-pixart borrows mini-sd's VAE), its digit prompts
+        pipe = load_builtin_pipeline(builtin, device=device)
+        prompts = prompts if prompts is not None else builtin_prompts(builtin)
+        call_kw = pipeline_call_kwargs(pipe, builtin_call_kwargs(builtin))
+        fp_folder = None  # its weights folder is not a loadable pipeline on its own: generate --compare uses the zoo
     else:
         pipe = load_float_pipeline(src.path, device=device)
-    fp_folder = _pipeline_source_folder(src, pipe)  # before training: a method may rebuild components
+        call_kw = pipeline_call_kwargs(pipe)
+        fp_folder = _pipeline_source_folder(src, pipe)  # before training: a method may rebuild components
     config = args.config or DEFAULT_QALORA_CONFIG
     steps = args.steps or DEFAULT_STEPS["qalora"]
     kw: dict[str, Any] = {
@@ -559,9 +592,13 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "resume": args.resume,
         "progress": progress,
     }
+    if builtin is not None:  # a recipe that calibrates (static activation scales) sees the same digit prompts
+        kw["calib_prompts"] = prompts
     rank = args.rank or 32
     lr_scale = _qalora_default_lr_scale() if args.lr_scale is None else args.lr_scale
     t0 = time.perf_counter()
+    if call_kw and _calibrates(config):
+        kw["teacher"] = _prequantize(pipe, config, call_kw, kw)
     pipe = fn(pipe, config=config, steps=steps, rank=rank, lr_scale=lr_scale, prompts=prompts, **kw)
     seconds = time.perf_counter() - t0
     rec = dict(getattr(pipe, "vqsuite_qalora", None) or {})
@@ -574,7 +611,7 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "steps": steps,
         "lr_scale": lr_scale,
         "prompts": len(prompts) if prompts is not None else "vqsuite's own",
-        **{k: v for k, v in kw.items() if k != "progress"},
+        **{k: v for k, v in kw.items() if k not in ("progress", "calib_prompts", "teacher")},
         "wall_s": rec.get("wall_s", round(seconds, 3)),
         "command_s": round(seconds, 3),
         "device": str(device),
@@ -585,9 +622,9 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         vqsuite.save_quantized(pipe, tmp)
         write_json(tmp / MANIFEST, record)
         report = getattr(pipe, "vqsuite_report", None)
-        info = {"kind": "pipeline", "source": str(fp_folder) if fp_folder else None, "preset": config,
-                "pipeline": type(pipe).__name__, "seconds": round(seconds, 3), "finetune": "qalora",
-                "vqsuite_version": vqsuite.__version__}  # fmt: skip
+        info = {"kind": "pipeline", "source": str(fp_folder) if fp_folder else None, "builtin": builtin,
+                "call_kwargs": call_kw, "preset": config, "pipeline": type(pipe).__name__,
+                "seconds": round(seconds, 3), "finetune": "qalora", "vqsuite_version": vqsuite.__version__}  # fmt: skip
         if report is not None and hasattr(report, "to_dict"):
             info["report"] = report.to_dict()
         (tmp / REPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
