@@ -3,7 +3,7 @@
 ``--method ofq`` trains a vision transformer (a built-in classifier such as ``fmnist-vit``, or ``timm:<name>`` with
 ``--weights``) with OFQ (:func:`vqsuite.finetune.ofq`: StatsQ, query-key reparameterization, KD from the float
 model, optional CGA), then measures top-1 of the float and the QAT model on held-out images. ``--method qalora``
-fine-tunes a diffusion pipeline (a built-in pipeline such as ``mini-sd`` or a local diffusers folder) with
+fine-tunes a diffusion pipeline (a built-in pipeline, ``mini-sd`` or ``mini-pixart``, or a local diffusers folder) with
 QALoRA/EfficientDM (:func:`vqsuite.finetune.qalora`) and saves it as a quantized pipeline folder that
 ``vqsuite generate DIR`` runs.
 
@@ -68,7 +68,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         description=__doc__.split("\n\n")[0].replace("``", ""),
     )
     f.add_argument("source", metavar="SOURCE", nargs="?", help="ofq: a built-in classifier (fmnist-vit) or "
-                   "timm:<name>; qalora: a built-in pipeline (mini-sd) or a diffusers pipeline folder")  # fmt: skip
+                   "timm:<name>; qalora: a built-in pipeline (mini-sd, mini-pixart) or a diffusers pipeline "
+                   "folder")  # fmt: skip
     f.add_argument("--method", required=True, choices=METHODS, help="ofq (vision transformers) or qalora (pipelines)")
     f.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
     f.add_argument("--force", "--overwrite", dest="force", action="store_true",
@@ -97,7 +98,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     q = f.add_argument_group("qalora (diffusion pipelines)")
     q.add_argument("--config", help=f"quantization preset trained against ({DEFAULT_QALORA_CONFIG})")
     q.add_argument("--rank", type=int, help="LoRA rank (32)")
-    q.add_argument("--prompts-file", metavar="F", help="training prompts, one per line (default: vqsuite's own)")
+    q.add_argument("--prompts-file", metavar="F", help="training prompts, one per line (default: "
+                   "vqsuite's own; a built-in pipeline's ten digit prompts)")  # fmt: skip
     q.add_argument("--num-inference-steps", type=int, help="denoising steps of the teacher/student runs (20)")
     q.add_argument("--guidance-scale", type=float, help="classifier-free guidance (the pipeline's default)")
     q.add_argument("--lr-scale", type=float, help="LoRA learning-rate scale (official 1/2500)")
@@ -160,7 +162,7 @@ def _validate_common(args: argparse.Namespace) -> None:
 def _source_arg(args: argparse.Namespace) -> str:
     if not args.source:
         what = "a built-in classifier (fmnist-vit) or timm:<name>" if args.method == "ofq" else (
-            "a built-in pipeline (mini-sd) or a diffusers pipeline folder")  # fmt: skip
+            "a built-in pipeline (mini-sd, mini-pixart) or a diffusers pipeline folder")  # fmt: skip
         raise CLIError(f"SOURCE is missing: {what}")
     return args.source
 
@@ -518,17 +520,6 @@ def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     return read_prompt_file(args.prompts_file, "--prompts-file") if args.prompts_file else None
 
 
-def _pipeline_source_folder(src: Source, pipe: Any) -> Path | None:
-    """The float pipeline folder (recorded so ``vqsuite generate DIR --compare`` finds the FP pipeline): the
-    SOURCE folder, or the folder a built-in pipeline was loaded from."""
-    if src.path is not None:
-        return src.path.resolve()
-    folder = getattr(pipe, "name_or_path", None)
-    if isinstance(folder, str) and (Path(folder) / "model_index.json").is_file():
-        return Path(folder).resolve()
-    return None
-
-
 def _calibrates(config: str) -> bool:
     """Whether preset ``config`` runs the pipeline to calibrate (static activation scales)."""
     from vqsuite.config import resolve_config
@@ -579,7 +570,7 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
     else:
         pipe = load_float_pipeline(src.path, device=device)
         call_kw = pipeline_call_kwargs(pipe)
-        fp_folder = _pipeline_source_folder(src, pipe)  # before training: a method may rebuild components
+        fp_folder = src.path.resolve() if src.path is not None else None  # recorded for generate --compare
     config = args.config or DEFAULT_QALORA_CONFIG
     steps = args.steps or DEFAULT_STEPS["qalora"]
     kw: dict[str, Any] = {
