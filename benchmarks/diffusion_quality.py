@@ -128,16 +128,14 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    from digits_common import mnist_reference, rgb
+
     import vqsuite.zoo as zoo
-    from vqsuite.evals.fid import _stats, cached_stats, frechet_distance
+    from vqsuite.evals.fid import _stats, frechet_distance
     from vqsuite.evals.fidelity import paired_metrics
     from vqsuite.evals.inception import load_inception
     from vqsuite.pipelines.diffusers import find_denoiser, quantize_pipeline
     from vqsuite.pipelines.report import module_nbytes
-    from vqsuite.zoo.datasets import mnist_test
-
-    def rgb(u8: torch.Tensor) -> torch.Tensor:
-        return u8.expand(-1, 3, -1, -1).contiguous()
 
     def load() -> tuple[Any, Any]:
         m = zoo.load(a.model)
@@ -146,9 +144,7 @@ def main() -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     done = done_labels(a.out)
     net = load_inception()
-    cache = Path("~/.cache/vqsuite/fid").expanduser()
-    ref = cached_stats("mnist-test", lambda: rgb(mnist_test()[0][: a.fid_ref]), net, cache, extra={"n": a.fid_ref},
-                       progress=False)  # fmt: skip
+    ref = mnist_reference(net, a.fid_ref)
     cnn = zoo.load("mnist-cnn3")
     digits = torch.arange(10).repeat_interleave(a.n_per_digit)
     n = int(digits.numel())

@@ -70,21 +70,17 @@ def main() -> None:
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
+    from digits_common import mnist_reference, rgb
+
     import vqsuite.zoo as zoo
-    from vqsuite.evals.fid import cached_stats, compute_fid
+    from vqsuite.evals.fid import compute_fid
     from vqsuite.evals.fidelity import paired_metrics
     from vqsuite.evals.inception import load_inception
     from vqsuite.pipelines.diffusers import quantize_pipeline
-    from vqsuite.zoo.datasets import mnist_test
     from vqsuite.zoo.mini_sd import load_mini_sd, prompt
 
-    def rgb(u8: torch.Tensor) -> torch.Tensor:
-        return u8.expand(-1, 3, -1, -1).contiguous()
-
     net = load_inception()
-    cache = Path("~/.cache/vqsuite/fid").expanduser()
-    ref = cached_stats("mnist-test", lambda: rgb(mnist_test()[0][: a.fid_ref]), net, cache, extra={"n": a.fid_ref},
-                       progress=False)  # fmt: skip
+    ref = mnist_reference(net, a.fid_ref)
     cnn = zoo.load("mnist-cnn3")
     digits = torch.arange(10).repeat_interleave(a.n_per_digit)
 

@@ -681,6 +681,7 @@ def qalora(
     lr_act_scale: float = 5e-4,
     teacher: nn.Module | None = None,
     loss_weighting: str = "eps",
+    call_kwargs: dict[str, Any] | None = None,
 ) -> Any:
     """EfficientDM fine-tuning of ``pipe``'s quantized denoiser, in place; returns ``pipe``.
 
@@ -711,6 +712,8 @@ def qalora(
             the implied clean-image prediction, ``(1 - ᾱ_t) / ᾱ_t`` times the eps error) or ``"min_snr"``
             (``min(1, γ / SNR_t)``, γ = 5, Hang et al. 2023: low-noise steps down-weighted); weights are normalised
             to mean 1 over a trajectory, so learning rates keep their meaning.
+        call_kwargs: extra keyword arguments of the pipeline's calls when ``config`` needs calibration runs
+            (mini-pixart: ``{"use_resolution_binning": False, "clean_caption": False}``).
 
     Records ``pipe.vqsuite_qalora``: updates, wall_s, loss_first, loss_last, loss_curve (one loss per update),
     loss_per_trajectory (mean per trajectory: the comparable figure), config, rank, talsq, layers, lora_params,
@@ -757,7 +760,7 @@ def qalora(
             teacher = copy.deepcopy(den)
         quantize_pipeline(
             pipe, resolved, calib_prompts=calib_prompts, num_inference_steps=num_inference_steps, seed=seed,
-            guidance_scale=guidance_scale, freeze=False,
+            guidance_scale=guidance_scale, freeze=False, **(call_kwargs or {}),
         )  # fmt: skip
     teacher.eval().requires_grad_(False)
     dev = next(den.parameters()).device
