@@ -63,7 +63,7 @@ from vqsuite.nn import QuantLayer
 from vqsuite.nn import steps as _steps
 from vqsuite.nn.base import ADAPTER_NAME
 from vqsuite.nn.conv import QConv2d, QConvTranspose2d
-from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation
+from vqsuite.nn.quantizers import fake_quantize_weight
 from vqsuite.nn.steps import StepInfo
 
 logger = logging.getLogger(__name__)
@@ -178,21 +178,26 @@ class QALoRAAdapter(nn.Module):
             v = v + self.w_zero.unsqueeze(-1)
         return v.clamp(self.qn, self.qp).reshape(w32.shape)
 
-    @torch.no_grad()
-    def qtensor(self, layer: QuantLayer) -> QTensor:
-        """The merged weight quantized with the learned scales (integer formats): what ``freeze`` stores."""
+    def _quantized(self, w32: torch.Tensor) -> QTensor:
+        """``w32 [N, K]`` (detached) quantized with the learned, stored-dtype scales: codes in the format's
+        storage dtype, zero points uint8 — what :meth:`qtensor` hands to ``freeze`` and :meth:`gemm_weight`
+        dequantizes."""
         stored = self._stored_scales()
-        codes = self._codes(self.merged_weight(layer).detach(), stored.float())
-        fmt = get_format(self.fmt)
+        asym = self.w_zero is not None
         return QTensor(
-            codes=codes.to(torch.uint8 if fmt.asymmetric else torch.int8),
+            codes=self._codes(w32, stored.float()).to(torch.uint8 if asym else torch.int8),
             scales=stored,
             fmt=self.fmt,
             group_size=self.group_size,
             axis=-1,
             per_tensor=False,
-            zero_points=None if self.w_zero is None else self.w_zero.to(torch.uint8),
+            zero_points=self.w_zero.to(torch.uint8) if asym else None,
         )
+
+    @torch.no_grad()
+    def qtensor(self, layer: QuantLayer) -> QTensor:
+        """The merged weight quantized with the learned scales (integer formats): what ``freeze`` stores."""
+        return self._quantized(self.merged_weight(layer).detach())
 
     def gemm_weight(self, layer: QuantLayer, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The fake-quantized ``Q(W0 + BA; s_w)`` as ``[N, K]`` in ``dtype`` (gradients: LoRA and, for integer
@@ -202,17 +207,7 @@ class QALoRAAdapter(nn.Module):
         if not self.learn_scales:
             w = w32.to(layer.weight_dtype).to(dtype)
             return fake_quantize_weight(w, layer.spec, name=f"{layer.layer_name or type(layer).__name__}.weight")
-        stored = self._stored_scales()
-        value_qt = QTensor(
-            codes=self._codes(w32.detach(), stored.float()),
-            scales=stored,
-            fmt=self.fmt,
-            group_size=self.group_size,
-            axis=-1,
-            per_tensor=False,
-            zero_points=self.w_zero,
-        )
-        value = dequantize(value_qt, dtype)
+        value = dequantize(self._quantized(w32.detach()), dtype)
         if not torch.is_grad_enabled():
             return value
         # LSQ: straight-through rounding, the step's gradient scaled by 1/sqrt(group * q_max)
@@ -233,20 +228,16 @@ class QALoRAAdapter(nn.Module):
             return 0
         return _steps.slot_for(step, self.act_granularity, [True] * self.act.num_slots, self.act_keys_t)
 
-    def quantize_input(self, layer: QuantLayer, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
-        """Activation fake-quant: TALSQ when the layer's activations are static and a step is published, the
-        layer's own quantizer otherwise (per-tensor static scales need no channel move)."""
+    def quantize_input(self, layer: QuantLayer, x: torch.Tensor) -> torch.Tensor | None:
+        """TALSQ's fake-quant of ``x`` (any layout: the step is per tensor) when the layer's activations are static
+        and a step is published; ``None`` otherwise, and the layer quantizes with its own quantizer."""
         slot = self.slot()
         if slot is not None:
             return self.act(x, slot)
         if self.act is not None and not self._warned_no_step:
             self._warned_no_step = True
             logger.warning("%s: no denoising step published; TALSQ uses the layer's scale", layer.layer_name)
-        name = f"{layer.layer_name or type(layer).__name__}.input"
-        scale = layer.current_act_scale()
-        if channel_dim in (-1, x.ndim - 1):
-            return quantize_activation(x, layer.spec, scale, name)
-        return quantize_activation(x.movedim(channel_dim, -1), layer.spec, scale, name).movedim(-1, channel_dim)
+        return None
 
     @torch.no_grad()
     def store_act_scales(self, layer: QuantLayer) -> None:
@@ -277,22 +268,12 @@ def unfreeze_layer(layer: QuantLayer) -> QuantLayer:
     the stored codes are adopted (``set_pending_qtensor``), so the layer's outputs do not change."""
     if not layer.frozen or not layer.quantizes_weight:
         return layer
-    from vqsuite.kernels.reference import unpack_weight_codes
-
-    spec = layer.spec
-    qt = QTensor(
-        codes=unpack_weight_codes(layer._buffers["qweight"], spec.weight),
-        scales=layer._buffers["wscales"],
-        fmt=spec.weight,
-        group_size=spec.weight_group_size,
-        axis=-1,
-        per_tensor=False,
-        zero_points=layer._buffers.get("wzeros"),
-        tensor_scale=layer._buffers.get("wtscale"),
-    )
-    w = layer._from_gemm(dequantize(qt, layer.weight_dtype))
+    qt = layer.stored_qtensor()
+    dev = layer._buffers["qweight"].device
     for name in layer.frozen_buffer_specs():
         layer._buffers.pop(name, None)
+    # set_pending_qtensor writes dequantize(qt) into the master weight
+    w = torch.empty(layer.weight_shape, dtype=layer.weight_dtype, device=dev)
     layer._parameters["weight"] = nn.Parameter(w, requires_grad=False)
     layer.frozen = False
     layer.set_pending_qtensor(qt)

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from vqsuite.config import QuantSpec
 from vqsuite.formats import QTensor, dequantize, get_format, unpack_4bit
-from vqsuite.nn.quantizers import quantize_activation
 
 
 def unpack_weight_codes(qweight: torch.Tensor, fmt_name: str) -> torch.Tensor:
@@ -25,6 +24,27 @@ def unpack_weight_codes(qweight: torch.Tensor, fmt_name: str) -> torch.Tensor:
     if fmt.storage_bits == 4:  # int2/int3/int4/fp4 share the two-per-byte container
         return unpack_4bit(qweight, signed=fmt.kind == "int" and not fmt.asymmetric)
     return qweight
+
+
+def stored_qtensor(
+    qweight: torch.Tensor,
+    wscales: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    wzeros: torch.Tensor | None = None,
+    wtscale: torch.Tensor | None = None,
+) -> QTensor:
+    """Frozen storage -> the :class:`QTensor` it holds (codes ``[N, K]`` unpacked, grouped along K)."""
+    return QTensor(
+        codes=unpack_weight_codes(qweight, spec.weight),
+        scales=wscales,
+        fmt=spec.weight,
+        group_size=spec.weight_group_size,
+        axis=-1,
+        per_tensor=False,
+        zero_points=wzeros,
+        tensor_scale=wtscale,
+    )
 
 
 def dequantize_weight(
@@ -37,17 +57,7 @@ def dequantize_weight(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Frozen storage -> dequantized weight ``[N, K]`` in ``dtype`` (bit-identical to the fake-quant path)."""
-    qt = QTensor(
-        codes=unpack_weight_codes(qweight, spec.weight),
-        scales=wscales,
-        fmt=spec.weight,
-        group_size=spec.weight_group_size,
-        axis=-1,
-        per_tensor=False,
-        zero_points=wzeros,
-        tensor_scale=wtscale,
-    )
-    return dequantize(qt, dtype)
+    return dequantize(stored_qtensor(qweight, wscales, spec, wzeros=wzeros, wtscale=wtscale), dtype)
 
 
 def static_act_scale(layer) -> torch.Tensor | None:
@@ -67,15 +77,10 @@ def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
         x,
         layer.quantized_gemm_weight(x.dtype),
         layer.bias,
-        layer.spec,
-        act_scale=static_act_scale(layer),
+        layer.quantize_input,  # the layer's own activation fake-quant (static step tables, fine-tuning adapters)
         smooth=getattr(layer, "smooth", None),
         proj_down=getattr(layer, "proj_down", None),
         proj_up=getattr(layer, "proj_up", None),
-        quantize_input=not layer.act_observing,
-        name=f"{layer.layer_name or type(layer).__name__}.input",
-        # a fine-tuning adapter (QALoRA's per-step LSQ) owns the input fake-quant: see QuantLayer.quantize_input
-        act_quantizer=layer.quantize_input if getattr(layer, "adapter", None) is not None else None,
     )
 
 
@@ -83,29 +88,21 @@ def linear_with_weight(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    spec: QuantSpec,
+    act_quantizer: Callable[[torch.Tensor], torch.Tensor],
     *,
-    act_scale: torch.Tensor | None = None,
     smooth: torch.Tensor | None = None,
     proj_down: torch.Tensor | None = None,
     proj_up: torch.Tensor | None = None,
-    quantize_input: bool = True,
-    name: str = "input",
-    act_quantizer: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Reference quantized linear: ``y = Q(x/λ) @ W^T + (x/λ) @ proj_down @ proj_up^T + bias``.
 
-    x: ``[..., K]``; weight: ``[N, K]`` already (de)quantized in ``x.dtype``; proj_down ``[K, r]``;
-    proj_up ``[N, r]``; smooth ``[K]``. Returns ``[..., N]`` in ``x.dtype``.
+    x: ``[..., K]``; weight: ``[N, K]`` already (de)quantized in ``x.dtype``; ``act_quantizer`` is ``Q`` (the
+    layer's :meth:`~vqsuite.nn.QuantLayer.quantize_input`); proj_down ``[K, r]``; proj_up ``[N, r]``; smooth
+    ``[K]``. Returns ``[..., N]`` in ``x.dtype``.
     """
     if smooth is not None:
         x = x / smooth.to(x.dtype)
-    if not quantize_input:
-        xq = x
-    elif act_quantizer is not None:
-        xq = act_quantizer(x)
-    else:
-        xq = quantize_activation(x, spec, act_scale, name)
+    xq = act_quantizer(x)
     y = F.linear(xq, weight, None if bias is None else bias.to(x.dtype))
     if proj_down is not None and proj_up is not None:
         y = y + (x @ proj_down.to(x.dtype)) @ proj_up.to(x.dtype).t()

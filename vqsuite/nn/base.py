@@ -46,8 +46,9 @@ PROTECTED_BUFFERS: tuple[str, ...] = (
     "act_scale_t",
 )
 #: submodule name of an optional fine-tuning adapter (:mod:`vqsuite.finetune.qalora`); when registered (fake-quant
-#: state only) it supplies the GEMM weight (``adapter.gemm_weight(layer, dtype)``) and the input activations'
-#: fake-quant (``adapter.quantize_input(layer, x, channel_dim)``); absent, nothing changes
+#: state only) it supplies the GEMM weight (``adapter.gemm_weight(layer, dtype)``) and may supply the input
+#: activations' fake-quant (``adapter.quantize_input(layer, x)``, ``None`` = the layer's own); absent, nothing
+#: changes
 ADAPTER_NAME = "qalora"
 #: elements of the master weight remembered to notice that it changed after ``set_pending_qtensor``
 PENDING_PROBE_ELEMENTS = 256
@@ -230,7 +231,7 @@ class QuantLayer(nn.Module):
                 wtscale=getattr(self, "wtscale", None),
                 dtype=dtype or self.weight_dtype,
             )
-        adapter = self.__dict__["_modules"].get(ADAPTER_NAME)
+        adapter = self.adapter
         if adapter is not None and self.quantizes_weight:
             return adapter.gemm_weight(self, dtype)
         w = self._to_gemm(self.__dict__["_parameters"]["weight"])
@@ -256,9 +257,11 @@ class QuantLayer(nn.Module):
         """Activation fake-quant along ``channel_dim`` (moved last and back); identity while observing."""
         if self.act_observing or self.spec.act is None:
             return x
-        adapter = self.__dict__["_modules"].get(ADAPTER_NAME)
-        if adapter is not None:
-            return adapter.quantize_input(self, x, channel_dim)
+        adapter = self.adapter
+        if adapter is not None:  # a fine-tuning adapter may own the activation fake-quant (QALoRA's TALSQ)
+            xq = adapter.quantize_input(self, x)
+            if xq is not None:
+                return xq
         name = f"{self.layer_name or type(self).__name__}.input"
         scale = self.current_act_scale()
         if channel_dim in (-1, x.ndim - 1):
@@ -267,6 +270,15 @@ class QuantLayer(nn.Module):
         return xq.movedim(-1, channel_dim)
 
     # ----------------------------------------------------------------- frozen storage
+    def stored_qtensor(self) -> QTensor:
+        """The QTensor a frozen layer stores (codes ``[N, K]`` unpacked): the inverse of :meth:`freeze`."""
+        if not self.frozen or not self.quantizes_weight:
+            raise RuntimeError("stored_qtensor needs a frozen layer with a quantized weight")
+        from vqsuite.kernels.reference import stored_qtensor
+
+        b = self._buffers
+        return stored_qtensor(b["qweight"], b["wscales"], self.spec, wzeros=b.get("wzeros"), wtscale=b.get("wtscale"))
+
     def frozen_buffer_specs(self) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Name -> (shape, dtype) of the buffers a frozen layer holds for its weight."""
         if not self.quantizes_weight:
