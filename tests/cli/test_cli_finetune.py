@@ -183,7 +183,8 @@ def test_qalora_plumbing_into_a_pipeline_folder_generate_runs(
     # the CLI passes the library's default LoRA learning-rate scale when --lr-scale is not given
     assert (config, steps, rank, lr_scale, got_prompts) == ("w4a8", 2, 4, 1 / 2500, ["a cat", "a dog"])
     assert kw == {"num_inference_steps": 3, "guidance_scale": 1.5, "batch_size": 1, "seed": 7,
-                  "checkpoint_dir": str(ck), "checkpoint_every": 1, "resume": False, "progress": False}  # fmt: skip
+                  "checkpoint_dir": str(ck), "checkpoint_every": 1, "resume": False, "progress": False,
+                  "call_kwargs": {}}  # fmt: skip
     rec = json.loads((out / ft_cli.MANIFEST).read_text())
     assert (rec["method"], rec["config"], rec["rank"], rec["steps"]) == ("qalora", "w4a8", 4, 2)
     assert rec["loss_curve"] == [2.0, 1.0] and rec["record"]["loss_last"] == 1.0
@@ -399,7 +400,8 @@ def test_qalora_on_a_zoo_pipeline_records_the_builtin_and_generate_compare_uses_
     rec = json.loads((out / ft_cli.MANIFEST).read_text())
     digits = builtin_prompts(name)
     assert rec["prompts"] == len(digits) == 10 and rec["record"]["updates"] == 2
-    assert seen["prompts"] == seen["calib_prompts"] == digits and "teacher" not in seen  # w8a8 needs no calibration
+    assert seen["prompts"] == seen["calib_prompts"] == digits and "teacher" not in seen  # qalora quantizes itself
+    assert seen["call_kwargs"] == info["call_kwargs"]  # ...with the pipeline's call kwargs on its calibration runs
     gen = tmp_path / "gen"
     prompt = "a photo of the digit seven"
     argv = ["--quiet", "generate", str(out), "--compare", "--steps", "2", "--prompt", prompt, "--out", str(gen)]
@@ -416,7 +418,7 @@ def test_qalora_on_a_zoo_pipeline_records_the_builtin_and_generate_compare_uses_
 @pytest.mark.skipif("mini-pixart" not in ZOO_PIPELINES, reason="mini-pixart is not in this checkout")
 def test_qalora_static_preset_on_mini_pixart_calibrates_with_its_call_kwargs(tmp_path: Path) -> None:
     """A preset that calibrates runs mini-pixart before training; without use_resolution_binning=False that call
-    raises "Invalid sample size" inside diffusers (the CLI quantizes first, with the call kwargs)."""
+    raises "Invalid sample size" inside diffusers (the CLI hands qalora the call kwargs for its calibration runs)."""
     pytest.importorskip("vqsuite.finetune.qalora")
     out = tmp_path / "qalora-static"
     assert main(_zoo_qalora("mini-pixart", out, "w4a8-static")) == 0

@@ -520,30 +520,6 @@ def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     return read_prompt_file(args.prompts_file, "--prompts-file") if args.prompts_file else None
 
 
-def _calibrates(config: str) -> bool:
-    """Whether preset ``config`` runs the pipeline to calibrate (static activation scales)."""
-    from vqsuite.config import resolve_config
-
-    cfg = resolve_config(config)
-    specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
-    return any(s.act_mode == "static" for s in specs)
-
-
-def _prequantize(pipe: Any, config: str, call_kw: dict[str, Any], kw: dict[str, Any]) -> Any:
-    """Quantize ``pipe``'s denoiser as :func:`vqsuite.finetune.qalora` would (fake-quant, ``freeze=False``), but
-    with the pipeline's call kwargs on the calibration calls (mini-pixart raises without
-    ``use_resolution_binning=False``, which qalora does not pass); returns the float denoiser, qalora's teacher."""
-    import vqsuite
-    from vqsuite.pipelines.diffusers import find_denoiser
-
-    teacher = copy.deepcopy(find_denoiser(pipe)[1])
-    vqsuite.quantize_pipeline(
-        pipe, config, calib_prompts=kw["calib_prompts"], num_inference_steps=kw["num_inference_steps"],
-        seed=kw["seed"], guidance_scale=kw["guidance_scale"], freeze=False, **call_kw,
-    )  # fmt: skip
-    return teacher
-
-
 def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[str] | None) -> int:
     import vqsuite
     from vqsuite.cli.sources import (
@@ -582,14 +558,13 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "checkpoint_every": args.checkpoint_every or (steps if args.checkpoint_dir else 0),  # at least at the end
         "resume": args.resume,
         "progress": progress,
+        "call_kwargs": call_kw,  # the pipeline's own call kwargs on qalora's calibration runs (mini-pixart)
     }
     if builtin is not None:  # a recipe that calibrates (static activation scales) sees the same digit prompts
         kw["calib_prompts"] = prompts
     rank = args.rank or 32
     lr_scale = _qalora_default_lr_scale() if args.lr_scale is None else args.lr_scale
     t0 = time.perf_counter()
-    if call_kw and _calibrates(config):
-        kw["teacher"] = _prequantize(pipe, config, call_kw, kw)
     pipe = fn(pipe, config=config, steps=steps, rank=rank, lr_scale=lr_scale, prompts=prompts, **kw)
     seconds = time.perf_counter() - t0
     rec = dict(getattr(pipe, "vqsuite_qalora", None) or {})
@@ -602,7 +577,7 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
         "steps": steps,
         "lr_scale": lr_scale,
         "prompts": len(prompts) if prompts is not None else "vqsuite's own",
-        **{k: v for k, v in kw.items() if k not in ("progress", "calib_prompts", "teacher")},
+        **{k: v for k, v in kw.items() if k not in ("progress", "calib_prompts", "call_kwargs")},
         "wall_s": rec.get("wall_s", round(seconds, 3)),
         "command_s": round(seconds, 3),
         "device": str(device),
