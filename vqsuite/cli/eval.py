@@ -22,7 +22,7 @@ from vqsuite.cli.errors import (
     read_prompt_file,
     unavailable,
 )
-from vqsuite.cli.sources import is_builtin_pipeline, resolve
+from vqsuite.cli.sources import builtin_kind, is_builtin_pipeline, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,6 @@ def _builtin_input(name: str) -> tuple[int, int] | None:
     note = str(zoo._REGISTRY[name].meta.get("input", "")) if name in zoo._REGISTRY else ""
     m = re.search(r"\[N, (\d+), (\d+), \d+\]", note)
     return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def _zoo_kind(name: str) -> str:
-    from vqsuite import zoo
-
-    entry = getattr(zoo, "_REGISTRY", {}).get(name)
-    return getattr(entry, "kind", "classifier")
 
 
 def _register_builtin(name: str, sweep_mod: Any) -> None:
@@ -147,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
             if value is not None:
                 model[key] = value
         default_metrics = DEFAULT_PIPELINE_METRICS
-    elif src.kind == "builtin" and _zoo_kind(src.arg) == "generator":
+    elif src.kind == "builtin" and builtin_kind(src.arg) == "generator":
         for flag, value in (("--weights", args.weights), ("--data", args.data), ("--prompts", args.prompts)):
             if value:
                 raise CLIError(f"{flag} does not apply to the built-in generator {src.arg!r}")
@@ -160,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
         if args.prompts:
             raise CLIError("--prompts applies to pipelines, not to a classifier")
         if src.kind == "builtin":
-            if _zoo_kind(src.arg) != "classifier":
-                raise CLIError(f"built-in model {src.arg!r} is a {_zoo_kind(src.arg)}; eval measures classifiers, "
+            kind = builtin_kind(src.arg)
+            if kind != "classifier":
+                raise CLIError(f"built-in model {src.arg!r} is a {kind}; eval measures classifiers, "
                                "generators and pipelines")  # fmt: skip
             _register_builtin(src.arg, sweep_mod)
             model["source"] = f"builtin:{src.arg}"

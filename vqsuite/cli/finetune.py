@@ -371,10 +371,11 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
         logger.warning("%s has no attention with a fused qkv: OFQ's QKR does not apply, only its Linear layers "
                        "get %d bits", src.arg, opts["bits"])  # fmt: skip
     if args.data:
+        transform = _image_transform(src, model, zoo_model)
         x, y, preprocess, eval_x, eval_y, data_desc = _folder_data(
-            Path(args.data).expanduser(), _image_transform(src, model, zoo_model), eval_n, args.seed
+            Path(args.data).expanduser(), transform, eval_n, args.seed
         )
-        eval_kw: dict[str, Any] = {"transform": _image_transform(src, model, zoo_model)}
+        eval_kw: dict[str, Any] = {"transform": transform}
     else:  # fmnist-vit: Fashion-MNIST train to train on, the first eval_n test images to measure
         from vqsuite.zoo.datasets import fashion_mnist
 

@@ -215,12 +215,7 @@ def builtin_prompts(name: str) -> list[str]:
 
 def load_builtin_pipeline(name: str, *, dtype: str | None = None, device: str = "cpu") -> Any:
     """The ready diffusers pipeline of zoo entry ``name`` (shipped weights, offline), in ``dtype`` on ``device``."""
-    from vqsuite import zoo
-
-    try:
-        pipe = zoo.load(name).model
-    except KeyError:
-        raise CLIError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_models())}") from None
+    pipe = load_builtin(name)
     if dtype is not None:
         pipe.to(dtype=torch_dtype(dtype))
     if device != "cpu":
