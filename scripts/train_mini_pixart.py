@@ -168,15 +168,7 @@ def train(a: argparse.Namespace) -> None:
     while step < plan["total"]:
         step += 1
         bar.update(1)
-        idx = torch.randint(0, mean.shape[0], (a.batch,), generator=g)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        tmpl = torch.randint(0, nt, (a.batch,), generator=g)
-        cap = 1 + (y[idx] * nt + tmpl) * 2 + thick[idx].long()
-        cap = torch.where(torch.rand(a.batch, generator=g) < 0.1, torch.zeros_like(cap), cap)
-        t = torch.randint(0, 1000, (a.batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        ab = acp[t].view(-1, 1, 1, 1)
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        zt, t, eps, cap = sd.noisy_batch(g, mean, std, y, thick, sf, acp, a.batch, nt)
         cond = text(ids[cap], attention_mask=mask[cap])[0]
         pred = transformer(zt, encoder_hidden_states=cond, timestep=t, added_cond_kwargs=NO_COND,
                            encoder_attention_mask=mask[cap]).sample  # fmt: skip

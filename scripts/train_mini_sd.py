@@ -123,6 +123,33 @@ def train_vae(a: argparse.Namespace) -> None:
     logger.info("vae done: %s", rec_)
 
 
+def noisy_batch(
+    g: torch.Generator,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    y: torch.Tensor,
+    thick: torch.Tensor,
+    sf: float,
+    acp: torch.Tensor,
+    batch: int,
+    nt: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One training batch of the denoiser, every draw from ``g`` (the order the shipped weights were trained with):
+    latents sampled from the VAE posterior ``mean/std [N, C, h, w]`` times ``sf``, a caption index per image into
+    the caption table (digit ``y``, one of ``nt`` templates, stroke ``thick``; index 0 = empty caption for 10 % —
+    classifier-free guidance dropout), a timestep, the noise, and the noised latents.
+    Returns ``(zt, t, eps, cap)``."""
+    idx = torch.randint(0, mean.shape[0], (batch,), generator=g)
+    z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
+    tmpl = torch.randint(0, nt, (batch,), generator=g)
+    cap = 1 + (y[idx] * nt + tmpl) * 2 + thick[idx].long()
+    cap = torch.where(torch.rand(batch, generator=g) < 0.1, torch.zeros_like(cap), cap)
+    t = torch.randint(0, 1000, (batch,), generator=g)
+    eps = torch.randn(z0.shape, generator=g)
+    ab = acp[t].view(-1, 1, 1, 1)
+    return ab.sqrt() * z0 + (1 - ab).sqrt() * eps, t, eps, cap
+
+
 def train_unet(a: argparse.Namespace) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from tqdm import tqdm
@@ -171,15 +198,7 @@ def train_unet(a: argparse.Namespace) -> None:
     while step < plan["total"]:
         step += 1
         bar.update(1)
-        idx = torch.randint(0, x.shape[0], (a.batch,), generator=g)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=g)) * sf
-        tmpl = torch.randint(0, nt, (a.batch,), generator=g)
-        cap = 1 + (y[idx] * nt + tmpl) * 2 + thick[idx].long()
-        cap = torch.where(torch.rand(a.batch, generator=g) < 0.1, torch.zeros_like(cap), cap)
-        t = torch.randint(0, 1000, (a.batch,), generator=g)
-        eps = torch.randn(z0.shape, generator=g)
-        ab = acp[t].view(-1, 1, 1, 1)
-        zt = ab.sqrt() * z0 + (1 - ab).sqrt() * eps
+        zt, t, eps, cap = noisy_batch(g, mean, std, y, thick, sf, acp, a.batch, nt)
         cond = text(ids[cap])[0]
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, eps)
         opt.zero_grad(set_to_none=True)
