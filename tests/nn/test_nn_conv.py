@@ -91,7 +91,7 @@ def test_every_conv_geometry_but_depthwise_has_a_4bit_case() -> None:
     four_bit = {
         geometry
         for geometry, preset in (c.values for c in _cases(CONVS))
-        if preset != "int8-per-channel" and get_format(get_preset(preset).default.weight).is_4bit
+        if preset != "int8-per-channel" and get_format(get_preset(preset).default.weight).bits == 4
     }
     assert four_bit == set(CONVS) - {"depthwise-3x3"}
 

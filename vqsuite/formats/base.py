@@ -44,10 +44,6 @@ class Format:
     description: str = ""
 
     @property
-    def is_4bit(self) -> bool:
-        return self.bits == 4
-
-    @property
     def storage_bits(self) -> int:
         """Bits one code occupies in frozen storage: 4 (two codes per byte, :func:`pack_4bit`) for ``bits <= 4``,
         8 (one byte) for ``5 <= bits <= 8``. ``int2``/``int3`` codes live in the 4-bit container and ``int6`` in
