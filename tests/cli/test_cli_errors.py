@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import snapshot
+from cli_helpers import assert_one_line_usage_error, snapshot
 
 from vqsuite.cli.main import EXIT_USAGE, main
 
@@ -149,15 +149,7 @@ def test_bad_input_is_one_line_exit_2_and_overwrites_nothing(
     ctx: Ctx, argv_of: Callable[[Ctx], list[str]], needle: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = _protected(ctx)
-    argv = argv_of(ctx)
-    assert main(argv) == EXIT_USAGE
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert "Traceback" not in err
-    assert len(err.splitlines()) == 1, err
-    assert err.startswith(f"vqsuite {argv[0]}: error: "), err
-    assert needle in err, err
-    assert captured.out == ""
+    assert_one_line_usage_error(argv_of(ctx), needle, capsys)
     assert _protected(ctx) == before
     assert not [p for p in ctx["root"].iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
