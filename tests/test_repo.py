@@ -40,8 +40,22 @@ def test_import_is_light() -> None:
 
 
 def test_constraints_pin_torch_and_torchvision_together() -> None:
-    pins = dict(
-        ln.split("==", 1) for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln
-    )
+    pins = dict(ln.split("==", 1) for ln in (ROOT / "constraints.txt").read_text().splitlines() if "==" in ln)
     assert pins["torch"] == "2.14.1" and pins["torchvision"] == "0.29.1"
     assert pins["triton"].startswith("3.8")
+
+
+def _ruff(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ruff", *args, str(ROOT)], capture_output=True, text=True)
+
+
+def test_ruff_check_is_clean() -> None:
+    """The lint CI expects: ``ruff check`` passes on the whole repository."""
+    res = _ruff("check", "--no-cache")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
+
+
+def test_ruff_format_is_clean() -> None:
+    """``ruff format --check`` passes: no file needs reformatting."""
+    res = _ruff("format", "--check", "--no-cache")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

@@ -200,7 +200,9 @@ def ref_nvfp4(xg: np.ndarray) -> RefQuant:
         codes[i] = e2m1_codes((blk / block_scale).astype(F32))
         deq[i] = (E2M1_TABLE[codes[i]].astype(F32) * block_scale).astype(F32)
     return RefQuant(
-        codes.reshape(xg.shape), scale_bytes.reshape(lead), deq.reshape(xg.shape),
+        codes.reshape(xg.shape),
+        scale_bytes.reshape(lead),
+        deq.reshape(xg.shape),
         tensor_scale=float(s_t) if s_t > 0 else None,
     )
 

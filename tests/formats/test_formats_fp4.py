@@ -116,8 +116,12 @@ def test_e2m1_matches_brute_force_reference_on_random_values():
         [
             gen.uniform(-8, 8, 20000),
             gen.standard_normal(5000) * 3,
-            grid, -grid, mids, -mids,
-            np.nextafter(mids.astype(F32), F32(np.inf)), np.nextafter(mids.astype(F32), F32(-np.inf)),
+            grid,
+            -grid,
+            mids,
+            -mids,
+            np.nextafter(mids.astype(F32), F32(np.inf)),
+            np.nextafter(mids.astype(F32), F32(-np.inf)),
             [1e-45, -1e-45, 1e-30, 1e30, -1e30],
         ]
     ).astype(F32)
@@ -150,8 +154,9 @@ def _random_blocky(seed: int, shape=(32, 128), decades: float = 12.0) -> torch.T
 
 def _assert_matches_reference(x: torch.Tensor, fmt: str, kwargs: dict):
     qt = F.quantize(x, fmt, **kwargs)
-    ref = reference_quantize(x.float().numpy(), fmt, kwargs.get("group_size"), kwargs.get("axis", -1),
-                             kwargs.get("per_tensor", False))
+    ref = reference_quantize(
+        x.float().numpy(), fmt, kwargs.get("group_size"), kwargs.get("axis", -1), kwargs.get("per_tensor", False)
+    )
     axis, per_tensor = kwargs.get("axis", -1), kwargs.get("per_tensor", False)
     codes = to_groups(qt.codes.numpy(), qt.group_size, axis, per_tensor).astype(np.uint8)
     np.testing.assert_array_equal(codes, ref.codes, err_msg="codes")

@@ -65,6 +65,7 @@ def test_format_metadata(fmt, qmax):
 
 # ----------------------------------------------------------------------------- the cast
 
+
 def _cast_probe_values(table: np.ndarray) -> np.ndarray:
     """Every finite code value, every midpoint between neighbours, and one float32 ulp either side of it."""
     finite = np.unique(table[np.isfinite(table)])
@@ -92,8 +93,9 @@ OUT_OF_RANGE = [1.01, 1.5, 2.0, 1e6, 1e30, float(torch.finfo(torch.float32).max)
 @pytest.mark.parametrize("fmt", FMTS)
 def test_saturating_cast_never_gives_inf_or_nan(fmt, factor):
     dtype, _, _, fmax = FP8[fmt]
-    v = torch.tensor([fmax * factor, -fmax * factor]).clamp(-torch.finfo(torch.float32).max,
-                                                               torch.finfo(torch.float32).max)
+    v = torch.tensor([fmax * factor, -fmax * factor]).clamp(
+        -torch.finfo(torch.float32).max, torch.finfo(torch.float32).max
+    )
     out = cast_fp8_saturate(v, dtype).float()
     assert out.tolist() == [fmax, -fmax]
 

@@ -57,8 +57,23 @@ PROPERTY_SETTINGS = settings(
     max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
 )
 
-SPECIAL_VALUES = [0.0, -0.0, 2.0**-149, -(2.0**-149), 1e-40, 2.0**-126, 0.25, 5.0, 6.0, 448.0, 57344.0,
-                  65504.0, -65504.0, 1e30, -1e30]
+SPECIAL_VALUES = [
+    0.0,
+    -0.0,
+    2.0**-149,
+    -(2.0**-149),
+    1e-40,
+    2.0**-126,
+    0.25,
+    5.0,
+    6.0,
+    448.0,
+    57344.0,
+    65504.0,
+    -65504.0,
+    1e30,
+    -1e30,
+]
 
 
 @st.composite
@@ -195,8 +210,9 @@ def _check_matches_reference(fmt: str, qt: F.QTensor, x: torch.Tensor):
 
 
 def _fake(x: torch.Tensor, fmt: str, kwargs: dict) -> torch.Tensor:
-    return F.fake_quantize(x, fmt, kwargs.get("group_size"), kwargs.get("axis", -1),
-                           per_tensor=kwargs.get("per_tensor", False))
+    return F.fake_quantize(
+        x, fmt, kwargs.get("group_size"), kwargs.get("axis", -1), per_tensor=kwargs.get("per_tensor", False)
+    )
 
 
 @pytest.mark.parametrize("fmt", FORMATS)

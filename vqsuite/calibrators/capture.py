@@ -32,8 +32,9 @@ class InputStats:
         n_rows: number of rows seen.
     """
 
-    def __init__(self, in_features: int, reservoir: int = DEFAULT_RESERVOIR, track_gram: bool = False,
-                 seed: int = 0) -> None:
+    def __init__(
+        self, in_features: int, reservoir: int = DEFAULT_RESERVOIR, track_gram: bool = False, seed: int = 0
+    ) -> None:
         if reservoir <= 0:
             raise ValueError(f"reservoir={reservoir} must be positive")
         self.in_features = int(in_features)

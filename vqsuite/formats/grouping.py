@@ -70,8 +70,7 @@ def store_scales(scale: torch.Tensor, scale_dtype: torch.dtype, name: str) -> to
     stored = scale.to(scale_dtype)
     if not bool(torch.isfinite(stored).all()):
         raise ValueError(
-            f"{name}: a scale of {float(scale.max()):.6g} overflows scale_dtype={scale_dtype}; "
-            "use a wider scale dtype"
+            f"{name}: a scale of {float(scale.max()):.6g} overflows scale_dtype={scale_dtype}; use a wider scale dtype"
         )
     return stored.float()
 
