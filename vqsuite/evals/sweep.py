@@ -84,6 +84,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "results.jsonl"
@@ -95,7 +97,7 @@ FP_CONFIG = "fp"
 GRID_IMAGES = 4
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep declaration a user can fix (unknown model source, metric set, config); one-line message."""
 
 

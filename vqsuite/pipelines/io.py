@@ -24,6 +24,7 @@ from torch import nn
 
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
+from vqsuite.errors import UserError
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.modules import module_references, replace_module
 
@@ -43,7 +44,7 @@ LAYER_CLASSES: dict[str, tuple[type[QuantLayer], type[nn.Module]]] = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message is one readable line."""
 
 
