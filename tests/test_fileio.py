@@ -428,3 +428,21 @@ def test_previous_folder_with_a_user_file_is_restored_but_never_emptied(tmp_path
     (old / "notes.txt").write_text("mine")
     recover_interrupted_save(ck)
     assert sorted(p.name for p in old.iterdir()) == ["notes.txt"]
+
+
+def test_a_damaged_manifest_never_deletes_outside_its_folder(tmp_path: Path) -> None:
+    ck = tmp_path / "ck"
+    vqsuite.save_quantized(_model(), ck)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    elsewhere = tmp_path / "elsewhere"
+    _write(elsewhere, {"x.bin": b"keep"})
+    old = tmp_path / ".ck.old-0123abcd"
+    _write(old, {"vqsuite_config.json": b"{}"})
+    (old / "linked").symlink_to(elsewhere)
+    manifest = {"format": "vqsuite-manifest", "version": 1, "kind": "checkpoint", "dirs": ["..", "linked"]}
+    manifest["files"] = {"../victim.txt": 4, str(victim): 4, "linked/x.bin": 4, "vqsuite_config.json": 2}
+    (old / MANIFEST_NAME).write_text(json.dumps(manifest))
+    recover_interrupted_save(ck)
+    assert victim.read_text() == "keep" and (elsewhere / "x.bin").read_bytes() == b"keep"
+    assert sorted(p.name for p in old.iterdir()) == ["linked"]  # only its own listed files went

@@ -321,6 +321,14 @@ def replace_problem(folder: str | os.PathLike, kinds: str | tuple[str, ...] | No
     return None
 
 
+def _inside(rel: Any) -> bool:
+    """A manifest entry that names a path inside its folder (never ``..``, absolute or odd: a damaged or hostile
+    manifest must not delete anything elsewhere)."""
+    if not isinstance(rel, str) or not rel or rel.startswith("/") or "\\" in rel:
+        return False
+    return all(part not in ("", ".", "..") for part in rel.split("/"))
+
+
 def remove_output(folder: Path) -> bool:
     """Delete the files vqsuite wrote in ``folder`` (its manifest's, or those of a checked older output) and the
     folder when that leaves it empty; anything else stays and is named in a warning. Returns whether it is gone."""
@@ -336,14 +344,15 @@ def remove_output(folder: Path) -> bool:
             return True
         logger.warning("left %s in place: it %s", folder, problem)
         return False
-    for rel in manifest["files"]:
+    root = folder.resolve()
+    for rel in filter(_inside, manifest["files"]):
         with contextlib.suppress(FileNotFoundError, IsADirectoryError, NotADirectoryError):
             p = folder / rel
-            if not p.is_symlink():
+            if not p.is_symlink() and p.resolve().is_relative_to(root):  # never through a linked folder
                 p.unlink()
     with contextlib.suppress(FileNotFoundError):
         (folder / MANIFEST_NAME).unlink()
-    for d in sorted(manifest.get("dirs") or (), key=lambda s: -s.count("/")):
+    for d in sorted(filter(_inside, manifest.get("dirs") or ()), key=lambda s: -s.count("/")):
         with contextlib.suppress(OSError):
             (folder / d).rmdir()  # only when empty
     try:
