@@ -18,8 +18,8 @@ EXIT_INTERNAL = 1
 #: longest error line printed (a library message can be long; the line must stay readable)
 MAX_MESSAGE_CHARS = 400
 
-#: files that mark a folder as written by vqsuite (safe to replace with --force)
-VQSUITE_MARKERS = ("vqsuite_config.json", "vqsuite_pipeline.json", "generate.json")
+#: files that mark a folder as written by vqsuite (what kind of output it is: ``vqsuite.fileio.MARKERS``)
+VQSUITE_MARKERS = ("vqsuite_config.json", "vqsuite_pipeline.json", "generate.json", "demo.json", "finetune.json")
 
 
 class CLIError(Exception):
@@ -70,23 +70,35 @@ def is_vqsuite_folder(path: Path) -> bool:
     return path.is_dir() and any((path / m).is_file() for m in VQSUITE_MARKERS)
 
 
-def check_out_dir(path: str | os.PathLike, *, force: bool, flag: str = "--out") -> Path:
+def check_out_dir(
+    path: str | os.PathLike,
+    *,
+    force: bool,
+    flag: str = "--out",
+    kind: str | tuple[str, ...] | None = None,
+    force_flag: str | None = "--force",
+) -> Path:
     """Refuse an output folder that would overwrite something, before any work is done.
 
-    An absent or empty folder is fine. A non-empty one needs ``--force``, and even then only a folder vqsuite
-    wrote itself (a checkpoint, a quantized pipeline, a ``generate`` output) is replaced: ``--force`` never
-    deletes a folder of someone else's files.
+    An absent or empty folder is fine. A non-empty one needs ``force``, and even then it is replaced only when
+    vqsuite wrote every file in it (its manifest lists them; see :func:`vqsuite.fileio.replace_problem`) and it is
+    an output of ``kind`` (``generate`` never replaces a checkpoint): ``--force`` never deletes anyone else's
+    files. A save to ``path`` that was interrupted is recovered first (``vqsuite.fileio.recover_interrupted_save``).
+    ``force_flag`` names the option in messages (``None``: the command replaces its own output without one).
     """
+    from vqsuite.fileio import recover_interrupted_save, replace_problem
+
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CLIError(f"{flag} {path} is an existing file, not a folder; choose another {flag}")
-    if path.is_dir() and any(path.iterdir()):
+    recover_interrupted_save(path)
+    if path.is_symlink() or (path.is_dir() and any(path.iterdir())):
         if not force:
-            raise CLIError(f"{flag} {path} exists and is not empty; pass --force to replace it")
-        if not is_vqsuite_folder(path):
-            raise CLIError(
-                f"{flag} {path} is not empty and was not written by vqsuite; refusing to replace it even with --force"
-            )
+            raise CLIError(f"{flag} {path} exists and is not empty; pass {force_flag} to replace it")
+        problem = replace_problem(path, kind)
+        if problem is not None:
+            even = f" even with {force_flag}" if force_flag else ""
+            raise CLIError(f"{flag} {path} {problem}; refusing to replace it{even} (choose another {flag})")
     parent = path.resolve().parent
     if parent.exists() and not os.access(parent, os.W_OK):
         raise CLIError(f"{flag} {path}: cannot write in {parent} (permission denied)")

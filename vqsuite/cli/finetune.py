@@ -129,13 +129,12 @@ def _checkpoint_file(args: argparse.Namespace) -> Path | None:
 
 
 def _check_out(args: argparse.Namespace, src: Source) -> Path:
-    """The output folder, refused before any work when it would overwrite something (see ``check_out_dir``);
-    an earlier finetune output counts as vqsuite's own."""
+    """The output folder, refused before any work when it would overwrite something (see ``check_out_dir``):
+    ``--force`` replaces only an earlier finetune output holding nothing but the files finetune wrote."""
     out = Path(args.out).expanduser()
     if src.path is not None and out.resolve() == src.path.resolve():
         raise CLIError(f"--out {out} is the input folder; choose another")
-    if not (args.force and out.is_dir() and (out / MANIFEST).is_file()):
-        check_out_dir(out, force=args.force)
+    check_out_dir(out, force=args.force, kind="finetune")
     if args.checkpoint_dir:
         ck = Path(args.checkpoint_dir).expanduser().resolve()
         if ck == out.resolve() or out.resolve() in ck.parents:

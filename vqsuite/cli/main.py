@@ -19,7 +19,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, one_line
+from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, check_out_dir, one_line
 
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
@@ -39,18 +39,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for p in presets:
             vqsuite.get_preset(p)  # an unknown name fails before any work
         out = Path(args.out or "vqsuite-demo")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not (out / "demo.json").is_file():  # only an earlier demo's own output is ever replaced
-                raise CLIError(f"output folder {out} holds files the demo did not write; choose another --out")
-            import shutil
+        # a rerun replaces the demo's own earlier output (every file listed in its manifest), nothing else
+        check_out_dir(out, force=True, kind="demo", force_flag=None)
+        if len(presets) == 1:
+            run_sd_demo(out, preset=presets[0], steps=args.steps)
+            return 0
+        from vqsuite.fileio import atomic_folder
 
-            shutil.rmtree(out)
-        for p in presets:
-            run_sd_demo(out / p if len(presets) > 1 else out, preset=p, steps=args.steps)
+        with atomic_folder(out, kind="demo") as tmp:  # one folder per preset, replaced together
+            for p in presets:
+                run_sd_demo(tmp / p, preset=p, steps=args.steps, shown_as=out / p)
         return 0
     presets = tuple(args.presets.split(",")) if args.presets else DEMO_PRESETS
     for p in presets:
         vqsuite.get_preset(p)  # an unknown name fails before any work
+    if args.out:  # a quantized checkpoint; a rerun replaces the demo's own earlier one, nothing else
+        check_out_dir(args.out, force=True, kind="checkpoint", force_flag=None)
     run_demo(presets, out=args.out)
     return 0
 
@@ -88,8 +92,9 @@ def _info_pipeline(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vqsuite.pipelines.io import PIPELINE_META_NAME, read_checkpoint_meta
+    from vqsuite.pipelines.io import PIPELINE_META_NAME, read_checkpoint_meta, recover_interrupted_save
 
+    recover_interrupted_save(args.path)  # a save killed mid-way: restore the previous folder before looking
     if (Path(args.path) / PIPELINE_META_NAME).is_file():
         return _info_pipeline(args)
     meta = read_checkpoint_meta(args.path)

@@ -37,6 +37,7 @@ from vqsuite.pipelines.io import (
     WEIGHTS_NAME,
     CheckpointError,
     atomic_folder,
+    recover_interrupted_save,
     write_json,
 )
 
@@ -176,6 +177,7 @@ def is_pipeline_folder(path: str | os.PathLike) -> bool:
 
 def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The folder's ``vqsuite_pipeline.json``, validated against the folder; ``CheckpointError`` otherwise."""
+    recover_interrupted_save(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")

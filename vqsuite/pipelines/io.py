@@ -9,13 +9,10 @@ damages an existing one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +22,12 @@ from torch import nn
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
 from vqsuite.errors import UserError
+from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in vqsuite.fileio
+    _fsync_dir,
+    atomic_folder,
+    recover_interrupted_save,
+    write_json,
+)
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.modules import module_references, replace_module
 
@@ -96,50 +99,6 @@ def _state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
     return tensors, aliases
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON and fsync it (used inside an :func:`atomic_folder`)."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` by rename, on any error it is
-    removed and an existing ``path`` is untouched. A crash never leaves a half-written checkpoint at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, model_source: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (quantized by :func:`vqsuite.quantize_model`) to the folder ``path``.
 
@@ -198,6 +157,7 @@ def _vqsuite_version() -> str:
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's JSON, validated; ``CheckpointError`` with one readable line otherwise."""
+    recover_interrupted_save(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -341,6 +301,7 @@ def load_quantized(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    recover_interrupted_save(path)
     if _is_diffusion_pipeline(model) or (Path(path) / PIPELINE_META_NAME).is_file():
         from vqsuite.pipelines.diffusers_io import load_quantized_pipeline
 
