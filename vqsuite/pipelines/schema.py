@@ -245,6 +245,33 @@ def _validate_model_source(src: Any, file: Path) -> None:
             _fail(file, field, f"must be a number, string, true/false, null or a list of them, not {_kind(value)}")
 
 
+def _validate_config(cfg: Any, file: Path) -> None:
+    """The recipe (``QuantConfig.to_dict()``): its shape first (so a wrong type names its field), then it must parse."""
+    cfg = _table(cfg, file, "config")
+    if "default" in cfg:
+        _table(cfg["default"], file, "config.default")
+    overrides = cfg.get("overrides", [])
+    if not isinstance(overrides, list):
+        _fail(file, "config.overrides", f"must be a list of [pattern, spec] pairs, not {_kind(overrides)}")
+    for i, item in enumerate(overrides):
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], str)):
+            _fail(file, f"config.overrides[{i}]", "must be a [pattern, spec or null] pair")
+        if item[1] is not None:
+            _table(item[1], file, f"config.overrides[{i}][1]")
+    exclude = cfg.get("exclude", [])
+    if not (isinstance(exclude, list) and all(isinstance(p, str) for p in exclude)):
+        _fail(file, "config.exclude", "must be a list of patterns (strings)")
+    for key in ("name", "method"):
+        if cfg.get(key) is not None:
+            _string(cfg[key], file, f"config.{key}")
+    if cfg.get("method_options") is not None:
+        _table(cfg["method_options"], file, "config.method_options")
+    try:
+        QuantConfig.from_dict(cfg)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{file}: bad config ({_clip(e)})") from None
+
+
 def _plain_value(value: Any, depth: int = 0) -> bool:
     if value is None or isinstance(value, (bool, int, float, str)):
         return True
@@ -272,12 +299,7 @@ def validate_checkpoint_meta(meta: Any, file: Path, *, checkpoint_format: str, c
     for key in ("vqsuite_version", "model_class"):
         _optional_string(meta, key, file)
     if meta.get("config") is not None:
-        try:
-            QuantConfig.from_dict(_table(meta["config"], file, "config"))
-        except CheckpointError:
-            raise
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CheckpointError(f"{file}: bad config ({_clip(e)})") from None
+        _validate_config(meta["config"], file)
     if meta.get("model_source") is not None:
         _validate_model_source(meta["model_source"], file)
     if not isinstance(meta.get("layers"), dict):
