@@ -121,9 +121,11 @@ def _saved_class(cfg: Any) -> str | None:
     if not isinstance(cfg, dict):
         return None
     if cfg.get("_class_name"):
-        return cfg["_class_name"]
-    arch = cfg.get("architectures")
-    return arch[0] if isinstance(arch, list) and arch else None
+        name = cfg["_class_name"]
+    else:
+        arch = cfg.get("architectures")
+        name = arch[0] if isinstance(arch, list) and arch else None
+    return name if isinstance(name, str) else None
 
 
 def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
@@ -215,13 +217,12 @@ def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not (path / MODEL_INDEX_NAME).is_file():
         raise CheckpointError(f"{path} has no {MODEL_INDEX_NAME}: an incomplete quantized pipeline")
     index = _read_json(path / MODEL_INDEX_NAME)
-    if not isinstance(index, dict) or index.get("_class_name") != meta["pipeline_class"]:
-        found = short_repr(index.get("_class_name")) if isinstance(index, dict) else "?"
-        raise CheckpointError(
-            f"{path / MODEL_INDEX_NAME} describes a {found}, {PIPELINE_META_NAME} a {meta['pipeline_class']}: "
-            "the folder was mixed from two pipelines"
-        )
     components = validate_model_index(index, path / MODEL_INDEX_NAME)
+    if index["_class_name"] != meta["pipeline_class"]:
+        raise CheckpointError(
+            f"{path / MODEL_INDEX_NAME} describes a {index['_class_name']}, {PIPELINE_META_NAME} a "
+            f"{meta['pipeline_class']}: the folder was mixed from two pipelines"
+        )
     for name, (lib, cls) in components.items():
         if lib is None:
             continue
@@ -239,8 +240,8 @@ def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
         saved_cls = _saved_class(_read_json(folder / COMPONENT_CONFIG_NAME))
         if saved_cls != entry["class"]:
             raise CheckpointError(
-                f"{folder / COMPONENT_CONFIG_NAME} describes a {short_repr(saved_cls)}, but the pipeline's {name} was "
-                f"a {entry['class']}: a component from another architecture"
+                f"{folder / COMPONENT_CONFIG_NAME} describes a {(saved_cls or '?')[:60]}, "
+                f"but the pipeline's {name} was a {entry['class']}: a component from another architecture"
             )
         read_checkpoint_meta(folder)  # the component's own vqsuite_config.json, validated field by field
     return meta

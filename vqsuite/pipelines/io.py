@@ -29,7 +29,7 @@ from torch import nn
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.pipelines.errors import CheckpointError, short_repr
+from vqsuite.pipelines.errors import CheckpointError, name_repr, short_repr
 from vqsuite.pipelines.folder import contained_file
 from vqsuite.pipelines.modules import module_references, replace_module
 from vqsuite.pipelines.schema import FLOAT_DTYPES, validate_checkpoint_meta
@@ -276,14 +276,16 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
     try:
         cls, float_type = LAYER_CLASSES[entry["class"]]
     except (KeyError, TypeError):
-        raise CheckpointError(f"layer {name!r}: unknown quantized class {short_repr(entry.get('class'))}") from None
+        cls_name = short_repr(entry.get("class"))
+        raise CheckpointError(f"layer {name_repr(name)}: unknown quantized class {cls_name}") from None
     try:
         current = model.get_submodule(name)
     except AttributeError:
-        raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the model") from None
+        raise CheckpointError(f"layer {name_repr(name)} of the checkpoint does not exist in the model") from None
     if not isinstance(current, (float_type, cls)):
         raise CheckpointError(
-            f"layer {name!r} is a {type(current).__name__} in the model but a {float_type.__name__} in the checkpoint"
+            f"layer {name_repr(name)} is a {type(current).__name__} in the model but a {float_type.__name__} "
+            "in the checkpoint"
         )
     try:  # the entry was validated (schema.validate_checkpoint_meta); what remains are cross-field checks
         spec = QuantSpec.from_dict(entry["spec"])
@@ -292,7 +294,7 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"layer {short_repr(name)}: invalid entry in checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"layer {name_repr(name)}: invalid entry in checkpoint ({_first_line(e)})") from None
     q.layer_name = name
     q.train(current.training)
     if entry.get("frozen", True):
@@ -332,7 +334,7 @@ def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
             bad = not bool(torch.isfinite(values).all())
         if bad:
             raise CheckpointError(
-                f"{file}: tensor {short_repr(name)} holds NaN or Inf values; refusing a damaged checkpoint"
+                f"{file}: tensor {name_repr(name)} holds NaN or Inf values; refusing a damaged checkpoint"
             )
 
 
@@ -352,9 +354,9 @@ def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Pat
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} tensor(s), first {short_repr(missing[0])}")
+        raise CheckpointError(f"{path}: missing {len(missing)} tensor(s), first {name_repr(missing[0])}")
     if extra:
-        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), first {short_repr(extra[0])}")
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), first {name_repr(extra[0])}")
     for k, t in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(t.shape):
@@ -408,7 +410,7 @@ def load_quantized(
         for alias, canonical in aliases.items():
             if canonical not in tensors:
                 raise CheckpointError(
-                    f"{path}: alias {short_repr(alias)} points to missing tensor {short_repr(canonical)}"
+                    f"{path}: alias {name_repr(alias)} points to missing tensor {name_repr(canonical)}"
                 )
             tensors[alias] = tensors[canonical]
         _check_tensors(model, tensors, path)

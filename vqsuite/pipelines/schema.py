@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import torch
 
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
-from vqsuite.pipelines.errors import CheckpointError, short_repr
+from vqsuite.pipelines.errors import CheckpointError, name_repr, short_repr
 from vqsuite.pipelines.folder import check_component_name
 
 __all__ = [
@@ -184,7 +184,7 @@ _LAYER_KEYS = frozenset({"class", "args", "spec", "frozen", "weight_dtype"})
 
 
 def _validate_layer(name: str, entry: Any, file: Path) -> None:
-    field = f"layers[{short_repr(name)}]"
+    field = f"layers[{name_repr(name)}]"
     if not name or any(not part for part in name.split(".")):
         _fail(file, field, "is not a module name (empty, or an empty part between dots)")
     entry = _table(entry, file, field)
@@ -195,7 +195,7 @@ def _validate_layer(name: str, entry: Any, file: Path) -> None:
     cls = entry["class"]
     if not isinstance(cls, str) or cls not in LAYER_ARGS:
         raise CheckpointError(
-            f"{file}: layer {short_repr(name)}: unknown quantized class {short_repr(cls)} ({field}.class is one of "
+            f"{file}: layer {name_repr(name)}: unknown quantized class {short_repr(cls)} ({field}.class is one of "
             f"{', '.join(LAYER_ARGS)})"
         )
     args = _table(entry["args"], file, f"{field}.args")
@@ -311,7 +311,7 @@ def validate_checkpoint_meta(meta: Any, file: Path, *, checkpoint_format: str, c
     aliases = _table(meta.get("aliases") or {}, file, "aliases")
     for alias, canonical in aliases.items():
         if not isinstance(canonical, str) or not canonical:
-            _bad_value(file, f"aliases[{short_repr(alias)}]", canonical, "must be a tensor name")
+            _bad_value(file, f"aliases[{name_repr(alias)}]", canonical, "must be a tensor name")
 
 
 # ------------------------------------------------------------------------------------- pipeline folders
@@ -371,9 +371,11 @@ def validate_model_index(index: Any, file: Path) -> dict[str, tuple[str | None, 
             if not _plain_value(value):
                 _fail(file, _key("", name), f"must be a plain value, not {_kind(value)}")
             continue
-        if not (isinstance(value, list) and len(value) == 2 and all(v is None or isinstance(v, str) for v in value)):
+        if not (isinstance(value, list) and len(value) == 2):
             continue  # a pipeline config value (requires_safety_checker, ...), not a component
         check_component_name(name, str(file))
+        if not all(v is None or isinstance(v, str) for v in value):
+            _fail(file, _key("", name), "must be a [library, class] pair of strings (or nulls)")
         lib, class_name = value
         if lib is not None and lib not in COMPONENT_LIBRARIES:
             if not (_IDENTIFIER.fullmatch(lib) and _is_pipeline_module(lib)):
