@@ -389,3 +389,27 @@ def test_cli_generate_refuses_a_pickle_only_component(q: Path, capsys: pytest.Ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"no file named {VAE_WEIGHTS}" in err, err
     assert not marker.exists() and not out.exists()
+
+
+# ---------------------------------------------------------------------------- model_index.json allow-list
+def test_model_index_accepts_what_diffusers_writes(tmp_path: Path) -> None:
+    """Libraries real pipelines record: diffusers, transformers, and a diffusers pipeline subpackage (the safety
+    checker of Stable Diffusion is ``["stable_diffusion", "StableDiffusionSafetyChecker"]``); nulls for absent
+    optional components; plain config values."""
+    from vqsuite.pipelines.schema import validate_model_index
+
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "requires_safety_checker": True,
+        "feature_extractor": ["transformers", "CLIPImageProcessor"],
+        "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", "PNDMScheduler"],
+    }
+    components = validate_model_index(index, tmp_path / MODEL_INDEX_NAME)
+    assert components["safety_checker"] == ("stable_diffusion", "StableDiffusionSafetyChecker")
+    assert "requires_safety_checker" not in components
+    for lib in ("os", "stable_diffusion.safety_checker", "pipelines", "__init__", "diffusers.pipelines"):
+        with pytest.raises(vqsuite.CheckpointError, match="is not an allowed library"):
+            validate_model_index({**index, "safety_checker": [lib, "X"]}, tmp_path / MODEL_INDEX_NAME)

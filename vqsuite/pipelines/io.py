@@ -227,7 +227,7 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
     src = meta.get("model_source")
     if not src:
         raise CheckpointError(
-            f"the checkpoint does not record how to build {meta.get('model_class', 'the model')}; "
+            f"the checkpoint does not record how to build {(meta.get('model_class') or 'the model')[:120]}; "
             "pass the float model: load_quantized(path, model=...)"
         )
     name = src["name"]
