@@ -40,6 +40,12 @@ def _svdquant_option() -> object:
     return SVDQuantOptions.from_dict({"num_grids": 0})
 
 
+def _logits_of_empty(inputs: object) -> object:
+    from vqsuite.evals.accuracy import collect_logits
+
+    return collect_logits(_tiny(), inputs, transform=lambda im: im, progress=False)
+
+
 # (id, call, error type, text the message must contain)
 CASES: list[tuple[str, Callable[[], object], type[UserError], str]] = [
     ("spec-unknown-format", lambda: __import__("vqsuite").QuantSpec(weight="int5"), ConfigError, "weight='int5'"),
@@ -63,6 +69,8 @@ CASES: list[tuple[str, Callable[[], object], type[UserError], str]] = [
      "pass calib_data"),
     ("calib-data-empty", _calib_empty, UserError, "calib_data is empty"),
     ("svdquant-option", _svdquant_option, ConfigError, "num_grids=0"),
+    ("logits-empty-tensor", lambda: _logits_of_empty(torch.zeros(0, 64)), UserError, "hold no examples"),
+    ("logits-empty-file-list", lambda: _logits_of_empty([]), UserError, "no image files given"),
     ("zoo-unknown", lambda: __import__("vqsuite.zoo").zoo.load("resnet50"), UserError, "no zoo entry 'resnet50'"),
 ]  # fmt: skip
 

@@ -151,6 +151,22 @@ def test_unknown_zoo_name_is_a_user_error_and_still_a_key_error() -> None:
         zoo.load("no-such-entry")
 
 
+def test_eval_on_a_folder_without_images_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It used to quantize, run zero inputs and crash with an IndexError (reported as a bug)."""
+    data = tmp_path / "data"
+    (data / "cats").mkdir(parents=True)
+    (data / "cats" / "notes.txt").write_text("no images here\n")
+    out = tmp_path / "out"
+    argv = ["eval", "timm:resnet18", "--preset", "w8a8", "--data", str(data), "--out", str(out)]
+    assert main(argv) == EXIT_USAGE
+    assert _err_lines(capsys)[-1] == f"vqsuite eval: error: --data {data} holds no images " + (
+        "(.png, .jpg, .jpeg, .bmp, .webp, .tif, .tiff)"
+    )
+    assert not out.exists()
+
+
 # ------------------------------------------------------------------------------------------------ full disk
 @pytest.mark.parametrize(
     "exc",

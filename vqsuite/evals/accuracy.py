@@ -57,6 +57,8 @@ def labelled_folder(root: str | os.PathLike) -> tuple[list[Path], torch.Tensor, 
         for f in list_images(root / c):
             files.append(f)
             labels.append(i)
+    if not files:
+        raise UserError(f"{root} has class sub-folders but no images in them (root/<class>/<image>)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
@@ -69,6 +71,8 @@ def _loader(
     [0, 1] and float is used as is."""
     if isinstance(inputs, torch.Tensor):
         x = inputs
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise UserError(f"inputs of shape {tuple(x.shape)} hold no examples; nothing to evaluate")
 
         def fetch_t(idx: list[int]) -> torch.Tensor:
             b = x[idx]
@@ -84,6 +88,9 @@ def _loader(
     from vqsuite.evals.images import list_images
 
     files = list_images(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(f) for f in inputs]
+    if not files:
+        where = f"in {inputs}" if isinstance(inputs, (str, os.PathLike)) else "given"
+        raise UserError(f"no image files {where}; nothing to evaluate")
     if transform is None:
         raise UserError("images from files need a transform (e.g. timm_transform(model))")
 
