@@ -142,6 +142,22 @@ def test_user_error_lines_of_the_library_types() -> None:
     assert user_error_line(ImportError("cannot import name 'x' from 'diffusers'")) is None
 
 
+def test_missing_dependency_names_the_pip_install() -> None:
+    e = ModuleNotFoundError("No module named 'skimage'", name="skimage")
+    line = user_error_line(e)
+    assert line == (
+        "this command needs the Python package 'scikit-image' (import skimage), which is not installed: "
+        "pip install scikit-image"
+    )
+    assert user_error_line(ModuleNotFoundError("No module named 'foo.bar'", name="foo.bar")).endswith("pip install foo")
+
+
+def test_one_cli_error_class() -> None:
+    from vqsuite.cli import errors, models
+
+    assert models.CLIError is errors.CLIError
+
+
 def test_unknown_zoo_name_is_a_user_error_and_still_a_key_error() -> None:
     from vqsuite import zoo
 

@@ -194,7 +194,11 @@ def user_error_line(e: BaseException, *, out: str | os.PathLike | None = None) -
         return one_line(f"could not write {out} (is the disk full? torch.save: {one_line(e, with_type=False)})")
     module = missing_dependency(e)
     if module is not None:
-        return f"the optional dependency {module!r} is not installed: pip install {PIP_NAMES.get(module, module)}"
+        pip = PIP_NAMES.get(module, module)
+        return (
+            f"this command needs the Python package {pip!r} (import {module}), which is not installed: "
+            f"pip install {pip}"
+        )
     if _out_of_memory(e):
         return one_line(f"out of memory ({one_line(e)}); try a smaller batch, fewer samples or another --device")
     return None
