@@ -241,6 +241,16 @@ def test_full_disk_wrapped_by_another_error_and_named_by_filename() -> None:
         assert user_error_line(e, out="results") == "no space left on device while writing results"
 
 
+def test_a_context_hidden_by_from_none_is_not_searched() -> None:
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise ValueError("a bug that swallowed the cause") from None
+    except ValueError as e:
+        assert user_error_line(e, out="OUT") is None
+
+
 def test_torch_zip_failure_without_an_output_is_a_bug() -> None:
     """Without a command output to blame, an unexplained torch writer failure stays an internal error."""
     assert user_error_line(RuntimeError(TORCH_ZIP_FULL)) is None

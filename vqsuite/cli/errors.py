@@ -128,11 +128,12 @@ def one_line(e: BaseException | str, *, with_type: bool = True) -> str:
 
 # ----------------------------------------------------------------------------------------- the taxonomy
 def _chain(e: BaseException) -> list[BaseException]:
-    """``e`` and the exceptions it wraps (``raise ... from`` and the one being handled), outermost first."""
+    """``e`` and the exceptions it wraps (``raise ... from`` and the one being handled, unless ``from None`` hid
+    it), outermost first."""
     seen: list[BaseException] = []
     while e is not None and all(e is not s for s in seen) and len(seen) < 16:
         seen.append(e)
-        e = e.__cause__ or e.__context__
+        e = e.__cause__ if e.__cause__ is not None else (None if e.__suppress_context__ else e.__context__)
     return seen
 
 
@@ -147,12 +148,9 @@ def disk_problem(e: BaseException) -> str | None:
         if isinstance(x, OSError) and x.errno in DISK_ERRNOS:
             return DISK_ERRNOS[x.errno]
         m = _DISK_FULL_TEXT.search(str(x))
-        if m:
-            return (
-                "disk quota exceeded"
-                if m.group(0).lower() in ("disk quota exceeded", "os error 122")
-                else ("no space left on device")
-            )
+        if m is not None:
+            quota = m.group(0).lower() in ("disk quota exceeded", "os error 122")
+            return DISK_ERRNOS[errno.EDQUOT if quota else errno.ENOSPC]
     return None
 
 
