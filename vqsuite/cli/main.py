@@ -1,9 +1,20 @@
 """The ``vqsuite`` command: a thin shell over the library.
 
-Subcommands: ``quantize``, ``generate``, ``eval``, ``sweep``, ``bench``, ``presets``, ``formats``, ``info``,
-``demo`` (one module per command under :mod:`vqsuite.cli`). A user error (wrong path, corrupt checkpoint, unknown
-preset, out-of-range number, output folder in the way) prints one line to stderr and exits with code 2, never a
-traceback; ``--debug`` shows the traceback. An unexpected error (a bug) is also one line, exit code 1.
+Subcommands: ``quantize``, ``generate``, ``eval``, ``sweep``, ``bench``, ``finetune``, ``presets``, ``formats``,
+``info``, ``demo`` (one module per command under :mod:`vqsuite.cli`).
+
+Errors are sorted in two (:func:`vqsuite.cli.errors.user_error_line` holds the rules):
+
+* **the input is wrong** -- :class:`~vqsuite.cli.errors.CLIError`, the library's :class:`~vqsuite.errors.UserError`
+  (``ConfigError``, ``CheckpointError``, ``SweepError``, ...), a missing, unreadable or unwritable file, a full or
+  read-only disk, a missing optional dependency, out of memory: one line ``vqsuite <cmd>: error: ...`` on stderr,
+  exit code 2 (:data:`EXIT_USAGE`), never a traceback;
+* **a bug** -- any other exception (a plain ``ValueError``, ``TypeError``, ``RuntimeError``, ``KeyError`` ...):
+  one line ``vqsuite <cmd>: internal error: <Type>: ... -- this is a bug, please report it``, exit code 1
+  (:data:`EXIT_INTERNAL`).
+
+``--debug`` (or ``VQSUITE_DEBUG=1``) prints the traceback before either line. ``--device`` is checked (and ``auto``
+resolved) before a command runs, for every command that takes it.
 
 The CLI only reads local files: ``HF_HUB_OFFLINE=1`` is set unless the environment says otherwise.
 """
@@ -19,7 +30,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, check_out_dir, one_line
+from vqsuite.cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    ArgParser,
+    ArgumentError,
+    CLIError,
+    check_device,
+    check_out_dir,
+    internal_error_line,
+    user_error_line,
+)
 
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
@@ -176,22 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the input is wrong", reported as one line with exit code 2.
-
-    ``ValueError`` covers the library's validation (``CheckpointError``, config ``__post_init__``, sweep
-    declarations, pipeline argument checks); ``OSError`` covers files that are missing, unreadable or unwritable.
-    """
-    errors: list[type[BaseException]] = [CLIError, ValueError, OSError, ModuleNotFoundError]
-    try:
-        from vqsuite.cli.models import CLIError as ModelsCLIError
-
-        errors.append(ModelsCLIError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _wants_debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("VQSUITE_DEBUG", "") not in ("", "0")
 
@@ -201,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     debug = _wants_debug(argv)
     command = "vqsuite"
+    args: argparse.Namespace | None = None
     try:
         args, extra = build_parser().parse_known_args(argv)
         if extra and getattr(args, "pass_through", False):  # `vqsuite bench gemm --m 16`: the script's own flags
@@ -214,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
+        if isinstance(getattr(args, "device", None), str):  # refused (or resolved) before the command does any work
+            args.device = check_device(args.device)
         return args.fn(args)
     except SystemExit as e:  # --help and friends
         return e.code if isinstance(e.code, int) else 0
@@ -224,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         command = getattr(e, "prog", command)
         if debug:
             traceback.print_exc()
-        if isinstance(e, _user_errors()):
-            print(f"{command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
+        line = user_error_line(e, out=getattr(args, "out", None) if args is not None else None)
+        if line is not None:
+            print(f"{command}: error: {line}", file=sys.stderr)
             return EXIT_USAGE
-        hint = "" if debug else " (rerun with --debug for the traceback)"
-        print(f"{command}: internal error: {one_line(e)}{hint}", file=sys.stderr)
+        print(f"{command}: {internal_error_line(e, debug=debug)}", file=sys.stderr)
         return EXIT_INTERNAL
 
 
