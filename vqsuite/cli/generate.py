@@ -146,6 +146,12 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
             fp_folder = Path(args.fp_model).expanduser() if args.fp_model else recorded_source(src.path)
             if fp_folder is None:
                 raise CLIError(f"--compare: {args.model} does not record its float pipeline; pass --fp-model FOLDER")
+            if not args.fp_model:  # a path read from the folder's report.json: say where it leads
+                logger.warning(
+                    "--compare: loading the float pipeline that %s records (%s); pass --fp-model to choose another",
+                    Path(args.model) / "report.json",
+                    fp_folder,
+                )
             fp_src = resolve(str(fp_folder), folders_only=True) if fp_folder.exists() else None
             if fp_src is None:
                 raise CLIError(f"--compare: float pipeline folder {fp_folder} does not exist (pass --fp-model FOLDER)")

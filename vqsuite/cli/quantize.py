@@ -211,6 +211,10 @@ def _quantize_module(args: argparse.Namespace, src: Source, out: Path) -> int:
         calib = [torch.randn(args.batch_size, 3, size, size, generator=gen) for _ in range(args.calib_batches)]
     vqsuite.quantize_model(model, preset, calib_data=calib, exclude=args.exclude or None)
     report = model.vqsuite_report
+    if not report.quantized:  # say why, instead of save_quantized's "quantize it first"
+        skipped = report.skipped
+        why = f"; first skipped: {skipped[0].name} ({skipped[0].reason})" if skipped else ""
+        raise CLIError(f"nothing was quantized: every layer was excluded or unsupported{why}; nothing written")
     source = None
     lib, _, arch = src.arg.partition(":")
     if src.kind == "module" and lib == "timm":

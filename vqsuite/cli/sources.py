@@ -145,18 +145,18 @@ def quiet_hf_progress(verbose: bool) -> None:
 
 
 def load_float_pipeline(path: Path, *, dtype: str | None = None, device: str = "cpu") -> Any:
-    """A diffusers pipeline from a local folder (``local_files_only``); one line when the folder is not one."""
+    """A diffusers pipeline from a local folder, offline, safetensors weights only, no code from the folder
+    (:func:`vqsuite.pipelines.float_folder.load_float_pipeline_folder`); one line when the folder is not one."""
     try:
-        from diffusers import DiffusionPipeline
+        import diffusers  # noqa: F401 - a missing dependency is one line here, not inside the loader
     except ImportError:
         raise CLIError("loading a pipeline needs diffusers (pip install diffusers)") from None
-    kw: dict[str, Any] = {"local_files_only": True}
+    from vqsuite.pipelines.float_folder import load_float_pipeline_folder
+
+    kw: dict[str, Any] = {}
     if dtype is not None:
         kw["dtype"] = torch_dtype(dtype)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(str(path), **kw)
-    except Exception as e:  # a broken folder surfaces as any of a dozen exception types
-        raise CLIError(f"cannot load a diffusers pipeline from {path}: {one_line(e)}") from None
+    pipe = load_float_pipeline_folder(path, **kw)  # checked first: no code, safetensors only, offline
     if device != "cpu":
         pipe.to(device)
     return pipe

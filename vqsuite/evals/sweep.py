@@ -432,9 +432,9 @@ def build_target(spec: ModelSpec) -> BuiltModel:
 
         if is_pipeline_folder(folder):  # a vqsuite-saved quantized pipeline: sweep it as it is
             raise SweepError(f"{folder} holds an already quantized pipeline; give the float pipeline folder")
-        import diffusers
+        from vqsuite.pipelines.float_folder import load_float_pipeline_folder
 
-        pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True)
+        pipe = load_float_pipeline_folder(folder)  # no code from the folder, safetensors only, offline
         pipe.set_progress_bar_config(disable=True)
         return BuiltModel("pipeline", pipe)
     if kind == "pipeline":

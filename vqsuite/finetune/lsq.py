@@ -16,6 +16,8 @@ import math
 import torch
 from torch import nn
 
+from vqsuite.errors import ConfigError
+
 
 def round_pass(x: torch.Tensor) -> torch.Tensor:
     """Forward ``round(x)``, backward identity."""
@@ -150,7 +152,7 @@ class TimestepLSQActQuantizer(nn.Module):
             raise ValueError(f"init_steps must be positive and finite, got {init_steps.tolist()}")
         f = get_format(fmt)
         if f.asymmetric:
-            raise ValueError(f"TimestepLSQActQuantizer is symmetric; fmt={fmt!r} is asymmetric")
+            raise ConfigError(f"TimestepLSQActQuantizer is symmetric; fmt={fmt!r} is asymmetric")
         self.fmt = f.name
         self.qn, self.qp = float(f.qmin), float(f.qmax)
         self.step = nn.Parameter(init_steps.clone())

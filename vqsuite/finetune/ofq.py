@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.finetune.checkpoint import (
     CheckpointError,
     pack,
@@ -136,7 +137,7 @@ class StatsQ(nn.Module):
     def __init__(self, bits: int, shape: tuple[int, ...]) -> None:
         super().__init__()
         if bits < 2:
-            raise ValueError(f"{bits=} must be >= 2 for StatsQ")
+            raise ConfigError(f"{bits=} must be >= 2 for StatsQ")
         self.bits = int(bits)
         self.tracker = OscillationTracker(tuple(shape))
 
@@ -163,7 +164,7 @@ def _weight_quantizer(kind: str, bits: int, shape: tuple[int, ...]) -> nn.Module
         return StatsQ(bits, shape)
     if kind == "lsq":
         return LSQWeight(bits, shape)
-    raise ValueError(f"weight quantizer {kind=} must be 'statsq' or 'lsq'")
+    raise ConfigError(f"weight quantizer {kind=} must be 'statsq' or 'lsq'")
 
 
 # ---------------------------------------------------------------------------------------------------- layers
@@ -403,7 +404,7 @@ def prepare_qat(model: nn.Module, bits: int, method: str = "ofq", *, qkr: bool |
     stays unquantized).
     """
     if method not in ("ofq", "lsq"):
-        raise ValueError(f"{method=} must be 'ofq' or 'lsq'")
+        raise ConfigError(f"{method=} must be 'ofq' or 'lsq'")
     wkind = "statsq" if method == "ofq" else "lsq"
     qkr = (method == "ofq") if qkr is None else qkr
     fallback: list[str] = []
@@ -552,13 +553,13 @@ class OFQOptions:
 
     def __post_init__(self) -> None:
         if self.bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise ValueError(f"bits={self.bits} must lie in 2..8")
+            raise ConfigError(f"bits={self.bits} must lie in 2..8")
         if self.method not in ("ofq", "lsq"):
-            raise ValueError(f"method={self.method!r} must be 'ofq' or 'lsq'")
+            raise ConfigError(f"method={self.method!r} must be 'ofq' or 'lsq'")
         if self.steps < 0 or self.cga_steps < 0:
-            raise ValueError(f"steps={self.steps} and cga_steps={self.cga_steps} must be >= 0")
+            raise ConfigError(f"steps={self.steps} and cga_steps={self.cga_steps} must be >= 0")
         if self.method == "lsq" and self.cga_steps:
-            raise ValueError("cga_steps needs method='ofq' (CGA acts on StatsQ weights)")
+            raise ConfigError("cga_steps needs method='ofq' (CGA acts on StatsQ weights)")
 
     def lr_at(self, t: int) -> float:
         """Linear warmup then cosine to 0 over the main stage; cosine from ``cga_lr`` to 0 over CGA."""
@@ -689,7 +690,7 @@ def ofq(
     :func:`oscillation_report`.
     """
     if train_data is None:
-        raise ValueError("ofq needs train_data=(x, y)")
+        raise UserError("ofq needs train_data=(x, y)")
     opts = OFQOptions(bits=bits, method=method, steps=steps, cga_steps=cga_steps, **options)
     x_all, y_all = train_data
     if teacher is None:
@@ -709,7 +710,7 @@ def ofq(
     # placement stays ours (``device``); accelerate owns backward (and mixed precision when asked for)
     accelerator = Accelerator(cpu=dev.type == "cpu", device_placement=False)
     if accelerator.num_processes > 1:
-        raise ValueError(f"ofq trains on one process; got {accelerator.num_processes} (run it without a launcher)")
+        raise UserError(f"ofq trains on one process; got {accelerator.num_processes} (run it without a launcher)")
     model.train()
 
     def pre(t: torch.Tensor) -> torch.Tensor:

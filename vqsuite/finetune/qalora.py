@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.finetune.checkpoint import CheckpointError, check_child, read_json
 from vqsuite.finetune.lsq import TimestepLSQActQuantizer, grad_scale
 from vqsuite.formats import QTensor, dequantize, get_format, quantize
@@ -310,7 +311,7 @@ def _act_slots(layer: QuantLayer, timesteps: list[float]) -> tuple[torch.Tensor,
     else:
         init_t, keys = pooled.reshape(1), [math.nan]
     if not bool(torch.isfinite(init_t).all()):
-        raise ValueError(f"{layer.layer_name}: static activation scales are not calibrated; quantize with calib data")
+        raise UserError(f"{layer.layer_name}: static activation scales are not calibrated; quantize with calib data")
     return init_t, keys, gran
 
 
@@ -416,12 +417,12 @@ class _Trajectories:
         elif name == "UNet2DConditionModel" and getattr(student.config, "addition_embed_type", None) is None:
             self.family = "unet"
         else:
-            raise ValueError(
+            raise UserError(
                 f"qalora supports SD-style UNet2DConditionModel and PixArt denoisers, not {name} "
                 "(its conditioning inputs are not wired here yet)"
             )
         if not callable(getattr(pipe, "encode_prompt", None)):
-            raise ValueError(f"{type(pipe).__name__} has no encode_prompt: qalora needs a text-to-image pipeline")
+            raise UserError(f"{type(pipe).__name__} has no encode_prompt: qalora needs a text-to-image pipeline")
         self.device = next(student.parameters()).device
         self.dtype = next(teacher.parameters()).dtype
         self.base_scheduler = copy.deepcopy(pipe.scheduler)
@@ -540,7 +541,7 @@ def _step_weights(scheduler: Any, kind: str) -> list[float] | None:
         return None
     acp = getattr(scheduler, "alphas_cumprod", None)
     if acp is None:
-        raise ValueError(f"loss_weighting={kind!r} needs a scheduler with alphas_cumprod")
+        raise ConfigError(f"loss_weighting={kind!r} needs a scheduler with alphas_cumprod")
     a = torch.stack([acp[int(t)] for t in scheduler.timesteps]).double().clamp(1e-8, 1 - 1e-8)
     snr = a / (1 - a)
     w = 1 / snr if kind == "x0" else torch.clamp(MIN_SNR_GAMMA / snr, max=1.0)
@@ -841,28 +842,28 @@ def qalora(
     from vqsuite.pipelines.diffusers import default_calib_prompts, find_denoiser, quantize_pipeline
 
     if not isinstance(steps, int) or steps <= 0:
-        raise ValueError(f"steps={steps!r} must be a positive integer")
+        raise UserError(f"steps={steps!r} must be a positive integer")
     if not isinstance(rank, int) or rank <= 0:
-        raise ValueError(f"rank={rank!r} must be a positive integer")
+        raise UserError(f"rank={rank!r} must be a positive integer")
     if batch_size <= 0 or num_inference_steps <= 0:
-        raise ValueError(f"batch_size={batch_size} and num_inference_steps={num_inference_steps} must be positive")
+        raise UserError(f"batch_size={batch_size} and num_inference_steps={num_inference_steps} must be positive")
     if checkpoint_every < 0 or (checkpoint_every and checkpoint_dir is None):
-        raise ValueError(f"checkpoint_every={checkpoint_every} needs checkpoint_dir and must be >= 0")
+        raise UserError(f"checkpoint_every={checkpoint_every} needs checkpoint_dir and must be >= 0")
     if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir")
+        raise UserError("resume=True needs checkpoint_dir")
     if loss_weighting not in LOSS_WEIGHTINGS:
-        raise ValueError(f"loss_weighting={loss_weighting!r} must be one of {', '.join(LOSS_WEIGHTINGS)}")
+        raise UserError(f"loss_weighting={loss_weighting!r} must be one of {', '.join(LOSS_WEIGHTINGS)}")
     try:
         den_name, den = find_denoiser(pipe)
     except ValueError as err:
-        raise ValueError(f"qalora needs a diffusers pipeline with a denoiser: {err}") from None
+        raise UserError(f"qalora needs a diffusers pipeline with a denoiser: {err}") from None
     prompts = list(prompts) if prompts is not None else default_calib_prompts()
     if not prompts:
-        raise ValueError("prompts is empty")
+        raise UserError("prompts is empty")
 
     if _has_quant_layers(den):
         if teacher is None:
-            raise ValueError(
+            raise UserError(
                 f"{den_name} is already quantized: pass teacher=<the float {type(den).__name__}> (the FP model)"
             )
         cfg_used = getattr(getattr(den, "vqsuite_config", None), "name", None) or "custom"
@@ -872,7 +873,7 @@ def qalora(
         try:
             resolved = resolve_config(config)
         except ValueError as err:
-            raise ValueError(f"config: {err}") from None
+            raise UserError(f"config: {err}") from None
         cfg_used = config if isinstance(config, str) else (resolved.name or "custom")
         if teacher is None:
             teacher = copy.deepcopy(den)
@@ -893,7 +894,7 @@ def qalora(
     )  # fmt: skip
     adapters = attach_adapters(den, rank, seed=seed, timesteps=tr.timesteps)
     if not adapters:
-        raise ValueError(f"{den_name} has no weight-quantizing vqsuite layer to fine-tune")
+        raise UserError(f"{den_name} has no weight-quantizing vqsuite layer to fine-tune")
     talsq = any(a.act is not None for a in adapters.values())
 
     groups: list[dict[str, Any]] = []
@@ -917,7 +918,7 @@ def qalora(
 
     accelerator = Accelerator(cpu=dev.type == "cpu", device_placement=False)
     if accelerator.num_processes > 1:
-        raise ValueError(f"qalora trains on one process; got {accelerator.num_processes}")
+        raise UserError(f"qalora trains on one process; got {accelerator.num_processes}")
     student, optim = accelerator.prepare(den, optim)
 
     signature = {
