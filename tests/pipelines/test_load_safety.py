@@ -417,3 +417,18 @@ def test_cli_info_refuses_a_symlink_out(tmp_path: Path, capsys: pytest.CaptureFi
     assert main(["info", str(ck)]) == EXIT_USAGE
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a link to outside the checkpoint folder" in err, err
+
+
+def test_e8m0_nan_code_in_mxfp4_scales_is_refused(tmp_path: Path) -> None:
+    """MXFP4 block scales are uint8 E8M0 exponents: NaN is the code 0xFF, which the float check cannot see."""
+    ck = _saved(tmp_path, "mxfp4")
+    tensors = load_file(str(ck / WEIGHTS_NAME))
+    assert tensors["fc1.wscales"].dtype == torch.uint8
+    assert vqsuite.load_quantized(ck, model=_net(9)) is not None  # intact: loads
+    scales = tensors["fc1.wscales"].clone()
+    scales.view(-1)[0] = 0xFF
+    tensors["fc1.wscales"] = scales
+    save_file(tensors, str(ck / WEIGHTS_NAME), metadata={"format": "pt"})
+    fresh = _net(9)
+    _one_line(lambda: vqsuite.load_quantized(ck, model=fresh), "'fc1.wscales' holds the E8M0 NaN code", tmp_path)
+    assert type(fresh.fc1) is nn.Linear

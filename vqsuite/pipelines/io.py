@@ -298,6 +298,27 @@ def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
             )
 
 
+#: the E8M0 code that means NaN (OCP MX v1.0): a stored MXFP4 block scale never holds it
+E8M0_NAN_CODE = 0xFF
+
+
+def check_e8m0_scales(tensors: dict[str, torch.Tensor], layers: dict[str, Any], file: Path) -> None:
+    """Refuse a checkpoint whose E8M0 block scales (``uint8`` biased exponents, MXFP4) hold the NaN code 0xFF:
+    they are integers, so :func:`check_finite` cannot see them. ``layers`` is the checkpoint's layer table."""
+    from vqsuite.formats import get_format
+
+    for name, entry in layers.items():
+        weight = (entry.get("spec") or {}).get("weight")
+        if not isinstance(weight, str) or get_format(weight).scale_kind != "e8m0":
+            continue
+        scales = tensors.get(f"{name}.wscales")
+        if scales is not None and scales.dtype == torch.uint8 and bool((scales == E8M0_NAN_CODE).any()):
+            raise CheckpointError(
+                f"{file}: tensor {name_repr(name + '.wscales')} holds the E8M0 NaN code 0xFF; refusing a damaged "
+                "checkpoint"
+            )
+
+
 def tensor_file_reason(e: BaseException) -> str:
     """Why a safetensors file could not be read, without quoting the file (safetensors' messages quote header
     bytes after a backtick): ``header too large``, ``invalid JSON in header``, an OS error."""
@@ -376,6 +397,7 @@ def load_quantized(
             tensors[alias] = tensors[canonical]
         _check_tensors(model, tensors, path)
         check_finite(tensors, path / WEIGHTS_NAME)
+        check_e8m0_scales(tensors, meta["layers"], path / WEIGHTS_NAME)
     except BaseException:
         for original in replaced.values():  # put the float layers back: a failed load changes nothing
             replace_module(model, refs, original, original)
