@@ -197,7 +197,7 @@ def test_not_a_quantized_pipeline(tmp_path: Path) -> None:
 def test_bad_pipeline_meta(tmp_path: Path, flux_folder: tuple[Path, torch.Tensor]) -> None:
     dst = _copy(flux_folder[0], tmp_path)
     (dst / PIPELINE_META_NAME).write_text("{not json")
-    _one_line_error(lambda: vqsuite.load_quantized(dst), "not readable JSON")
+    _one_line_error(lambda: vqsuite.load_quantized(dst), "not valid JSON")
     meta = {"format": "vqsuite-quantized-pipeline", "version": 99, "quantized": {"transformer": {}}}
     (dst / PIPELINE_META_NAME).write_text(json.dumps(meta))
     _one_line_error(lambda: vqsuite.load_quantized(dst), "version 99")

@@ -82,7 +82,7 @@ DAMAGE = {
     "library-evil": (_library("evil_float_module"), "not an allowed library"),
     "custom-pipeline": (_custom_pipeline, "custom pipeline"),
     "code-file": (_code_file, "code file"),
-    "bad-json": (_bad_json, "not readable JSON"),
+    "bad-json": (_bad_json, "not valid JSON"),
 }
 
 

@@ -329,7 +329,7 @@ def test_whole_file_not_a_table(q: Path) -> None:
 
 def test_invalid_json_does_not_echo_bytes(q: Path) -> None:
     (q / MODEL_INDEX_NAME).write_bytes(b'{"_class_name": SECRETSECRET}')
-    msg = _one_line(lambda: vqsuite.load_quantized(q), "is not readable JSON (Expecting value", q.parent)
+    msg = _one_line(lambda: vqsuite.load_quantized(q), "is not valid JSON (Expecting value", q.parent)
     assert "SECRET" not in msg
 
 

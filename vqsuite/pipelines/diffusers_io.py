@@ -37,7 +37,7 @@ from torch import nn
 
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.nn import QuantLayer
-from vqsuite.pipelines.errors import short_repr
+from vqsuite.pipelines.errors import first_line, read_json_file, short_repr
 from vqsuite.pipelines.folder import check_tree, contained_file
 from vqsuite.pipelines.io import (
     CONFIG_NAME,
@@ -70,13 +70,6 @@ _ST_DTYPES = {
     "F16": torch.float16,
     "BF16": torch.bfloat16,
 }
-
-
-def _first_line(e: BaseException, n: int = 200) -> str:
-    """``Type: first line`` of an exception, clipped (diffusers' messages may quote long values from a file)."""
-    text = str(e).strip().splitlines()
-    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
-    return line if len(line) <= n else line[: n - 3] + "..."
 
 
 def _is_quantized(module: Any) -> bool:
@@ -183,18 +176,6 @@ def _vqsuite_version() -> str:
     return __version__
 
 
-def _read_json(file: Path) -> Any:
-    """Parsed JSON; a message gives the position of a syntax error, never the file's bytes."""
-    try:
-        return json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{file} is not readable JSON (not UTF-8 text at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not readable JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except OSError as e:
-        raise CheckpointError(f"{file} is not readable JSON ({e.strerror or type(e).__name__})") from None
-
-
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / PIPELINE_META_NAME).is_file()
 
@@ -212,13 +193,13 @@ def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
         what = "a diffusers pipeline folder" if (path / MODEL_INDEX_NAME).is_file() else "a folder"
         raise CheckpointError(f"{path} is {what} without {PIPELINE_META_NAME}: not a vqsuite quantized pipeline")
     check_tree(path)  # before any file is read: no symlink out of the folder, no .py diffusers could import
-    meta = _read_json(path / PIPELINE_META_NAME)
+    meta = read_json_file(path / PIPELINE_META_NAME)
     validate_pipeline_meta(
         meta, path / PIPELINE_META_NAME, pipeline_format=PIPELINE_FORMAT, pipeline_version=PIPELINE_VERSION
     )
     if not (path / MODEL_INDEX_NAME).is_file():
         raise CheckpointError(f"{path} has no {MODEL_INDEX_NAME}: an incomplete quantized pipeline")
-    index = _read_json(path / MODEL_INDEX_NAME)
+    index = read_json_file(path / MODEL_INDEX_NAME)
     components = validate_model_index(index, path / MODEL_INDEX_NAME)
     if index["_class_name"] != meta["pipeline_class"]:
         raise CheckpointError(
@@ -239,7 +220,7 @@ def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
         for fname in (COMPONENT_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME):
             if not contained_file(folder, fname, f"component {name!r}").is_file():
                 raise CheckpointError(f"{path}: quantized component {name!r} has no {fname}")
-        saved_cls = _saved_class(_read_json(folder / COMPONENT_CONFIG_NAME))
+        saved_cls = _saved_class(read_json_file(folder / COMPONENT_CONFIG_NAME))
         if saved_cls != entry["class"]:
             raise CheckpointError(
                 f"{folder / COMPONENT_CONFIG_NAME} describes a {(saved_cls or '?')[:60]}, "
@@ -258,7 +239,7 @@ def _safetensors_dtypes(file: Path) -> dict[str, torch.dtype]:
                 raise ValueError(f"header length {n} is implausible")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is corrupt or unreadable ({_first_line(e)})") from None
+        raise CheckpointError(f"{file} is corrupt or unreadable ({first_line(e)})") from None
     return {
         k: _ST_DTYPES[v["dtype"]] for k, v in header.items() if isinstance(v, dict) and v.get("dtype") in _ST_DTYPES
     }
@@ -296,7 +277,7 @@ def _component_class(library: str, class_name: str) -> type:
     try:
         lib = importlib.import_module(library)
     except ImportError as e:
-        raise CheckpointError(f"cannot import {library!r} to rebuild {class_name} ({_first_line(e)})") from None
+        raise CheckpointError(f"cannot import {library!r} to rebuild {class_name} ({first_line(e)})") from None
     cls = getattr(lib, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise CheckpointError(f"{library} has no model class {class_name!r} (saved with another version?)")
@@ -319,7 +300,7 @@ def _rebuild_quantized_component(folder: Path, entry: dict[str, Any], device: st
         raise
     except Exception as e:
         where = folder / COMPONENT_CONFIG_NAME
-        raise CheckpointError(f"cannot rebuild {entry['class']} from {where}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot rebuild {entry['class']} from {where}: {first_line(e)}") from None
     model.eval()
     _match_saved_dtypes(model, _safetensors_dtypes(folder / WEIGHTS_NAME))
     model = load_quantized(folder, model=model, device=device)
@@ -431,7 +412,7 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
     except CheckpointError:
         raise
     except Exception as e:
-        raise CheckpointError(f"cannot load the other components of {path}: {_first_line(e)}") from None
+        raise CheckpointError(f"cannot load the other components of {path}: {first_line(e)}") from None
     for name, comp in pipe.components.items():
         if isinstance(comp, nn.Module) and name not in quantized:
             _realign(comp)  # from_pretrained's tensors are views into the file buffer too

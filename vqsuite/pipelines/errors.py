@@ -6,9 +6,13 @@ It lives in its own module so the validators (``schema.py``, ``folder.py``) and 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 from vqsuite.errors import UserError
 
-__all__ = ["CheckpointError", "name_repr", "short_repr"]
+__all__ = ["CheckpointError", "first_line", "name_repr", "read_json_file", "short_repr"]
 
 #: longest JSON value quoted back in a message (the rest of the line names the file and field)
 MAX_QUOTED_CHARS = 48
@@ -32,3 +36,22 @@ def short_repr(value: object, limit: int = MAX_QUOTED_CHARS) -> str:
 def name_repr(name: object) -> str:
     """A tensor or layer name read from a file, quoted for a message (clipped at :data:`MAX_NAME_CHARS`)."""
     return short_repr(name, MAX_NAME_CHARS)
+
+
+def first_line(e: BaseException, n: int = 200) -> str:
+    """``Type: first line`` of an exception, clipped (a library's message may quote long values from a file)."""
+    text = str(e).strip().splitlines()
+    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= n else line[: n - 3] + "..."
+
+
+def read_json_file(file: Path) -> Any:
+    """Parsed JSON of ``file``; a ``CheckpointError`` names the position of a syntax error, never the file's bytes."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON (not UTF-8 text at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file} is not readable ({e.strerror or type(e).__name__})") from None

@@ -11,24 +11,17 @@ diffusers is imported only inside the function.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
-from vqsuite.pipelines.errors import CheckpointError
+from vqsuite.pipelines.errors import CheckpointError, first_line, read_json_file
 from vqsuite.pipelines.folder import CODE_SUFFIXES
 from vqsuite.pipelines.schema import validate_model_index
 
 __all__ = ["load_float_pipeline_folder"]
 
 MODEL_INDEX_NAME = "model_index.json"
-
-
-def _first_line(e: BaseException, n: int = 200) -> str:
-    lines = str(e).strip().splitlines()
-    text = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def check_float_folder(folder: str | os.PathLike) -> dict[str, tuple[str | None, str | None]]:
@@ -43,11 +36,7 @@ def check_float_folder(folder: str | os.PathLike) -> dict[str, tuple[str | None,
         raise CheckpointError(f"{folder} is not a folder (a diffusers pipeline folder holds {MODEL_INDEX_NAME})")
     if not index_file.is_file():
         raise CheckpointError(f"{folder} is not a diffusers pipeline folder (no {MODEL_INDEX_NAME})")
-    try:
-        index = json.loads(index_file.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index_file} is not readable JSON ({type(e).__name__})") from None
-    components = validate_model_index(index, index_file)
+    components = validate_model_index(read_json_file(index_file), index_file)
     for sub in [folder, *(folder / name for name in components)]:
         if not sub.is_dir():
             continue
@@ -75,4 +64,4 @@ def load_float_pipeline_folder(folder: str | os.PathLike, **kwargs: Any) -> Any:
         hint = ""
         if "safetensors" in str(e).lower():
             hint = " (vqsuite loads safetensors weights only, never pickled .bin files: convert them first)"
-        raise CheckpointError(f"cannot load a diffusers pipeline from {folder}: {_first_line(e)}{hint}") from None
+        raise CheckpointError(f"cannot load a diffusers pipeline from {folder}: {first_line(e)}{hint}") from None

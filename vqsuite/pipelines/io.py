@@ -13,7 +13,6 @@ and a floating tensor holding NaN or Inf is refused. Each refusal is one :class:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in
     write_json,
 )
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.pipelines.errors import CheckpointError, name_repr, short_repr
+from vqsuite.pipelines.errors import CheckpointError, first_line, name_repr, read_json_file, short_repr
 from vqsuite.pipelines.folder import contained_file
 from vqsuite.pipelines.modules import module_references, replace_module
 from vqsuite.pipelines.schema import FLOAT_DTYPES, validate_checkpoint_meta
@@ -150,18 +149,6 @@ def _vqsuite_version() -> str:
     return __version__
 
 
-def _read_json_file(file: Path) -> Any:
-    """Parsed JSON of ``file``; a message names the position of a syntax error, never the file's bytes."""
-    try:
-        return json.loads(file.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON (not UTF-8 text at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
-    except OSError as e:
-        raise CheckpointError(f"{file} is not readable ({e.strerror or type(e).__name__})") from None
-
-
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The checkpoint's JSON, with every field validated (:func:`vqsuite.pipelines.schema.validate_checkpoint_meta`);
     ``CheckpointError`` with one readable line otherwise. Both files must lie inside the folder."""
@@ -174,7 +161,7 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
         if not contained_file(path, fname, "it").is_file():
             raise CheckpointError(f"{path} has no {fname}: not a vqsuite checkpoint (or an incomplete one)")
-    meta = _read_json_file(path / CONFIG_NAME)
+    meta = read_json_file(path / CONFIG_NAME)
     validate_checkpoint_meta(
         meta, path / CONFIG_NAME, checkpoint_format=CHECKPOINT_FORMAT, checkpoint_version=CHECKPOINT_VERSION
     )
@@ -200,7 +187,7 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
             # eval: a checkpoint loaded without a model is for inference (train-mode BN would use batch stats)
             return timm.create_model(name, pretrained=False, **src.get("kwargs", {})).eval()
         except Exception as e:  # bad kwargs: one readable line
-            raise CheckpointError(f"cannot build timm model {short_repr(name)}: {_first_line(e)}") from None
+            raise CheckpointError(f"cannot build timm model {short_repr(name)}: {first_line(e)}") from None
     from vqsuite import zoo
 
     if name not in zoo.list():
@@ -208,14 +195,7 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
     try:
         return zoo.load(name).model.eval()
     except (KeyError, zoo.AssetMissingError) as e:  # missing package: one readable line
-        raise CheckpointError(f"cannot build zoo model {short_repr(name)}: {_first_line(e)}") from None
-
-
-def _first_line(e: BaseException, n: int = 200) -> str:
-    """An exception's first line, clipped: library messages may quote long values read from a file."""
-    lines = str(e).strip().splitlines()
-    text = lines[0] if lines else type(e).__name__
-    return text if len(text) <= n else text[: n - 3] + "..."
+        raise CheckpointError(f"cannot build zoo model {short_repr(name)}: {first_line(e)}") from None
 
 
 def _restore_method_modules(model: nn.Module, config: QuantConfig | None, path: Path) -> Callable[[], None]:
@@ -254,7 +234,7 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"layer {name_repr(name)}: invalid entry in checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"layer {name_repr(name)}: invalid entry in checkpoint ({first_line(e)})") from None
     q.layer_name = name
     q.train(current.training)
     if entry.get("frozen", True):
@@ -324,7 +304,7 @@ def tensor_file_reason(e: BaseException) -> str:
     bytes after a backtick): ``header too large``, ``invalid JSON in header``, an OS error."""
     if isinstance(e, OSError):
         return e.strerror or type(e).__name__
-    text = _first_line(e, 120).removeprefix("Error while deserializing header: ")
+    text = first_line(e, 120).removeprefix("Error while deserializing header: ")
     for quote in ("`", "'", '"', ":"):
         text = text.split(quote, 1)[0]
     return text.strip() or type(e).__name__
