@@ -83,7 +83,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     ("gen-missing-folder", lambda c: _gen(c, "/nonexistent/pipe", "--prompt", "a"), "no such folder"),
     ("gen-not-a-pipeline", lambda c: _gen(c, "notpipe", "--prompt", "a"), "not a diffusers pipeline folder"),
     ("gen-corrupt-checkpoint", lambda c: _gen(c, "corrupt_q", "--prompt", "a"), "corrupt"),
-    ("gen-broken-model-index", lambda c: _gen(c, "broken_float", "--prompt", "a"), "cannot load a diffusers pipeline"),
+    ("gen-broken-model-index", lambda c: _gen(c, "broken_float", "--prompt", "a"), "is not valid JSON"),
     ("gen-steps-zero", lambda c: _gen(c, "q", "--prompt", "a", "--steps", "0"), "--steps=0 is out of range"),
     ("gen-steps-huge", lambda c: _gen(c, "q", "--prompt", "a", "--steps", "100000"), "--steps=100000 is out of range"),
     ("gen-empty-prompt-file", lambda c: _gen(c, "q", "--prompts", str(c["empty_prompts"])), "has no prompts"),
