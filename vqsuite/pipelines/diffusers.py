@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
@@ -453,6 +454,15 @@ def quantize_pipeline(
     quantize_model(den, cfg, calib_data=calib, freeze=freeze)
     stats["quantize_seconds"] = time.perf_counter() - t0
     mrep: QuantReport = den.vqsuite_report
+    if not mrep.quantized:  # a silent no-op is the worst outcome: say which denoiser, which rule, and why
+        reasons = sorted({e.reason for e in mrep.skipped})[:3]
+        msg = (
+            f"quantize_pipeline quantized NOTHING in {type(pipe).__name__}.{den_name} ({type(den).__name__}, rule "
+            f"{rule.name}{' (generic fallback)' if generic else ''}): the pipeline is unchanged"
+            + (f"; reasons: {'; '.join(reasons)}" if reasons else "; it has no supported layer")
+        )
+        logger.warning(msg)
+        warnings.warn(msg, UserWarning, stacklevel=2)
     report.components[den_name] = ComponentReport(
         den_name,
         type(den).__name__,
