@@ -116,9 +116,12 @@ class QLinear(QuantLayer):
     def _with_packed(self, impl: KernelImpl, ops: QLinearOperands) -> QLinearOperands:
         """``ops`` with ``impl``'s packed weight layout, packed once and kept as non-persistent buffers (repacked
         only when the stored codes change: a load, a device move)."""
+        names = self.__dict__.get("_packed_names", ())
+        if names and torch.compiler.is_compiling():
+            # torch.compile cannot compare data pointers: a compiled forward reuses the layout an eager call packed
+            return ops.replace(packed={n[len(PACKED_PREFIX) :]: self._buffers[n] for n in names})
         stored = (ops.qweight, ops.wscales, ops.wzeros, ops.wtscale)
         tag = (impl.name, *((t.data_ptr(), t._version) for t in stored if t is not None))
-        names = self.__dict__.get("_packed_names", ())
         if self.__dict__.get("_packed_tag") != tag:
             self.drop_packed()
             names = []
