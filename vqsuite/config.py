@@ -1,7 +1,8 @@
 """Quantization recipes: :class:`QuantSpec` (one layer), :class:`QuantConfig` (a whole model) and named presets.
 
-Both are frozen, validated dataclasses: a bad value raises ``ValueError`` naming it. They serialise to plain
-dicts (``to_dict``/``from_dict``) carrying a ``version``, stored as JSON beside quantized weights.
+Both are frozen, validated dataclasses: a bad value raises :class:`~vqsuite.errors.ConfigError` (a ``ValueError``)
+naming it. They serialise to plain dicts (``to_dict``/``from_dict``) carrying a ``version``, stored as JSON beside
+quantized weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Any, Literal
 
 import torch
 
+from vqsuite.errors import ConfigError
 from vqsuite.formats import get_format, list_formats
 
 CONFIG_VERSION = 1
@@ -46,12 +48,12 @@ SCALE_DTYPES: dict[str, torch.dtype] = {
 
 def _check_format(value: str | None, field_name: str) -> None:
     if value is not None and value not in list_formats():
-        raise ValueError(f"{field_name}={value!r} is not a known format; choose one of {', '.join(list_formats())}")
+        raise ConfigError(f"{field_name}={value!r} is not a known format; choose one of {', '.join(list_formats())}")
 
 
 def _check_group(value: int | None, field_name: str) -> None:
     if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-        raise ValueError(f"{field_name}={value!r} must be a positive integer or None")
+        raise ConfigError(f"{field_name}={value!r} must be a positive integer or None")
 
 
 #: smallest group a layer falls back to when the recipe's group does not divide its reduction length
@@ -104,15 +106,15 @@ class QuantSpec:
         _check_group(self.weight_group_size, "weight_group_size")
         _check_group(self.act_group_size, "act_group_size")
         if self.act_mode not in ACT_MODES:
-            raise ValueError(f"act_mode={self.act_mode!r} must be one of {', '.join(ACT_MODES)}")
+            raise ConfigError(f"act_mode={self.act_mode!r} must be one of {', '.join(ACT_MODES)}")
         if self.kernel not in KERNEL_PREFERENCES:
-            raise ValueError(f"kernel={self.kernel!r} must be one of {', '.join(KERNEL_PREFERENCES)}")
+            raise ConfigError(f"kernel={self.kernel!r} must be one of {', '.join(KERNEL_PREFERENCES)}")
         if self.scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype={self.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
+            raise ConfigError(f"scale_dtype={self.scale_dtype!r} must be one of {', '.join(SCALE_DTYPES)}")
         if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
-            raise ValueError(f"rank={self.rank!r} must be an integer >= 0")
+            raise ConfigError(f"rank={self.rank!r} must be an integer >= 0")
         if self.weight is None and self.act is None and self.rank == 0:
-            raise ValueError("weight=None and act=None quantize nothing; exclude the layer instead")
+            raise ConfigError("weight=None and act=None quantize nothing; exclude the layer instead")
         # block formats carry their group length; fill it in, refuse a contradicting one
         for fmt_field, group_field in (("weight", "weight_group_size"), ("act", "act_group_size")):
             fmt_name = getattr(self, fmt_field)
@@ -122,43 +124,45 @@ class QuantSpec:
             group = getattr(self, group_field)
             if block is not None:
                 if group is not None and group != block:
-                    raise ValueError(f"{group_field}={group} is not allowed for {fmt_name}, whose blocks are {block}")
+                    raise ConfigError(f"{group_field}={group} is not allowed for {fmt_name}, whose blocks are {block}")
                 object.__setattr__(self, group_field, block)
         if self.act is None:
             if self.act_mode != "none":
-                raise ValueError(f"act_mode={self.act_mode!r} needs an activation format (act=None)")
+                raise ConfigError(f"act_mode={self.act_mode!r} needs an activation format (act=None)")
             if self.act_group_size is not None:
-                raise ValueError(f"act_group_size={self.act_group_size} given without an activation format")
+                raise ConfigError(f"act_group_size={self.act_group_size} given without an activation format")
         else:
             if self.act_mode == "none":
-                raise ValueError(f"act={self.act!r} needs an act_mode other than 'none'")
+                raise ConfigError(f"act={self.act!r} needs an act_mode other than 'none'")
             block = get_format(self.act).block_size
             if self.act_mode == "dynamic_per_group" and self.act_group_size is None:
-                raise ValueError("act_mode='dynamic_per_group' needs act_group_size")
+                raise ConfigError("act_mode='dynamic_per_group' needs act_group_size")
             if self.act_mode in ("dynamic_per_token", "static") and self.act_group_size is not None and block is None:
-                raise ValueError(f"act_group_size={self.act_group_size} only applies to act_mode='dynamic_per_group'")
+                raise ConfigError(f"act_group_size={self.act_group_size} only applies to act_mode='dynamic_per_group'")
             if block is not None and self.act_mode != "dynamic_per_group":
-                raise ValueError(f"act={self.act!r} is a block format: act_mode must be 'dynamic_per_group'")
+                raise ConfigError(f"act={self.act!r} is a block format: act_mode must be 'dynamic_per_group'")
             if self.act_mode == "static" and get_format(self.act).asymmetric:
-                raise ValueError(f"act_mode='static' supports symmetric formats only, not act={self.act!r}")
+                raise ConfigError(f"act_mode='static' supports symmetric formats only, not act={self.act!r}")
         if self.act_granularity not in ACT_GRANULARITIES:
-            raise ValueError(f"act_granularity={self.act_granularity!r} must be one of {', '.join(ACT_GRANULARITIES)}")
+            raise ConfigError(f"act_granularity={self.act_granularity!r} must be one of {', '.join(ACT_GRANULARITIES)}")
         if self.act_range not in ACT_RANGES:
-            raise ValueError(f"act_range={self.act_range!r} must be one of {', '.join(ACT_RANGES)}")
+            raise ConfigError(f"act_range={self.act_range!r} must be one of {', '.join(ACT_RANGES)}")
         if self.act_mode != "static" and (self.act_granularity != "pooled" or self.act_range != "minmax"):
-            raise ValueError(
+            raise ConfigError(
                 f"act_granularity={self.act_granularity!r} and act_range={self.act_range!r} apply to "
                 f"act_mode='static' only, not act_mode={self.act_mode!r}"
             )
         if self.weight_range not in WEIGHT_RANGES:
-            raise ValueError(f"weight_range={self.weight_range!r} must be one of {', '.join(WEIGHT_RANGES)}")
+            raise ConfigError(f"weight_range={self.weight_range!r} must be one of {', '.join(WEIGHT_RANGES)}")
         if self.weight_range != "minmax" and (self.weight is None or get_format(self.weight).asymmetric):
-            raise ValueError(f"weight_range={self.weight_range!r} needs a symmetric weight format, not {self.weight!r}")
+            raise ConfigError(
+                f"weight_range={self.weight_range!r} needs a symmetric weight format, not {self.weight!r}"
+            )
         _check_group(self.n_buckets, "n_buckets")
         if self.act_granularity == "pooled" and self.n_buckets is not None:
-            raise ValueError(f"n_buckets={self.n_buckets} needs act_granularity='per_step' or 'bucketed'")
+            raise ConfigError(f"n_buckets={self.n_buckets} needs act_granularity='per_step' or 'bucketed'")
         if self.act_granularity == "bucketed" and self.n_buckets is None:
-            raise ValueError("act_granularity='bucketed' needs n_buckets")
+            raise ConfigError("act_granularity='bucketed' needs n_buckets")
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -210,7 +214,7 @@ class QuantSpec:
     def validate_for(self, in_features: int, **kw: Any) -> None:
         reason = self.incompatibility(in_features, **kw)
         if reason is not None:
-            raise ValueError(reason)
+            raise ConfigError(reason)
 
     def replace(self, **changes: Any) -> QuantSpec:
         return replace(self, **changes)
@@ -224,10 +228,12 @@ class QuantSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantSpec:
+        if not isinstance(d, dict):
+            raise ConfigError(f"a QuantSpec dict is expected, got {type(d).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown QuantSpec field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown QuantSpec field(s): {', '.join(unknown)}")
         return cls(**d)
 
     def short(self) -> str:
@@ -267,26 +273,26 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} must be one of {', '.join(METHODS)}")
+            raise ConfigError(f"method={self.method!r} must be one of {', '.join(METHODS)}")
         opts = self.method_options
         opts = tuple(sorted(opts.items())) if isinstance(opts, dict) else tuple(tuple(o) for o in opts)
         object.__setattr__(self, "method_options", opts)
         if not isinstance(self.default, QuantSpec):
-            raise ValueError(f"default={self.default!r} must be a QuantSpec")
+            raise ConfigError(f"default={self.default!r} must be a QuantSpec")
         ov = self.overrides
         items = list(ov.items()) if isinstance(ov, dict) else [tuple(p) for p in ov]
         for item in items:
             if len(item) != 2 or not isinstance(item[0], str):
-                raise ValueError(f"override {item!r} must be a (pattern, QuantSpec | None) pair")
+                raise ConfigError(f"override {item!r} must be a (pattern, QuantSpec | None) pair")
             if item[1] is not None and not isinstance(item[1], QuantSpec):
-                raise ValueError(f"override for {item[0]!r} must be a QuantSpec or None, got {item[1]!r}")
+                raise ConfigError(f"override for {item[0]!r} must be a QuantSpec or None, got {item[1]!r}")
         object.__setattr__(self, "overrides", tuple((p, s) for p, s in items))
         if isinstance(self.exclude, str):
             object.__setattr__(self, "exclude", (self.exclude,))
         else:
             object.__setattr__(self, "exclude", tuple(self.exclude))
         if self.version != CONFIG_VERSION:
-            raise ValueError(f"config version={self.version} is not supported (this vqsuite reads {CONFIG_VERSION})")
+            raise ConfigError(f"config version={self.version} is not supported (this vqsuite reads {CONFIG_VERSION})")
 
     def resolve(self, module_name: str) -> tuple[QuantSpec | None, str]:
         """The spec for ``module_name`` and why: ``(spec, "default" | "override 'pat'")`` or ``(None, reason)``."""
@@ -325,13 +331,15 @@ class QuantConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> QuantConfig:
         if not isinstance(d, dict):
-            raise ValueError(f"a QuantConfig dict is expected, got {type(d).__name__}")
+            raise ConfigError(f"a QuantConfig dict is expected, got {type(d).__name__}")
         version = d.get("version")
         if version != CONFIG_VERSION:
-            raise ValueError(f"config version={version!r} is not supported (this vqsuite reads {CONFIG_VERSION})")
+            raise ConfigError(f"config version={version!r} is not supported (this vqsuite reads {CONFIG_VERSION})")
         unknown = sorted(set(d) - {"version", "name", "default", "overrides", "exclude", "method", "method_options"})
         if unknown:
-            raise ValueError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown QuantConfig field(s): {', '.join(unknown)}")
+        if "default" not in d:
+            raise ConfigError("a QuantConfig dict needs a 'default' QuantSpec")
         return cls(
             default=QuantSpec.from_dict(d["default"]),
             overrides=tuple((p, None if s is None else QuantSpec.from_dict(s)) for p, s in d.get("overrides", [])),
@@ -349,7 +357,7 @@ _PRESETS: dict[str, tuple[QuantConfig, str]] = {}
 
 def register_preset(name: str, config: QuantConfig, description: str) -> None:
     if name in _PRESETS:
-        raise ValueError(f"preset {name!r} is already registered")
+        raise ConfigError(f"preset {name!r} is already registered")
     _PRESETS[name] = (replace(config, name=name), description)
 
 
@@ -366,7 +374,7 @@ def get_preset(name: str) -> QuantConfig:
     try:
         return _PRESETS[name][0]
     except KeyError:
-        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}") from None
+        raise ConfigError(f"unknown preset {name!r}; presets: {', '.join(list_presets())}") from None
 
 
 def resolve_config(config: str | QuantConfig | QuantSpec | dict[str, Any]) -> QuantConfig:
@@ -379,7 +387,7 @@ def resolve_config(config: str | QuantConfig | QuantSpec | dict[str, Any]) -> Qu
         return get_preset(config)
     if isinstance(config, dict):
         return QuantConfig.from_dict(config)
-    raise ValueError(f"config={config!r} must be a preset name, QuantConfig, QuantSpec or dict")
+    raise ConfigError(f"config={config!r} must be a preset name, QuantConfig, QuantSpec or dict")
 
 
 def _spec(method: str = "rtn", **kw: Any) -> QuantConfig:

@@ -25,6 +25,11 @@ from vqsuite.formats import dequantize, fake_quantize
 from vqsuite.nn import QLinear
 from vqsuite.nn.quantizers import fake_quantize_static, static_scale_from_amax
 
+#: the searched INT4 g64 weight ranges must cut a layer's output error vs RTN by at least this fraction. Measured
+#: 18.5 % on 256 input rows (AMD EPYC AVX2); the former 4 rows measured 0.13 %, a margin inside CPU round-off
+MIN_RANGE_SEARCH_GAIN = 0.05
+RANGE_SEARCH_ROWS = 256
+
 
 def heavy_tailed(n: int, seed: int = 0) -> torch.Tensor:
     """Laplace values with a few 30x outliers: clipping pays off."""
@@ -108,12 +113,13 @@ def test_calibrate_weight_ranges_frozen_matches_fake_quant() -> None:
     with torch.no_grad():
         lin.weight.view(-1)[::53] *= 10
     q = QLinear.from_float(lin, QuantSpec(weight="int4", weight_group_size=64))
-    x = torch.randn(4, 128)
+    x = torch.randn(RANGE_SEARCH_ROWS, 128)
     y_rtn = q(x)
     assert calibrate_weight_ranges(nn.Sequential(q)) == 1
     y_fake = q(x)
     ref = lin(x)
-    assert float((ref - y_fake).pow(2).sum()) < float((ref - y_rtn).pow(2).sum())
+    e_fake, e_rtn = float((ref - y_fake).pow(2).sum()), float((ref - y_rtn).pow(2).sum())
+    assert e_fake < (1 - MIN_RANGE_SEARCH_GAIN) * e_rtn, (e_fake, e_rtn)
     q.freeze()
     assert torch.equal(q(x), y_fake)
 

@@ -89,7 +89,9 @@ def test_ofq_interrupted_then_resumed_equals_uninterrupted(
     monkeypatch.setattr("vqsuite.cli.progress.bar", lambda *a, **k: Interrupting())
     assert main(_ofq(out, "--checkpoint-dir", str(ck), "--checkpoint-every", "1")) == 130
     assert not out.exists() and (ck / ft_cli.OFQ_CHECKPOINT).is_file()
-    assert torch.load(ck / ft_cli.OFQ_CHECKPOINT, weights_only=False)["step"] == 1
+    from vqsuite.finetune.ofq import read_ofq_checkpoint_meta
+
+    assert read_ofq_checkpoint_meta(ck / ft_cli.OFQ_CHECKPOINT)["step"] == 1
     monkeypatch.undo()
     assert main(_ofq(out, "--checkpoint-dir", str(ck), "--resume")) == 0
     a, b = _qat_tensors(ref), _qat_tensors(out)
@@ -222,6 +224,14 @@ def test_qalora_end_to_end_on_a_tiny_pipeline_then_resume_and_generate(
 Ctx = dict[str, Path]
 
 
+def _ofq_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """A (tensor-less) OFQ checkpoint file holding ``state``."""
+    from vqsuite.finetune.checkpoint import write_checkpoint
+    from vqsuite.finetune.ofq import OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION
+
+    write_checkpoint(path, {}, state, OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION)
+
+
 @pytest.fixture(scope="module")
 def ctx(tiny_sd: Path, quantized_sd: Path, tmp_path_factory: pytest.TempPathFactory) -> Ctx:
     root = tmp_path_factory.mktemp("ft-bad")
@@ -237,10 +247,10 @@ def ctx(tiny_sd: Path, quantized_sd: Path, tmp_path_factory: pytest.TempPathFact
     c["empty_ck"].mkdir()
     c["other_ck"] = root / "other-ck"  # an OFQ checkpoint written with other settings
     c["other_ck"].mkdir()
-    torch.save({"options": {"bits": 4, "steps": 99}}, c["other_ck"] / ft_cli.OFQ_CHECKPOINT)
+    _ofq_checkpoint(c["other_ck"] / ft_cli.OFQ_CHECKPOINT, {"options": {"bits": 4, "steps": 99}})
     c["ofq_ck"] = root / "ofq-ck"  # an earlier run's checkpoints: kept unless --resume continues them
     c["ofq_ck"].mkdir()
-    torch.save({"options": {}}, c["ofq_ck"] / ft_cli.OFQ_CHECKPOINT)
+    _ofq_checkpoint(c["ofq_ck"] / ft_cli.OFQ_CHECKPOINT, {"options": {}})
     c["qalora_ck"] = root / "qalora-ck"
     c["qalora_ck"].mkdir()
     (c["qalora_ck"] / ft_cli.QALORA_CHECKPOINT_POINTER).write_text('{"dir": "step-000002", "updates": 2}')
@@ -284,7 +294,7 @@ CASES: list[tuple[str, Callable[[Ctx], list[str]], str]] = [
     (
         "ofq-checkpoint-without-resume",
         lambda c: _ft(c, "ofq", "fmnist-vit", "--checkpoint-dir", str(c["ofq_ck"])),
-        "holds a checkpoint (ofq.pt); pass --resume",
+        "holds a checkpoint (ofq.safetensors); pass --resume",
     ),
     (
         "qalora-checkpoint-without-resume",

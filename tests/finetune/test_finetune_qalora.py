@@ -25,8 +25,14 @@ import tiny_pipelines as tp  # noqa: E402
 
 #: merged + frozen vs fake-quant-with-adapter outputs: bit-identical (same codes, same stored scales, same GEMM)
 EXACT_ATOL = 0.0
-#: a short distillation run must lower the held-out denoiser MSE by at least this fraction
-MIN_MSE_DROP = 0.01
+#: a short distillation run must lower the held-out denoiser MSE by at least this fraction. Measured (W2A8, 16
+#: updates, lr_scale 1/100, AMD EPYC AVX2): 0.4232 -> 0.2615, -38 %; -37 % with the non-SIMD code paths
+#: (ATEN_CPU_CAPABILITY=default, MKL SSE4_2, oneDNN SSE41), -43 % / -46 % with training seeds 1 / 2. The old setting
+#: (W4A4, 8 updates, lr_scale 1/50) dropped it by 0.09 % only, under the old 1 % bar: the outcome was CPU noise.
+MIN_MSE_DROP = 0.10
+#: the distillation setting: INT2 weights leave an error LoRA can absorb in a few updates (W4A4's error is mostly
+#: its INT4 activations, out of LoRA's reach); lr_scale 1/100 trains smoothly (1/25 already overshoots)
+DISTILL_PRESET, DISTILL_UPDATES, DISTILL_LR_SCALE = "w2a8", 16, 1 / 100
 #: the few-update runs: trajectory length, prompts, batch
 SHORT = {"num_inference_steps": 4, "batch_size": 1, "prompts": ["a red cat on the mat"], "progress": False}
 
@@ -157,13 +163,13 @@ def test_talsq_keeps_per_step_slots() -> None:
 def test_distillation_lowers_denoiser_mse() -> None:
     pipe = _sd()
     teacher = copy.deepcopy(pipe.unet)
-    tp.quantize("sd15", "w4a4", pipe=pipe, freeze=False)
+    tp.quantize("sd15", DISTILL_PRESET, pipe=pipe, freeze=False)
     held_out = {k: v for k, v in SHORT.items() if k != "progress"}
     before = qalora_mse(pipe, teacher, seed=99, trajectories=2, **held_out)
-    qalora(pipe, steps=8, teacher=teacher, lr_scale=1 / 50, **SHORT)
+    qalora(pipe, steps=DISTILL_UPDATES, teacher=teacher, lr_scale=DISTILL_LR_SCALE, **SHORT)
     after = qalora_mse(pipe, teacher, seed=99, trajectories=2, **held_out)
     rec = pipe.vqsuite_qalora
-    assert rec["updates"] == 8 and len(rec["loss_curve"]) == 8 and rec["rank"] == 32
+    assert rec["updates"] == DISTILL_UPDATES and len(rec["loss_curve"]) == DISTILL_UPDATES and rec["rank"] == 32
     assert after < before * (1 - MIN_MSE_DROP), f"held-out MSE {before:.5f} -> {after:.5f}"
 
 

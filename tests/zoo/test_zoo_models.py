@@ -15,6 +15,8 @@ MIN_MNIST_ACC_FIRST_1000 = 0.98
 #: checked: both ImageNet networks classify 18 of foolbox's 20 labelled images correctly
 IMAGENET20_CORRECT = 18
 N_MNIST = 1000
+#: timm vs lukemelas EfficientNet-Lite0 logits (magnitude ~10): max |diff| 0 on AMD EPYC AVX2
+REMAP_RTOL, REMAP_ATOL = 1e-5, 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,9 @@ def test_imagenet_networks_on_labelled_images(name: str) -> None:
 
 
 def test_efficientnet_lite0_remap_gives_identical_logits() -> None:
-    """timm with remapped keys == the lukemelas-format model code with the original keys, bit for bit."""
+    """timm with remapped keys == the lukemelas-format model code with the original keys. Two model codes (timm
+    pads stride-1 convs inside conv2d, lukemelas pads first), so oneDNN may pick other kernels on other CPUs:
+    bit-identical here, compared at float32 round-off (a wrong key mapping moves the logits by O(1))."""
     from efficientnet_lite_pytorch import EfficientNet  # a plain model class, no import side effects
 
     from vqsuite.zoo.efficientnet_lite import load_lite0_state_dict, lukemelas_to_timm
@@ -66,7 +70,7 @@ def test_efficientnet_lite0_remap_gives_identical_logits() -> None:
     ref.eval()
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert torch.equal(ours(x), ref(x))
+        torch.testing.assert_close(ours(x), ref(x), rtol=REMAP_RTOL, atol=REMAP_ATOL)
     with pytest.raises(ValueError, match="no timm name for '_blocks.0._se_reduce.weight'"):
         lukemelas_to_timm({"_blocks.0._se_reduce.weight": torch.zeros(1)})
 

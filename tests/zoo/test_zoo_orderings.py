@@ -29,6 +29,9 @@ N_MNIST = 1000
 MIN_W8_OVER_W4_SQNR_DB = 12.0
 #: measured 46.6 dB (SVDQuant) vs 31.4 dB (RTN) on fc_layers.0 of mnist-cnn3
 MIN_SVDQUANT_GAIN_DB = 6.0
+#: W8A8's top-1 drop may exceed W4A4's by at most this: measured -0.1 % vs +0.1 % (one digit each way of the FP
+#: model's 989/1000), so the bare order hung on two borderline digits that CPU round-off can flip
+ACC_DROP_SLACK = 3 / N_MNIST
 N_LATENTS = 6
 
 
@@ -58,7 +61,7 @@ def test_w8a8_drop_not_larger_than_w4a4_drop(cnn3: dict) -> None:
         acc[preset] = ((logits.argmax(1) == cnn3["y"]).float().mean().item(), sqnr_db(cnn3["ref"], logits))
     fp_acc = (cnn3["ref"].argmax(1) == cnn3["y"]).float().mean().item()
     drop8, drop4 = fp_acc - acc["w8a8"][0], fp_acc - acc["w4a4"][0]
-    assert drop8 <= drop4, f"W8A8 drop {drop8:.4f} > W4A4 drop {drop4:.4f} (n={N_MNIST})"
+    assert drop8 <= drop4 + ACC_DROP_SLACK, f"W8A8 drop {drop8:.4f} > W4A4 drop {drop4:.4f} (n={N_MNIST})"
     assert acc["w8a8"][1] >= acc["w4a4"][1] + MIN_W8_OVER_W4_SQNR_DB, acc
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from vqsuite.calibrators.sensitivity import Sensitivity, layer_sensitivity, output_runner
 from vqsuite.config import QuantConfig, QuantSpec, get_preset, resolve_config
+from vqsuite.errors import UserError
 from vqsuite.formats import get_format
 
 logger = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ def candidate_specs(candidates: Sequence[str | QuantSpec | QuantConfig] | dict[s
             spec, label = resolve_config(c).default, getattr(c, "name", None) or resolve_config(c).default.short()
         out[name or label] = spec
     if len(out) < 1:
-        raise ValueError("candidates is empty")
+        raise UserError("candidates is empty")
     return out
 
 
@@ -81,7 +82,7 @@ def solve_allocation(
     layers = sorted(sens.scores)
     cands = list(sens.specs)
     if not layers:
-        raise ValueError("no layer to allocate")
+        raise UserError("no layer to allocate")
     n_l, n_c = len(layers), len(cands)
     bits = np.array([spec_bits(sens.specs[c]) for c in cands])
     w = np.array([sens.numel[n] for n in layers], dtype=np.float64)
@@ -91,7 +92,7 @@ def solve_allocation(
         raise ValueError("every layer needs a finite score for every candidate")
     lo_bits, hi_bits = float(bits.min()), float(bits.max())
     if budget_bits < lo_bits - 1e-12:
-        raise ValueError(f"budget_bits={budget_bits} is below the smallest candidate ({lo_bits} bits)")
+        raise UserError(f"budget_bits={budget_bits} is below the smallest candidate ({lo_bits} bits)")
     one = np.zeros((n_l, n_l * n_c))
     for i in range(n_l):
         one[i, i * n_c : (i + 1) * n_c] = 1.0
@@ -116,7 +117,7 @@ def solve_allocation(
         res = solve(-np.inf, budget_bits)
         status = "at most budget"
     if res.x is None:
-        raise ValueError(f"the allocation program is infeasible: {res.message}")
+        raise UserError(f"the allocation program is infeasible: {res.message}")
     x = np.round(res.x).reshape(n_l, n_c)
     choice = {n: cands[int(x[i].argmax())] for i, n in enumerate(layers)}
     return Allocation(choice, average_bits(choice, sens), sens.total(choice), budget_bits, status)
@@ -215,7 +216,7 @@ def allocate_bits(
         model = model_or_pipe
         if run is None:
             if calib_data is None:
-                raise ValueError("pass calib_data (model inputs) or run= to score the layers")
+                raise UserError("pass calib_data (model inputs) or run= to score the layers")
             run = output_runner(calib_data)
     if sensitivity is None:
         scorer = run if not is_pipe else (lambda _m: run(pipe))

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
+
 CalibData = torch.Tensor | Iterable[Any] | Callable[[nn.Module], Any]
 
 
@@ -32,7 +34,7 @@ def run_calibration_data(model: nn.Module, calib_data: CalibData) -> int:
     try:
         iterator = iter(calib_data)
     except TypeError:
-        raise ValueError(
+        raise UserError(
             f"calib_data of type {type(calib_data).__name__} is not a tensor, an iterable of batches or a callable"
         ) from None
     for batch in iterator:
@@ -43,8 +45,8 @@ def run_calibration_data(model: nn.Module, calib_data: CalibData) -> int:
         elif isinstance(batch, (tuple, list)):
             model(*batch)
         else:
-            raise ValueError(f"calibration batch of type {type(batch).__name__} is not a tensor, tuple or dict")
+            raise UserError(f"calibration batch of type {type(batch).__name__} is not a tensor, tuple or dict")
         n += 1
     if n == 0:
-        raise ValueError("calib_data is empty")
+        raise UserError("calib_data is empty")
     return n

@@ -23,6 +23,7 @@ from typing import Literal
 import torch
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import QTensor, get_format, quantize
 from vqsuite.formats.fp4 import E2M1_MAX, E4M3_MAX, block_scales_fp32, decode_e2m1, encode_e2m1
 from vqsuite.formats.fp8 import FP8_DTYPES, cast_fp8_saturate
@@ -155,20 +156,20 @@ def gptq_quantize(
     and ~1.5x slower on a CPU, where the three ``K³`` factorizations dominate GPTQ's cost at K = 12288).
     """
     if spec.weight is None:
-        raise ValueError("spec.weight is None: there is no weight format to GPTQ-quantize to")
+        raise ConfigError("spec.weight is None: there is no weight format to GPTQ-quantize to")
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got {tuple(w.shape)}")
     n, k = w.shape
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [{k}, {k}] for w of shape {tuple(w.shape)}, got {tuple(hessian.shape)}")
     if not 0 <= damp:
-        raise ValueError(f"damp={damp} must be >= 0")
+        raise ConfigError(f"damp={damp} must be >= 0")
     if block_size < 1:
-        raise ValueError(f"block_size={block_size} must be >= 1")
+        raise ConfigError(f"block_size={block_size} must be >= 1")
     if scale_mode not in ("dynamic", "static"):
-        raise ValueError(f"scale_mode={scale_mode!r} must be 'dynamic' or 'static'")
+        raise ConfigError(f"scale_mode={scale_mode!r} must be 'dynamic' or 'static'")
     if not bool(torch.isfinite(w).all()):
-        raise ValueError("w holds non-finite values; refusing to quantize it")
+        raise UserError("w holds non-finite values; refusing to quantize it")
     device = w.device
     W = w.detach().float().clone()
     H = hessian.detach().to(device=device, dtype=hessian_dtype).clone()

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import ConfigError
 from vqsuite.nn.quantizers import fake_quantize_weight, quantize_activation
 
 logger = logging.getLogger(__name__)
@@ -45,12 +46,12 @@ def lowrank_svd(
     ``min(N, K) > RANDOMIZED_MIN_DIM``).
     """
     if method not in SVD_METHODS:
-        raise ValueError(f"method={method!r} must be one of {', '.join(SVD_METHODS)}")
+        raise ConfigError(f"method={method!r} must be one of {', '.join(SVD_METHODS)}")
     if w.ndim != 2:
         raise ValueError(f"w must be [N, K], got {tuple(w.shape)}")
     n, k = w.shape
     if not 0 <= rank <= min(n, k):
-        raise ValueError(f"rank={rank} must lie in [0, min(N, K)={min(n, k)}]")
+        raise ConfigError(f"rank={rank} must lie in [0, min(N, K)={min(n, k)}]")
     a = w.detach().double()
     if rank == 0:
         return a.new_zeros(n, 0), a.new_zeros(k, 0)
@@ -168,7 +169,7 @@ def refine_lowrank(
     xq: ``Q_x(X̂)`` if already computed. Runs on ``w_hat``'s device.
     """
     if num_iters < 1:
-        raise ValueError(f"num_iters={num_iters} must be >= 1")
+        raise ConfigError(f"num_iters={num_iters} must be >= 1")
     w_hat = w_hat.double()
     x_hat = x_hat.to(w_hat.device)
     if y is None:

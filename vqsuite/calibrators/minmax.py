@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.errors import UserError
 
 
 @torch.no_grad()
@@ -65,4 +66,4 @@ def check_reached(layers: dict[str, nn.Module], seen: dict[str, object]) -> None
     """Raise ``ValueError`` naming the layers the calibration data never reached."""
     missing = sorted(set(layers) - set(seen))
     if missing:
-        raise ValueError(f"calibration data never reached layer(s): {', '.join(missing[:5])}")
+        raise UserError(f"calibration data never reached layer(s): {', '.join(missing[:5])}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import QTensor, fake_quantize, get_format, quantize
 from vqsuite.nn.quantizers import fake_quantize_static, static_scale_from_amax
 
@@ -110,13 +111,13 @@ class RangeObserver:
             return percentile_amax(self.sample, PERCENTILE)
         if method == "mse":
             return search_lp_amax(self.sample, fmt_name, self.absmax, p=p)
-        raise ValueError(f"method={method!r} must be one of {', '.join(RANGE_METHODS)}")
+        raise ConfigError(f"method={method!r} must be one of {', '.join(RANGE_METHODS)}")
 
 
 def percentile_amax(values: torch.Tensor, q: float = PERCENTILE) -> torch.Tensor:
     """The ``q`` % quantile of ``|values|`` (0-d float32)."""
     if not 0 < q <= 100:
-        raise ValueError(f"q={q} must lie in (0, 100]")
+        raise UserError(f"q={q} must lie in (0, 100]")
     return torch.quantile(values.detach().abs().float().reshape(-1), q / 100.0)
 
 
@@ -155,10 +156,10 @@ def search_weight_qtensor(
     ``w`` itself. Returns a :class:`QTensor` for ``QuantLayer.set_pending_qtensor`` / ``freeze``.
     """
     if spec.weight is None:
-        raise ValueError("spec.weight is None: nothing to calibrate")
+        raise ConfigError("spec.weight is None: nothing to calibrate")
     fmt = get_format(spec.weight)
     if fmt.asymmetric:
-        raise ValueError(f"weight range search supports symmetric formats, not {spec.weight!r}")
+        raise ConfigError(f"weight range search supports symmetric formats, not {spec.weight!r}")
     w = w_nk.detach().float()
     n, k = w.shape
     g = spec.weight_group_size or k
@@ -166,7 +167,7 @@ def search_weight_qtensor(
     if method == "minmax":
         return quantize(w, spec.weight, group_size=spec.weight_group_size, axis=-1, **kw)
     if method != "mse":
-        raise ValueError(f"weight range method={method!r} must be 'minmax' or 'mse'")
+        raise ConfigError(f"weight range method={method!r} must be 'minmax' or 'mse'")
     wg = w.reshape(n, k // g, g)
     amax_g = wg.abs().amax(dim=-1, keepdim=True)
     best_r = torch.ones_like(amax_g)

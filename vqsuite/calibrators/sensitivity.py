@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def _nchw(img: torch.Tensor) -> torch.Tensor:
     if x.ndim == 3:
         x = x[None]
     if x.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W] or [B, H, W, C], got shape {tuple(img.shape)}")
+        raise UserError(f"images must be [B, C, H, W] or [B, H, W, C], got shape {tuple(img.shape)}")
     if x.shape[-1] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):
         x = x.permute(0, 3, 1, 2)
     return x
@@ -65,7 +66,7 @@ def ssim(ref: torch.Tensor, out: torch.Tensor, data_range: float | None = None) 
     size if smaller), ``data_range`` = the reference's max - min when not given."""
     a, b = _nchw(ref), _nchw(out)
     if a.shape != b.shape:
-        raise ValueError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise UserError(f"image shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     rng = float(a.max() - a.min()) if data_range is None else float(data_range)
     rng = rng or 1.0
     c1, c2 = (SSIM_K1 * rng) ** 2, (SSIM_K2 * rng) ** 2
@@ -221,7 +222,7 @@ def output_runner(calib_data: Any) -> RunFn:
         finally:
             h.remove()
         if not outs:
-            raise ValueError("the model produced no tensor output over calib_data")
+            raise UserError("the model produced no tensor output over calib_data")
         return torch.cat(outs)
 
     return run

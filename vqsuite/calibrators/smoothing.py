@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vqsuite.errors import ConfigError, UserError
+
 logger = logging.getLogger(__name__)
 
 #: deepcompressor's ``num_grids`` for SVDQuant (``configs/svdquant/__default__.yaml``)
@@ -28,7 +30,7 @@ def smoothing_grid(num_grids: int = DEFAULT_NUM_GRIDS) -> list[tuple[float, floa
     ``2n - 1`` candidates, 39 for ``n = 20``, 19 for the fast grid ``n = 10``.
     """
     if not isinstance(num_grids, int) or isinstance(num_grids, bool) or num_grids < 1:
-        raise ValueError(f"num_grids={num_grids!r} must be a positive integer")
+        raise ConfigError(f"num_grids={num_grids!r} must be a positive integer")
     choices = [i / num_grids for i in range(1, num_grids)]
     return [(0.0, 0.0)] + [(a, 0.0) for a in choices] + [(a, 1.0 - a) for a in choices]
 
@@ -59,7 +61,7 @@ def smooth_factors(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float,
     if x_absmax.shape != w_absmax.shape or x_absmax.ndim != 1:
         raise ValueError(f"x_absmax {tuple(x_absmax.shape)} and w_absmax {tuple(w_absmax.shape)} must be equal [K]")
     if not (0.0 <= alpha <= 1.0 and 0.0 <= beta <= 1.0):
-        raise ValueError(f"alpha={alpha} and beta={beta} must lie in [0, 1]")
+        raise UserError(f"alpha={alpha} and beta={beta} must lie in [0, 1]")
     xa = x_absmax.double()
     wa = w_absmax.double().to(xa.device)
     if alpha == 0 and beta == 0:

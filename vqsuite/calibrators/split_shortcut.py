@@ -20,6 +20,8 @@ import logging
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -32,9 +34,9 @@ class SplitConv2d(nn.Module):
     def __init__(self, conv: nn.Conv2d, split: int) -> None:
         super().__init__()
         if tuple(conv.kernel_size) != (1, 1) or conv.groups != 1:
-            raise ValueError(f"only 1x1 convs with groups=1 split, got kernel {conv.kernel_size}, groups {conv.groups}")
+            raise UserError(f"only 1x1 convs with groups=1 split, got kernel {conv.kernel_size}, groups {conv.groups}")
         if not 0 < split < conv.in_channels:
-            raise ValueError(f"split={split} must lie in (0, in_channels={conv.in_channels})")
+            raise UserError(f"split={split} must lie in (0, in_channels={conv.in_channels})")
         self.split = int(split)
         kw = dict(kernel_size=1, stride=conv.stride, padding=conv.padding, device=conv.weight.device)
         self.part1 = nn.Conv2d(split, conv.out_channels, bias=conv.bias is not None, dtype=conv.weight.dtype, **kw)

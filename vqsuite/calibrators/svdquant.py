@@ -51,6 +51,7 @@ from vqsuite.calibrators.smoothing import (
     weight_column_absmax,
 )
 from vqsuite.config import QuantSpec
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import QTensor, dequantize
 from vqsuite.nn import QLinearLowRank
 from vqsuite.nn.base import copy_float_params
@@ -99,7 +100,7 @@ class SVDQuantOptions:
             if v is None and allow_none:
                 return
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}={v!r} must be an integer >= 1" + (" or None" if allow_none else ""))
+                raise ConfigError(f"{name}={v!r} must be an integer >= 1" + (" or None" if allow_none else ""))
 
         positive_int("num_grids")
         positive_int("lowrank_iters")
@@ -108,13 +109,13 @@ class SVDQuantOptions:
         positive_int("reservoir")
         for name in ("fast", "early_stop", "gptq", "gptq_gram"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be a bool")
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be a bool")
         if not isinstance(self.gptq_damp, (int, float)) or isinstance(self.gptq_damp, bool) or self.gptq_damp < 0:
-            raise ValueError(f"gptq_damp={self.gptq_damp!r} must be a number >= 0")
+            raise ConfigError(f"gptq_damp={self.gptq_damp!r} must be a number >= 0")
         if self.gptq_scale_mode not in ("dynamic", "static"):
-            raise ValueError(f"gptq_scale_mode={self.gptq_scale_mode!r} must be 'dynamic' or 'static'")
+            raise ConfigError(f"gptq_scale_mode={self.gptq_scale_mode!r} must be 'dynamic' or 'static'")
         if self.svd not in SVD_METHODS:
-            raise ValueError(f"svd={self.svd!r} must be one of {', '.join(SVD_METHODS)}")
+            raise ConfigError(f"svd={self.svd!r} must be one of {', '.join(SVD_METHODS)}")
 
     @property
     def grid(self) -> list[tuple[float, float]]:
@@ -126,7 +127,7 @@ class SVDQuantOptions:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown SVDQuant option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ConfigError(f"unknown SVDQuant option(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         return cls(**d)
 
 
@@ -198,7 +199,7 @@ class SVDQuantGroupState:
 def _calibration_rows(stats: InputStats, max_samples: int | None, device: torch.device) -> torch.Tensor:
     x = stats.sample
     if x.shape[0] == 0:
-        raise ValueError("the input statistics hold no rows; run calibration data through the layers first")
+        raise UserError("the input statistics hold no rows; run calibration data through the layers first")
     if max_samples is not None and x.shape[0] > max_samples:
         x = x[:max_samples]  # the reservoir is already a uniform random sample: its first rows are one too
     return x.to(device=device, dtype=torch.float32)
@@ -237,7 +238,7 @@ def calibrate_svdquant_group(
         if w.ndim != 2 or w.shape[1] != k:
             raise ValueError(f"every weight must be [N, {k}], got {tuple(w.shape)}")
         if rank > min(w.shape):
-            raise ValueError(f"rank={rank} exceeds min(out_features, in_features)={min(w.shape)} of a layer")
+            raise ConfigError(f"rank={rank} exceeds min(out_features, in_features)={min(w.shape)} of a layer")
     device = torch.device(options.device) if options.device is not None else weights[0].device
     dtype = dtype or weights[0].dtype
     splits = [w.shape[0] for w in weights]
@@ -375,10 +376,10 @@ def svdquant_group(
     ``QLinearLowRank`` replacements in the fake-quant state; ``layer.svdquant_info`` holds the group's numbers
     (:meth:`SVDQuantGroupState.info`: α, β, rank, errors, calibration SQNR)."""
     if not linears:
-        raise ValueError("linears is empty")
+        raise UserError("linears is empty")
     for lin in linears:
         if not isinstance(lin, nn.Linear):
-            raise ValueError(f"svdquant_group takes nn.Linear layers, got {type(lin).__name__}")
+            raise UserError(f"svdquant_group takes nn.Linear layers, got {type(lin).__name__}")
     state = calibrate_svdquant_group(
         [lin.weight for lin in linears], stats, spec, options, dtype=linears[0].weight.dtype
     )

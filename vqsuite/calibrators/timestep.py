@@ -30,6 +30,7 @@ from torch import nn
 from vqsuite.calibrators.data import CalibData
 from vqsuite.calibrators.minmax import check_reached, observe_layer_inputs, smoothed_input
 from vqsuite.calibrators.ranges import DEFAULT_VALUE_RESERVOIR, RangeObserver, static_scale
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.nn import steps as _steps
 from vqsuite.nn.steps import StepInfo, bucket_of, current_steps
 
@@ -212,7 +213,7 @@ def attach_step_tracker(
     is_module = isinstance(target, nn.Module)
     den = denoiser if denoiser is not None else (target if is_module else _pipeline_denoiser(target))
     if den is None:
-        raise ValueError(f"cannot find the denoiser of {type(target).__name__}; pass denoiser=")
+        raise UserError(f"cannot find the denoiser of {type(target).__name__}; pass denoiser=")
     old = den.__dict__.get("_vqsuite_step_tracker")
     if old is not None:
         old.remove()
@@ -262,7 +263,7 @@ def all_steps() -> StepSampler:
 def uniform_steps(cali_st: int) -> StepSampler:
     """Q-Diffusion: ``cali_st`` steps at even spacing, ``range(0, n, n // cali_st)`` (all steps if fewer)."""
     if cali_st <= 0:
-        raise ValueError(f"cali_st={cali_st} must be positive")
+        raise ConfigError(f"cali_st={cali_st} must be positive")
     return lambda n: frozenset(range(0, n, max(n // cali_st, 1)))
 
 
@@ -270,7 +271,7 @@ def normal_steps(n_samples: int, mu: float = PTQ4DM_MU, sigma: float = PTQ4DM_SI
     """PTQ4DM (NDTC): draw ``n_samples`` steps ``int(N(mu, sigma^2) * n)`` clamped to ``[0, n-1]``, indices counted
     from the noisiest step (the loop's first); the set of distinct steps drawn feeds calibration."""
     if n_samples <= 0 or sigma < 0:
-        raise ValueError(f"n_samples={n_samples} must be positive and sigma={sigma} non-negative")
+        raise ConfigError(f"n_samples={n_samples} must be positive and sigma={sigma} non-negative")
 
     def sample(n: int) -> frozenset[int]:
         g = torch.Generator().manual_seed(seed)

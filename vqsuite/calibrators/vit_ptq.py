@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +126,7 @@ class ActQuantizer(nn.Module):
     def finish(self) -> None:
         """Fit the parameters on the observed sample and switch to ``quant``."""
         if not self._sample:
-            raise RuntimeError(f"{type(self).__name__}: calibration data never reached this quantizer")
+            raise UserError(f"{type(self).__name__}: calibration data never reached this quantizer")
         sample = torch.cat(self._sample)
         if sample.numel() > SAMPLE_LIMIT:
             sample = sample[torch.randperm(sample.numel(), generator=torch.Generator().manual_seed(0))[:SAMPLE_LIMIT]]
@@ -141,7 +142,7 @@ class ActQuantizer(nn.Module):
     def set_extra_state(self, state: torch.Tensor) -> None:
         i = int(state)
         if not 0 <= i < len(QUANTIZER_MODES):
-            raise ValueError(f"{type(self).__name__}: saved mode index {i} is not one of {QUANTIZER_MODES}")
+            raise UserError(f"{type(self).__name__}: saved mode index {i} is not one of {QUANTIZER_MODES}")
         self.mode, self._sample = QUANTIZER_MODES[i], []
 
     def fit(self, sample: torch.Tensor) -> None:  # pragma: no cover - abstract
@@ -280,7 +281,7 @@ def reparameterize_layernorm(
     dt = norm.weight.dtype
     norm.weight.copy_((norm.weight.float() / r).to(dt))
     if norm.bias is None:
-        raise ValueError("RepQ LayerNorm reparameterization needs a LayerNorm bias")
+        raise UserError("RepQ LayerNorm reparameterization needs a LayerNorm bias")
     norm.bias.copy_((norm.bias.float() / r - b).to(dt))
     for lin in linears:
         w = lin.weight.float() * r
@@ -303,17 +304,17 @@ class ViTPTQOptions:
 
     def __post_init__(self) -> None:
         if not 2 <= self.act_bits <= 8:
-            raise ValueError(f"act_bits={self.act_bits} must lie in 2..8")
+            raise ConfigError(f"act_bits={self.act_bits} must lie in 2..8")
         if self.softmax not in SOFTMAX_QUANTIZERS:
-            raise ValueError(f"softmax={self.softmax!r} must be one of {', '.join(SOFTMAX_QUANTIZERS)}")
+            raise ConfigError(f"softmax={self.softmax!r} must be one of {', '.join(SOFTMAX_QUANTIZERS)}")
         if self.gelu not in GELU_QUANTIZERS:
-            raise ValueError(f"gelu={self.gelu!r} must be one of {', '.join(GELU_QUANTIZERS)}")
+            raise ConfigError(f"gelu={self.gelu!r} must be one of {', '.join(GELU_QUANTIZERS)}")
 
     @classmethod
     def from_dict(cls, d: dict) -> ViTPTQOptions:
         unknown = set(d) - {"act_bits", "softmax", "gelu", "ln_reparam"}
         if unknown:
-            raise ValueError(f"unknown vit-ptq option(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown vit-ptq option(s) {sorted(unknown)}")
         return cls(**d)
 
 
@@ -360,7 +361,7 @@ def restore_vit_ptq(model: nn.Module, options: dict) -> Callable[[], None]:
     blocks = _vit_blocks(model)
     wrapped = any(isinstance(m, PTQAttention) for m in model.modules())
     if not blocks and not wrapped:
-        raise ValueError("method='vit-ptq' checkpoint: the model has no timm ViT block (norm1/attn.qkv/norm2/mlp)")
+        raise UserError("method='vit-ptq' checkpoint: the model has no timm ViT block (norm1/attn.qkv/norm2/mlp)")
     saved = [(blk, blk.norm1, blk.norm2, blk.attn, blk.mlp.act) for _, blk in blocks]
     for _, blk in blocks:
         _wrap_block(blk, opts)
@@ -383,10 +384,10 @@ def prepare_vit_ptq(model: nn.Module, options: dict, calib_data: CalibData | Non
     """
     opts = ViTPTQOptions.from_dict(options)
     if calib_data is None:
-        raise ValueError("method='vit-ptq' needs calib_data (activation ranges are static)")
+        raise UserError("method='vit-ptq' needs calib_data (activation ranges are static)")
     blocks = _vit_blocks(model)
     if not blocks:
-        raise ValueError("method='vit-ptq' found no timm ViT block (norm1/attn.qkv/norm2/mlp.fc1/fc2)")
+        raise UserError("method='vit-ptq' found no timm ViT block (norm1/attn.qkv/norm2/mlp.fc1/fc2)")
     if opts.ln_reparam:
         ranges: dict[str, list[torch.Tensor]] = {}
 

@@ -48,17 +48,27 @@ def run_sd_demo(
     seed: int = 0,
     per_digit: int = 1,
     pipe: Any = None,
+    shown_as: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run the main job; writes ``grid.png`` (row 1 FP, row 2 quantized), ``fp/``, ``quantized/`` and
-    ``demo.json`` under ``out`` and returns the numbers (also printed)."""
+    ``demo.json`` under ``out`` and returns the numbers (also printed).
+
+    ``out`` is written atomically (:func:`vqsuite.fileio.atomic_folder`): an earlier demo output there is replaced
+    only when it holds nothing but the files the demo wrote; anything else is refused before any work.
+    ``shown_as``: the path printed for ``out`` (when ``out`` is a temporary folder that is renamed later)."""
     import vqsuite
     from vqsuite import zoo
     from vqsuite.evals.fidelity import paired_metrics, sample_pipeline
     from vqsuite.evals.images import image_grid, save_images
+    from vqsuite.fileio import OutputInUseError, atomic_folder, replace_problem
     from vqsuite.pipelines.report import module_nbytes
     from vqsuite.zoo.mini_sd import prompt
 
     out = Path(out)
+    shown = Path(shown_as) if shown_as is not None else out
+    problem = replace_problem(out, "demo")
+    if problem is not None:  # before minutes of sampling and calibration
+        raise OutputInUseError(f"{out} {problem}; refusing to replace it")
     t0 = time.perf_counter()
     pipe = pipe if pipe is not None else zoo.load("mini-sd").model
     judge = zoo.load("mnist-cnn3")
@@ -93,21 +103,21 @@ def run_sd_demo(
         "total_s": round(time.perf_counter() - t0, 1),
         "judge": "mnist-cnn3 (shipped MNIST CNN, 99.06% on MNIST test)",
     }
-    out.mkdir(parents=True, exist_ok=True)
-    save_images(fp, out / "fp")
-    save_images(q, out / "quantized")
     from PIL import Image
 
     grid = image_grid([fp, q])
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).resize((grid.shape[2] * 3, grid.shape[1] * 3), 0).save(
-        out / "grid.png"
-    )
-    (out / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
+    with atomic_folder(out, kind="demo") as tmp:
+        save_images(fp, tmp / "fp")
+        save_images(q, tmp / "quantized")
+        Image.fromarray(grid.permute(1, 2, 0).numpy()).resize((grid.shape[2] * 3, grid.shape[1] * 3), 0).save(
+            tmp / "grid.png"
+        )
+        (tmp / "demo.json").write_text(json.dumps(result, indent=1) + "\n")
     print(f"UNet memory: {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB ({result['unet_compression']:.2f}x)")
     print(f"fidelity to FP (same seeds, n={len(prompts)}): PSNR {fid['psnr']:.2f} dB, SSIM {fid['ssim']:.3f}")
     print(
         f"prompt alignment judged by mnist-cnn3 (n={len(prompts)}): FP {result['alignment_fp']:.0%}, "
         f"{preset} {result['alignment_quantized']:.0%}"
     )
-    print(f"grid (row 1 FP, row 2 {preset}, digits 0-9): {out / 'grid.png'}  [{result['total_s']} s]")
+    print(f"grid (row 1 FP, row 2 {preset}, digits 0-9): {shown / 'grid.png'}  [{result['total_s']} s]")
     return result

@@ -169,6 +169,10 @@ def run(args: argparse.Namespace) -> int:
             data = Path(args.data).expanduser()
             if not data.is_dir():
                 raise CLIError(f"--data {args.data} is not a folder")
+            from vqsuite.evals.images import IMAGE_SUFFIXES, list_images
+
+            if not list_images(data):
+                raise CLIError(f"--data {args.data} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             model["data"] = str(data.resolve())
         else:
             channels, size = (_builtin_input(src.arg) if src.kind == "builtin" else None) or (3, 224)

@@ -40,8 +40,10 @@ QAT_WEIGHTS = "model.safetensors"
 QAT_CONFIG = "qat_config.json"
 QAT_FORMAT = "vqsuite-ofq-qat"
 QAT_FORMAT_VERSION = 1
-#: OFQ checkpoint file inside --checkpoint-dir
-OFQ_CHECKPOINT = "ofq.pt"
+#: OFQ checkpoint file inside --checkpoint-dir (safetensors + JSON metadata: :mod:`vqsuite.finetune.checkpoint`)
+OFQ_CHECKPOINT = "ofq.safetensors"
+#: the pickle checkpoint of earlier versions: never loaded (refused on --resume, ignored otherwise)
+OFQ_LEGACY_CHECKPOINT = "ofq.pt"
 #: QALoRA's pointer to its newest checkpoint inside --checkpoint-dir (vqsuite.finetune.qalora.CKPT_LATEST)
 QALORA_CHECKPOINT_POINTER = "latest.json"
 OFQ_BITS = (2, 4)
@@ -129,13 +131,12 @@ def _checkpoint_file(args: argparse.Namespace) -> Path | None:
 
 
 def _check_out(args: argparse.Namespace, src: Source) -> Path:
-    """The output folder, refused before any work when it would overwrite something (see ``check_out_dir``);
-    an earlier finetune output counts as vqsuite's own."""
+    """The output folder, refused before any work when it would overwrite something (see ``check_out_dir``):
+    ``--force`` replaces only an earlier finetune output holding nothing but the files finetune wrote."""
     out = Path(args.out).expanduser()
     if src.path is not None and out.resolve() == src.path.resolve():
         raise CLIError(f"--out {out} is the input folder; choose another")
-    if not (args.force and out.is_dir() and (out / MANIFEST).is_file()):
-        check_out_dir(out, force=args.force)
+    check_out_dir(out, force=args.force, kind="finetune")
     if args.checkpoint_dir:
         ck = Path(args.checkpoint_dir).expanduser().resolve()
         if ck == out.resolve() or out.resolve() in ck.parents:
@@ -223,30 +224,50 @@ def _validate_ofq(args: argparse.Namespace, src: Source) -> dict[str, Any]:
                        f"{', '.join(BUILTIN_DATA)} has a built-in training set)")  # fmt: skip
     opts = _ofq_options(args)
     ck = _checkpoint_file(args)
+    legacy = ck.with_name(OFQ_LEGACY_CHECKPOINT) if ck is not None else None
     if args.resume:
         if ck is None or not ck.is_file():
+            if legacy is not None and legacy.is_file():
+                raise CLIError(f"--resume: {legacy} is an OFQ checkpoint in the old pickle format, which vqsuite no "
+                               "longer loads (loading it could run code); restart without --resume")  # fmt: skip
             raise CLIError(f"--resume: no checkpoint at {ck} (run once with --checkpoint-dir first)")
         _check_resumable(ck, opts)
     elif ck is not None and ck.is_file():
         raise CLIError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint ({ck.name}); pass --resume to "
                        "continue it, or choose another folder")  # fmt: skip
+    elif legacy is not None and legacy.is_file():
+        logger.warning("--checkpoint-dir %s holds an old pickle checkpoint (%s); it is not read, and the new "
+                       "checkpoint is written beside it as %s", args.checkpoint_dir, legacy.name, ck.name)  # fmt: skip
     return opts
 
 
-def _check_resumable(ck: Path, opts: dict[str, Any]) -> None:
-    """A checkpoint written with other settings cannot be continued exactly: say which differ, before any work."""
-    import torch
-
+def _check_resumable(ck: Path, opts: dict[str, Any]) -> int:
+    """Before any work: the checkpoint must be an OFQ checkpoint (not an old pickle one, not corrupt or truncated:
+    its tensors are read and checked against their checksum) written with the same settings; else one line.
+    Returns the step it holds."""
     from vqsuite.finetune import OFQOptions
+    from vqsuite.finetune.checkpoint import read_checkpoint
+    from vqsuite.finetune.ofq import (
+        OFQ_CHECKPOINT_FORMAT,
+        OFQ_CHECKPOINT_VERSION,
+        _options_diff,
+        read_ofq_checkpoint_meta,
+    )
+    from vqsuite.pipelines.io import CheckpointError
 
     try:
-        saved = torch.load(ck, map_location="cpu", weights_only=False)["options"]
-    except Exception as e:  # truncated or foreign files surface as many exception types
-        raise CLIError(f"--resume: cannot read the checkpoint {ck} ({type(e).__name__})") from None
-    want = asdict(OFQOptions(**opts))
-    diff = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in want.items() if saved.get(k) != v]
-    if diff:
-        raise CLIError(f"--resume: the checkpoint {ck} was written with other settings ({'; '.join(diff)})")
+        saved = read_ofq_checkpoint_meta(ck)
+        want = asdict(OFQOptions(**opts))
+        if saved.get("options") != want:
+            raise CLIError(f"--resume: the checkpoint {ck} was written with other settings "
+                           f"({_options_diff(saved.get('options'), want)})")  # fmt: skip
+        read_checkpoint(ck, OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION, "OFQ checkpoint")
+    except CheckpointError as e:
+        raise CLIError(f"--resume: {e}") from None
+    step = saved.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CLIError(f"--resume: the checkpoint {ck} holds no valid step count")
+    return step
 
 
 def _image_transform(src: Source, model: Any, zoo_model: Any) -> Any:
@@ -315,38 +336,62 @@ def _strip_trackers(state: dict[str, Any]) -> dict[str, Any]:
 def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
     """The QAT model saved by ``vqsuite finetune --method ofq`` (eval mode): rebuilt from its source, prepared
     for QAT with the recorded bits, and loaded (strict, except the oscillation trackers, which are not saved)."""
+    import re
+
     from safetensors.torch import load_file
 
     from vqsuite.finetune import prepare_qat
+    from vqsuite.finetune.checkpoint import read_json
+    from vqsuite.pipelines.io import CheckpointError
 
     path = Path(path)
     cfg_file = path / QAT_CONFIG
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path} holds no {QAT_CONFIG}; not a folder written by vqsuite finetune --method ofq")
-    cfg = json.loads(cfg_file.read_text())
-    if cfg.get("format") != QAT_FORMAT:
-        raise ValueError(f"{cfg_file}: format {cfg.get('format')!r} is not {QAT_FORMAT!r}")
-    src = cfg["source"]
-    if src["library"] == "vqsuite.zoo":
+    cfg = read_json(cfg_file, "OFQ model config")
+    if not isinstance(cfg, dict) or cfg.get("format") != QAT_FORMAT:
+        raise CheckpointError(f"{cfg_file} is not a {QAT_FORMAT} config")
+    src, bits, method, qkr = (cfg.get(k) for k in ("source", "bits", "method", "qkr"))
+    name = src.get("name") if isinstance(src, dict) else None
+    library = src.get("library") if isinstance(src, dict) else None
+    if library not in ("vqsuite.zoo", "timm") or not isinstance(name, str) or not re.fullmatch(r"[\w.\-]+", name):
+        raise CheckpointError(f"{cfg_file}: its source is not a vqsuite.zoo or timm model name")
+    if bits not in (2, 3, 4, 5, 6, 7, 8) or method not in ("ofq", "lsq") or qkr not in (True, False, None):
+        raise CheckpointError(f"{cfg_file}: its bits, method or qkr is not a valid value")
+    if library == "vqsuite.zoo":
         from vqsuite import zoo
 
-        model = zoo.load(src["name"]).model
+        if name not in zoo.list():
+            raise CheckpointError(f"{cfg_file}: its source is not a built-in model of this vqsuite")
+        model = zoo.load(name).model
     else:
         import timm
 
-        model = timm.create_model(src["name"], pretrained=False)
-    prepare_qat(model, cfg["bits"], cfg["method"], qkr=cfg["qkr"])
-    missing, unexpected = model.load_state_dict(load_file(str(path / QAT_WEIGHTS)), strict=False)
-    missing = [k for k in missing if ".tracker." not in k]
-    if missing or unexpected:
-        raise ValueError(f"{path / QAT_WEIGHTS} does not fit the rebuilt model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")  # fmt: skip
+        if not timm.is_model(name):
+            raise CheckpointError(f"{cfg_file}: its source is not a timm architecture of this timm")
+        model = timm.create_model(name, pretrained=False)
+    prepare_qat(model, bits, method, qkr=qkr)
+    weights = path / QAT_WEIGHTS
+    try:
+        state = load_file(str(weights))
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights} is missing") from None
+    except Exception as e:  # safetensors' own error types for truncated or corrupt files
+        raise CheckpointError(f"{weights} cannot be read ({type(e).__name__}); truncated or not safetensors") from None
+    ours = {k: v for k, v in model.state_dict().items() if ".tracker." not in k}
+    missing = sorted(set(ours) - set(state))
+    unexpected = len(set(state) - set(model.state_dict()))
+    bad = [k for k in ours if k in state and (state[k].shape != ours[k].shape or state[k].dtype != ours[k].dtype)]
+    if missing or unexpected or bad:
+        first = (missing or bad)[:1]
+        raise CheckpointError(f"{weights} does not fit the rebuilt model: {len(missing)} missing, {unexpected} "
+                              f"unexpected, {len(bad)} of another shape or dtype" + (f" (e.g. {first[0]})" if first
+                              else ""))  # fmt: skip
+    model.load_state_dict(state, strict=False)
     return model.to(device).eval()
 
 
 def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, Any]) -> int:
-    import torch
-
     from vqsuite.cli.progress import bar
     from vqsuite.cli.sources import pick_device
     from vqsuite.finetune import ofq
@@ -391,8 +436,10 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
     total = opts["steps"] + opts["cga_steps"]
     ck = _checkpoint_file(args)
     pbar = bar(total, f"ofq W{opts['bits']}A{opts['bits']}", unit="step", disable=not progress)
-    if args.resume and ck is not None:  # the bar starts where the checkpoint left off
-        pbar.update(int(torch.load(ck, map_location="cpu", weights_only=False)["step"]))
+    if args.resume and ck is not None:  # the bar starts where the checkpoint left off (checked by _validate_ofq)
+        from vqsuite.finetune.ofq import read_ofq_checkpoint_meta
+
+        pbar.update(int(read_ofq_checkpoint_meta(ck)["step"]))
 
     def tick(h: dict[str, float]) -> None:
         pbar.update(1)
@@ -492,6 +539,21 @@ def _qalora_checkpoint_pointer() -> str:
     return str(CKPT_LATEST)
 
 
+def _check_qalora_resumable(ck: Path) -> None:
+    """Before the pipeline is loaded: the checkpoint ``latest.json`` names is read and checked (pointer inside the
+    folder, every file present and readable, the optimizer file tensors and numbers only); else one line."""
+    try:
+        from vqsuite.finetune.qalora import verify_checkpoint
+    except ImportError:  # a build without the module: the command says so when it runs
+        return
+    from vqsuite.pipelines.io import CheckpointError
+
+    try:
+        verify_checkpoint(ck)
+    except CheckpointError as e:
+        raise CLIError(f"--resume: {e}; restart without --resume (and another --checkpoint-dir)") from None
+
+
 def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
     """Every QALoRA check that needs no pipeline; returns the training prompts (``None``: vqsuite's own)."""
     wrong = _given(args, _OFQ_ONLY)
@@ -515,6 +577,8 @@ def _validate_qalora(args: argparse.Namespace, src: Source) -> list[str] | None:
         latest = ck / _qalora_checkpoint_pointer()
         if args.resume and not latest.is_file():
             raise CLIError(f"--resume: no checkpoint in {ck} (run once with --checkpoint-dir first)")
+        if args.resume:
+            _check_qalora_resumable(ck)
         if not args.resume and latest.is_file():
             raise CLIError(f"--checkpoint-dir {args.checkpoint_dir} holds a checkpoint ({latest.name}); pass "
                            "--resume to continue it, or choose another folder")  # fmt: skip

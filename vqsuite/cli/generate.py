@@ -6,14 +6,15 @@ pipeline folder (quantized on the fly with ``--preset``, or run as is). Image ``
 share their starting noise. ``--compare`` also runs the float pipeline with the same seeds and writes each pair
 side by side (left: full precision, right: quantized).
 
-Output folder (written beside the target and renamed into place: an interrupted run leaves nothing half-done)::
+Output folder (written beside the target and renamed into place: an interrupted run leaves nothing half-done;
+``--force`` replaces only an earlier generate output whose files are all listed in its ``generate.json``)::
 
     000.png 001.png ...       the images (quantized when a quantization is involved)
     grid.png                  all of them in one image
     fp/000.png ...            --compare: the full-precision images, same seeds
     compare/000.png ...       --compare: FP | quantized, side by side
     compare_grid.png          --compare: FP row(s) above the quantized row(s)
-    generate.json             prompts, seeds, settings, files
+    generate.json             prompts, seeds, settings, files (``vqsuite_manifest``: every file written, sizes)
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ MAX_STEPS = 1000
 MAX_IMAGES = 10_000
 MAX_GUIDANCE = 100.0
 MANIFEST = "generate.json"
+#: what --force may replace: an earlier generate output (never a checkpoint or pipeline folder); generate.json
+#: lists the files written (vqsuite.fileio), and only those are ever deleted
+OUTPUT_KIND = "generate"
 #: at most this many images per grid row
 GRID_MAX_COLS = 8
 #: built-in generators: images per forward, calibration latents (a seed no image uses by default)
@@ -77,7 +81,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     g.add_argument("--height", type=int, help="image height (the pipeline's default)")
     g.add_argument("--width", type=int, help="image width")
     g.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
-    g.add_argument("--force", action="store_true", help="replace an existing vqsuite output folder at --out")
+    g.add_argument("--force", action="store_true", help="replace an earlier generate output at --out "
+                   "(only when it holds nothing but the files generate wrote)")  # fmt: skip
     g.add_argument("--compare", action="store_true", help="also generate the full-precision images, side by side")
     g.add_argument("--fp-model", metavar="FOLDER", help="float pipeline for --compare (default: the folder "
                    "`vqsuite quantize` recorded)")  # fmt: skip
@@ -152,7 +157,7 @@ def _plan(args: argparse.Namespace) -> tuple[Source, Path | None, list[str]]:
     for folder in (src.path, fp_folder):
         if folder is not None and out.resolve() == folder.resolve():
             raise CLIError(f"--out {out} is an input folder; choose another")
-    check_out_dir(out, force=args.force)
+    check_out_dir(out, force=args.force, kind=OUTPUT_KIND)
     return src, fp_folder, prompts
 
 
@@ -188,7 +193,7 @@ def _plan_generator(args: argparse.Namespace, src: Source) -> tuple[Source, Path
     check_preset(args.preset)
     if args.compare and not args.preset:
         raise CLIError("--compare needs --preset (there is nothing to compare against)")
-    check_out_dir(Path(args.out).expanduser(), force=args.force)
+    check_out_dir(Path(args.out).expanduser(), force=args.force, kind=OUTPUT_KIND)
     return src, None, []
 
 
@@ -440,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
         }
     manifest.update(grid="grid.png", vqsuite_version=vqsuite.__version__)
     cols = min(len(images), GRID_MAX_COLS)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, kind=OUTPUT_KIND, record=MANIFEST) as tmp:
         for f, im in zip(files, images):
             im.save(tmp / f)
         grid(images, cols).save(tmp / "grid.png")

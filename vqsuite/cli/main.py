@@ -1,9 +1,20 @@
 """The ``vqsuite`` command: a thin shell over the library.
 
-Subcommands: ``quantize``, ``generate``, ``eval``, ``sweep``, ``bench``, ``presets``, ``formats``, ``info``,
-``demo`` (one module per command under :mod:`vqsuite.cli`). A user error (wrong path, corrupt checkpoint, unknown
-preset, out-of-range number, output folder in the way) prints one line to stderr and exits with code 2, never a
-traceback; ``--debug`` shows the traceback. An unexpected error (a bug) is also one line, exit code 1.
+Subcommands: ``quantize``, ``generate``, ``eval``, ``sweep``, ``bench``, ``finetune``, ``presets``, ``formats``,
+``info``, ``demo`` (one module per command under :mod:`vqsuite.cli`).
+
+Errors are sorted in two (:func:`vqsuite.cli.errors.user_error_line` holds the rules):
+
+* **the input is wrong** -- :class:`~vqsuite.cli.errors.CLIError`, the library's :class:`~vqsuite.errors.UserError`
+  (``ConfigError``, ``CheckpointError``, ``SweepError``, ...), a missing, unreadable or unwritable file, a full or
+  read-only disk, a missing optional dependency, out of memory: one line ``vqsuite <cmd>: error: ...`` on stderr,
+  exit code 2 (:data:`EXIT_USAGE`), never a traceback;
+* **a bug** -- any other exception (a plain ``ValueError``, ``TypeError``, ``RuntimeError``, ``KeyError`` ...):
+  one line ``vqsuite <cmd>: internal error: <Type>: ... -- this is a bug, please report it``, exit code 1
+  (:data:`EXIT_INTERNAL`).
+
+``--debug`` (or ``VQSUITE_DEBUG=1``) prints the traceback before either line. ``--device`` is checked (and ``auto``
+resolved) before a command runs, for every command that takes it.
 
 The CLI only reads local files: ``HF_HUB_OFFLINE=1`` is set unless the environment says otherwise.
 """
@@ -19,7 +30,17 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from vqsuite.cli.errors import EXIT_INTERNAL, EXIT_USAGE, ArgParser, ArgumentError, CLIError, one_line
+from vqsuite.cli.errors import (
+    EXIT_INTERNAL,
+    EXIT_USAGE,
+    ArgParser,
+    ArgumentError,
+    CLIError,
+    check_device,
+    check_out_dir,
+    internal_error_line,
+    user_error_line,
+)
 
 __all__ = ["EXIT_INTERNAL", "EXIT_USAGE", "build_parser", "main"]
 
@@ -39,18 +60,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         for p in presets:
             vqsuite.get_preset(p)  # an unknown name fails before any work
         out = Path(args.out or "vqsuite-demo")
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            if not (out / "demo.json").is_file():  # only an earlier demo's own output is ever replaced
-                raise CLIError(f"output folder {out} holds files the demo did not write; choose another --out")
-            import shutil
+        # a rerun replaces the demo's own earlier output (every file listed in its manifest), nothing else
+        check_out_dir(out, force=True, kind="demo", force_flag=None)
+        if len(presets) == 1:
+            run_sd_demo(out, preset=presets[0], steps=args.steps)
+            return 0
+        from vqsuite.fileio import atomic_folder
 
-            shutil.rmtree(out)
-        for p in presets:
-            run_sd_demo(out / p if len(presets) > 1 else out, preset=p, steps=args.steps)
+        with atomic_folder(out, kind="demo") as tmp:  # one folder per preset, replaced together
+            for p in presets:
+                run_sd_demo(tmp / p, preset=p, steps=args.steps, shown_as=out / p)
         return 0
     presets = tuple(args.presets.split(",")) if args.presets else DEMO_PRESETS
     for p in presets:
         vqsuite.get_preset(p)  # an unknown name fails before any work
+    if args.out:  # a quantized checkpoint; a rerun replaces the demo's own earlier one, nothing else
+        check_out_dir(args.out, force=True, kind="checkpoint", force_flag=None)
     run_demo(presets, out=args.out)
     return 0
 
@@ -88,8 +113,9 @@ def _info_pipeline(args: argparse.Namespace) -> int:
 def _cmd_info(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from vqsuite.pipelines.io import PIPELINE_META_NAME, read_checkpoint_meta
+    from vqsuite.pipelines.io import PIPELINE_META_NAME, read_checkpoint_meta, recover_interrupted_save
 
+    recover_interrupted_save(args.path)  # a save killed mid-way: restore the previous folder before looking
     if (Path(args.path) / PIPELINE_META_NAME).is_file():
         return _info_pipeline(args)
     meta = read_checkpoint_meta(args.path)
@@ -171,22 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "the input is wrong", reported as one line with exit code 2.
-
-    ``ValueError`` covers the library's validation (``CheckpointError``, config ``__post_init__``, sweep
-    declarations, pipeline argument checks); ``OSError`` covers files that are missing, unreadable or unwritable.
-    """
-    errors: list[type[BaseException]] = [CLIError, ValueError, OSError, ModuleNotFoundError]
-    try:
-        from vqsuite.cli.models import CLIError as ModelsCLIError
-
-        errors.append(ModelsCLIError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _wants_debug(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("VQSUITE_DEBUG", "") not in ("", "0")
 
@@ -196,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     debug = _wants_debug(argv)
     command = "vqsuite"
+    args: argparse.Namespace | None = None
     try:
         args, extra = build_parser().parse_known_args(argv)
         if extra and getattr(args, "pass_through", False):  # `vqsuite bench gemm --m 16`: the script's own flags
@@ -209,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.basicConfig(
             level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
         )
+        if isinstance(getattr(args, "device", None), str):  # refused (or resolved) before the command does any work
+            args.device = check_device(args.device)
         return args.fn(args)
     except SystemExit as e:  # --help and friends
         return e.code if isinstance(e.code, int) else 0
@@ -219,11 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         command = getattr(e, "prog", command)
         if debug:
             traceback.print_exc()
-        if isinstance(e, _user_errors()):
-            print(f"{command}: error: {one_line(e, with_type=False)}", file=sys.stderr)
+        line = user_error_line(e, out=getattr(args, "out", None) if args is not None else None)
+        if line is not None:
+            print(f"{command}: error: {line}", file=sys.stderr)
             return EXIT_USAGE
-        hint = "" if debug else " (rerun with --debug for the traceback)"
-        print(f"{command}: internal error: {one_line(e)}{hint}", file=sys.stderr)
+        print(f"{command}: {internal_error_line(e, debug=debug)}", file=sys.stderr)
         return EXIT_INTERNAL
 
 

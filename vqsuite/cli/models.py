@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from vqsuite.cli.errors import CLIError  # the CLI's one user error (imported from here by older callers)
+
+__all__ = ["CLIError", "build_model", "load_state_dict_file"]
+
 logger = logging.getLogger(__name__)
-
-
-class CLIError(Exception):
-    """A user error the CLI reports as one line with exit code 2."""
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -27,7 +27,8 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or pickled-object files: one readable line
-        raise CLIError(f"cannot read weights {path}: {type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CLIError(f"cannot read weights {path}: {type(e).__name__}: {first}") from None
     for key in ("state_dict", "model", "netG_state_dict"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]
@@ -59,7 +60,9 @@ def build_model(name: str, weights: str | None = None) -> nn.Module:
         try:
             model.load_state_dict(sd, strict=True)
         except RuntimeError as e:
-            raise CLIError(f"{weights} does not fit {name}: {str(e).splitlines()[1].strip()[:200]}") from None
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]  # torch: a title, then the mismatches
+            detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(e).__name__)
+            raise CLIError(f"{weights} does not fit {name}: {detail[:200]}") from None
     else:
         logger.warning("%s has random weights (no --weights given)", name)
     return model.eval()

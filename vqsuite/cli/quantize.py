@@ -40,7 +40,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     q.add_argument("--preset", help=f"preset name, see `vqsuite presets` (default {DEFAULT_PIPELINE_PRESET} for "
                    f"pipelines, {DEFAULT_MODEL_PRESET} for models)")  # fmt: skip
     q.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
-    q.add_argument("--force", action="store_true", help="replace an existing vqsuite output folder at --out")
+    q.add_argument("--force", action="store_true", help="replace an earlier quantize output at --out "
+                   "(only when it holds nothing but the files quantize wrote)")  # fmt: skip
     q.add_argument("--weights", help="local weights file of a timm/torchvision model (.safetensors, .pt/.pth)")
     q.add_argument("--exclude", action="append", help="fnmatch pattern of layers kept in float (repeatable)")
     g = q.add_argument_group("pipeline calibration (recipes that need data: svdquant-*, static activation scales)")
@@ -102,13 +103,31 @@ def _validate(args: argparse.Namespace, src: Source) -> None:
     out = Path(args.out).expanduser()
     if src.path is not None and out.resolve() == src.path.resolve():
         raise CLIError(f"--out {out} is the input folder; choose another")
-    check_out_dir(out, force=args.force)
+    check_out_dir(out, force=args.force, kind=_out_kinds(src))
+
+
+def _out_kinds(src: Source) -> tuple[str, str]:
+    """What the output folder is (first) and what else ``--force`` may replace: an earlier quantize output of
+    either kind, never another command's (a generate, demo or finetune folder)."""
+    pipeline = src.kind == "float-pipeline" or is_builtin_pipeline(src)
+    return ("pipeline", "checkpoint") if pipeline else ("checkpoint", "pipeline")
 
 
 def _write_reports(out: Path, report: Any, info: dict[str, Any]) -> None:
     (out / REPORT_TXT).write_text(str(report) + "\n", encoding="utf-8")
     info = dict(info, report=report.to_dict())
     (out / REPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def _save(model: Any, report: Any, info: dict[str, Any], out: Path, kinds: tuple[str, str], **kw: Any) -> None:
+    """The quantized folder and its reports, written together into one atomic folder (so the manifest lists
+    the reports too, and an interrupted run leaves no checkpoint without its report)."""
+    import vqsuite
+    from vqsuite.fileio import atomic_folder
+
+    with atomic_folder(out, kind=kinds) as tmp:
+        vqsuite.save_quantized(model, tmp, **kw)
+        _write_reports(tmp, report, info)
 
 
 def _quantize_pipeline(args: argparse.Namespace, src: Source, out: Path) -> int:
@@ -159,7 +178,6 @@ def _quantize_pipeline(args: argparse.Namespace, src: Source, out: Path) -> int:
     finally:
         progress.close()
     report = pipe.vqsuite_report
-    vqsuite.save_quantized(pipe, out)
     info = {
         "kind": "pipeline",
         "source": str(src.path.resolve()) if src.path is not None else None,
@@ -170,7 +188,7 @@ def _quantize_pipeline(args: argparse.Namespace, src: Source, out: Path) -> int:
         "seconds": round(time.perf_counter() - t0, 3),
         "vqsuite_version": vqsuite.__version__,
     }
-    _write_reports(out, report, info)
+    _save(pipe, report, info, out, _out_kinds(src))
     print(report)
     print(f"saved quantized {type(pipe).__name__} ({preset}) to {out}")
     return 0
@@ -199,7 +217,6 @@ def _quantize_module(args: argparse.Namespace, src: Source, out: Path) -> int:
         source = {"library": "timm", "name": arch, "kwargs": {}}
     elif src.kind == "builtin":
         source = {"library": "vqsuite.zoo", "name": src.arg}
-    vqsuite.save_quantized(model, out, model_source=source)
     info = {
         "kind": "model",
         "model": src.arg,
@@ -208,7 +225,7 @@ def _quantize_module(args: argparse.Namespace, src: Source, out: Path) -> int:
         "seconds": round(time.perf_counter() - t0, 3),
         "vqsuite_version": vqsuite.__version__,
     }
-    _write_reports(out, report, info)
+    _save(model, report, info, out, _out_kinds(src), model_source=source)
     print(report)
     print(f"saved to {out}")
     return 0

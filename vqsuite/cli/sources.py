@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vqsuite.cli.errors import CLIError, one_line
+from vqsuite.cli.errors import CLIError, check_device, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -116,16 +116,12 @@ def torch_dtype(name: str | None) -> Any:
 
 
 def pick_device(name: str) -> str:
-    """``auto`` is CUDA when there is one, else CPU; an explicit ``cuda`` without one is a user error."""
-    import torch
+    """``--device`` resolved (``auto`` is CUDA when there is one, else CPU); an unusable device is a user error.
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise CLIError(f"--device {name}: no CUDA GPU on this machine")
-    if name not in ("cpu",) and not name.startswith(("cuda", "mps", "xpu")):
-        raise CLIError(f"--device {name!r} is not a device (cpu, cuda, cuda:N, auto)")
-    return name
+    ``main`` already resolved ``args.device`` before the command ran (:func:`~vqsuite.cli.errors.check_device`);
+    this is the same check for callers that skip ``main``.
+    """
+    return check_device(name)
 
 
 def quiet_hf_progress(verbose: bool) -> None:

@@ -3,6 +3,10 @@
 The declaration format and the results folder are :mod:`vqsuite.evals.sweep`'s. Rerunning the same command resumes:
 finished cells (one JSON line each in ``DIR/results.jsonl``) are never recomputed. When the report renderer is in
 this build, the tables, plots and one self-contained HTML report are written to ``DIR`` after the cells.
+
+A ``python:pkg.module:function`` model source, data or reference in the TOML imports that module and calls the
+function: running a sweep file runs the code it names. Run only sweep files you trust, or pass
+``--no-python-targets`` to refuse such targets.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
         parents=parents,
         help="run a resumable sweep declared in TOML (models x presets x metric sets) and render its report",
         description=__doc__.split("\n\n")[0].replace("``", ""),
+        epilog=__doc__.split("\n\n")[2].replace("``", ""),
     )
     s.add_argument("config", help="sweep declaration (.toml)")
     s.add_argument("--out", help="results folder (default: the TOML's `out`, else sweep-<name>)")
@@ -33,6 +38,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     s.add_argument("--max-cells", type=int, help="compute at most this many cells, then stop (resume later)")
     s.add_argument("--stop-on-error", action="store_true", help="stop at the first failing cell (default: log it)")
     s.add_argument("--no-report", action="store_true", help="do not render the report after the cells")
+    s.add_argument("--no-python-targets", action="store_true", help="refuse python:pkg.mod:fn model sources, data "
+                   "and references (they import and run that code)")  # fmt: skip
     s.set_defaults(fn=run)
 
 
@@ -121,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
     path = Path(args.config).expanduser()
     check_int(args.max_cells, "--max-cells", 1, 10**9)
     data = load_toml(path)
-    spec = sweep_mod.spec_from_dict(data, base_dir=path.parent)  # SweepError (a ValueError): one line
+    # SweepError (a ValueError): one line
+    spec = sweep_mod.spec_from_dict(data, base_dir=path.parent, allow_python=not args.no_python_targets)
     check_configs(spec)
     out = Path(args.out).expanduser() if args.out else Path(spec.out or f"sweep-{sweep_mod._safe(spec.name)}")
     check_results_dir(out, args.force)

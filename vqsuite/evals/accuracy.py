@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqsuite.errors import UserError
 from vqsuite.evals.distributed import sharded_map
 
 logger = logging.getLogger(__name__)
@@ -50,12 +51,14 @@ def labelled_folder(root: str | os.PathLike) -> tuple[list[Path], torch.Tensor, 
         raise FileNotFoundError(f"image folder {root} does not exist")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
-        raise ValueError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
+        raise UserError(f"{root} has no class sub-folders (expected root/<class>/<image>)")
     files, labels = [], []
     for i, c in enumerate(classes):
         for f in list_images(root / c):
             files.append(f)
             labels.append(i)
+    if not files:
+        raise UserError(f"{root} has class sub-folders but no images in them (root/<class>/<image>)")
     return files, torch.tensor(labels, dtype=torch.int64), classes
 
 
@@ -68,6 +71,8 @@ def _loader(
     [0, 1] and float is used as is."""
     if isinstance(inputs, torch.Tensor):
         x = inputs
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise UserError(f"inputs of shape {tuple(x.shape)} hold no examples; nothing to evaluate")
 
         def fetch_t(idx: list[int]) -> torch.Tensor:
             b = x[idx]
@@ -83,8 +88,11 @@ def _loader(
     from vqsuite.evals.images import list_images
 
     files = list_images(inputs) if isinstance(inputs, (str, os.PathLike)) else [Path(f) for f in inputs]
+    if not files:
+        where = f"in {inputs}" if isinstance(inputs, (str, os.PathLike)) else "given"
+        raise UserError(f"no image files {where}; nothing to evaluate")
     if transform is None:
-        raise ValueError("images from files need a transform (e.g. timm_transform(model))")
+        raise UserError("images from files need a transform (e.g. timm_transform(model))")
 
     def fetch_f(idx: list[int]) -> torch.Tensor:
         return torch.stack([transform(Image.open(files[i]).convert("RGB")) for i in idx])
@@ -122,7 +130,7 @@ def collect_logits(
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, topk: Sequence[int] = (1, 5)) -> dict[str, float]:
     """``{"top1": fraction, "top5": ..., "n": N}`` (k larger than the class count counts as the class count)."""
     if logits.shape[0] != labels.shape[0]:
-        raise ValueError(f"{logits.shape[0]} predictions for {labels.shape[0]} labels")
+        raise UserError(f"{logits.shape[0]} predictions for {labels.shape[0]} labels")
     out: dict[str, float] = {}
     maxk = min(max(topk), logits.shape[1])
     pred = logits.topk(maxk, dim=1).indices
@@ -146,7 +154,7 @@ def evaluate_accuracy(
     sub-folder names unless given)."""
     if labels is None:
         if not isinstance(inputs, (str, os.PathLike)):
-            raise ValueError("labels are needed unless inputs is a labelled folder")
+            raise UserError("labels are needed unless inputs is a labelled folder")
         files, labels, _ = labelled_folder(inputs)
         inputs = files
     logits = collect_logits(model, inputs, transform=transform, **kw)
@@ -161,7 +169,7 @@ def agreement_from_logits(fp_logits: torch.Tensor, q_logits: torch.Tensor) -> di
     * ``logit_cosine``: mean per-input cosine similarity of the logit vectors.
     """
     if fp_logits.shape != q_logits.shape:
-        raise ValueError(f"logit shapes differ: {tuple(fp_logits.shape)} vs {tuple(q_logits.shape)}")
+        raise UserError(f"logit shapes differ: {tuple(fp_logits.shape)} vs {tuple(q_logits.shape)}")
     p, q = fp_logits.double(), q_logits.double()
     kl = F.kl_div(F.log_softmax(q, 1), F.log_softmax(p, 1), reduction="none", log_target=True).sum(1)
     return {

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
 from vqsuite.evals.inception import to_uint8_nchw
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,7 @@ def clip_score(
 
     x = to_uint8_nchw(images)
     if len(prompts) != x.shape[0]:
-        raise ValueError(f"{len(prompts)} prompts for {x.shape[0]} images")
+        raise UserError(f"{len(prompts)} prompts for {x.shape[0]} images")
     metric = clip_scorer(source)
     for i in tqdm(range(0, x.shape[0], batch_size), desc="CLIP score", disable=not progress, leave=False):
         metric.update(list(x[i : i + batch_size]), prompts[i : i + batch_size])

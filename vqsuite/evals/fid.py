@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.evals.distributed import sharded_map
 from vqsuite.evals.inception import RESIZE, to_uint8_nchw
 
@@ -100,7 +101,7 @@ class FeatureStats:
     def from_features(cls, feats: torch.Tensor, extractor: str = "", keep: bool = True) -> FeatureStats:
         f = feats.double()
         if f.shape[0] < 2:
-            raise ValueError(f"FID needs at least 2 images per set, got {f.shape[0]}")
+            raise UserError(f"FID needs at least 2 images per set, got {f.shape[0]}")
         mu = f.mean(0)
         c = f - mu
         sigma = c.T @ c / (f.shape[0] - 1)
@@ -134,7 +135,7 @@ class FeatureStats:
             meta = f.metadata() or {}
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         if meta.get("version") != str(STATS_VERSION):
-            raise ValueError(f"{path}: stats version {meta.get('version')!r}, expected {STATS_VERSION}")
+            raise UserError(f"{path}: stats version {meta.get('version')!r}, expected {STATS_VERSION}")
         return cls(
             t["mu"], t["sigma"], int(meta["n"]), meta.get("extractor", ""), meta.get("resize", ""), t.get("features")
         )
@@ -237,10 +238,10 @@ class _Precomputed(nn.Module):
 def _features(src: ImageSource, extractor: Any, **kw: Any) -> torch.Tensor:
     if isinstance(src, FeatureStats):
         if src.features is None:
-            raise ValueError("these stats carry no features; this backend needs them (use backend='eig')")
+            raise UserError("these stats carry no features; this backend needs them (use backend='eig')")
         return src.features
     if extractor is None:
-        raise ValueError("an extractor is needed to turn images into features (see vqsuite.evals.load_inception)")
+        raise UserError("an extractor is needed to turn images into features (see vqsuite.evals.load_inception)")
     return extract_features(src, extractor, **kw)
 
 
@@ -352,11 +353,11 @@ def compute_fid(
         return FIDResult(fid_torchmetrics(fa, fb), fa.shape[0], fb.shape[0], name, backend)
     if backend == "cleanfid":
         if isinstance(a, FeatureStats) or isinstance(b, FeatureStats):
-            raise ValueError("backend='cleanfid' takes images or folders, not cached stats")
+            raise UserError("backend='cleanfid' takes images or folders, not cached stats")
         from vqsuite.evals.images import list_images
 
         def count(x: Any) -> int:
             return len(list_images(x)) if isinstance(x, (str, os.PathLike)) else to_uint8_nchw(x).shape[0]
 
         return FIDResult(fid_cleanfid(a, b, extractor, batch_size=batch_size), count(a), count(b), name, backend)
-    raise ValueError(f"{backend=} must be one of 'eig', 'torchmetrics', 'cleanfid'")
+    raise ConfigError(f"{backend=} must be one of 'eig', 'torchmetrics', 'cleanfid'")

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
 from vqsuite.evals.distributed import sharded_map
 from vqsuite.evals.inception import RESIZE, to_uint8_nchw
 
@@ -81,7 +82,7 @@ def sample_pipeline(
         elif "batch_size" in params:
             kw["batch_size"] = len(idx)
         elif "prompt" in params:
-            raise ValueError(f"{type(pipe).__name__} needs prompts")
+            raise UserError(f"{type(pipe).__name__} needs prompts")
         images = pipe(**kw).images
         return to_uint8_nchw(torch.as_tensor(images))
 
@@ -99,7 +100,7 @@ def paired_metrics(reference: torch.Tensor, test: torch.Tensor) -> dict[str, flo
     ref = to_uint8_nchw(reference).double() / 255
     out = to_uint8_nchw(test).double() / 255
     if ref.shape != out.shape:
-        raise ValueError(f"image sets differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
+        raise UserError(f"image sets differ in shape: {tuple(ref.shape)} vs {tuple(out.shape)}")
     psnr = PeakSignalNoiseRatio(data_range=1.0, reduction="none", dim=(1, 2, 3))(out, ref)
     psnr = psnr.clamp(max=200.0)  # identical images: inf -> a finite, obviously perfect value
     ks = min(11, ref.shape[-1] - (1 - ref.shape[-1] % 2), ref.shape[-2] - (1 - ref.shape[-2] % 2))
@@ -198,12 +199,12 @@ def layer_sqnr(
             model's input to that layer (its own error only).
     """
     if mode not in ("propagated", "local"):
-        raise ValueError(f"{mode=} must be 'propagated' or 'local'")
+        raise UserError(f"{mode=} must be 'propagated' or 'local'")
     names = list(names) if names is not None else _default_names(float_model, quant_model)
     fmods, qmods = dict(float_model.named_modules()), dict(quant_model.named_modules())
     missing = [n for n in names if n not in fmods or n not in qmods]
     if missing:
-        raise ValueError(f"modules missing from one of the models: {missing[:5]}")
+        raise UserError(f"modules missing from one of the models: {missing[:5]}")
     ref_out: dict[str, torch.Tensor] = {}
     ref_in: dict[str, tuple] = {}
 

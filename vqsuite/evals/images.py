@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqsuite.errors import UserError
 from vqsuite.evals.inception import to_uint8_nchw
 
 #: file suffixes read as images
@@ -45,7 +46,7 @@ def load_images(
         arrs.append(np.asarray(img))
     shapes = {a.shape for a in arrs}
     if len(shapes) > 1:
-        raise ValueError(f"images in {source} have different sizes {sorted(shapes)[:3]}...; pass size=")
+        raise UserError(f"images in {source} have different sizes {sorted(shapes)[:3]}...; pass size=")
     return torch.from_numpy(np.stack(arrs)).permute(0, 3, 1, 2).contiguous()
 
 

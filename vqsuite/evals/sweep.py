@@ -4,32 +4,41 @@ A sweep is declared in TOML (``vqsuite sweep config.toml``) or in Python (:class
 with one config) is hashed (model spec + config dict + metric sets + evaluation settings, :func:`cell_hash`); a
 finished cell appends one JSON line to ``<out>/results.jsonl`` (flush + fsync), and a restarted sweep skips every
 hash already there, so a killed sweep resumes where it stopped and never recomputes or loses a finished cell; a
-truncated last line (killed mid-write) is ignored and recomputed. Full-precision references (FP logits, FP samples,
-FP FID statistics) are computed once per model and cached under ``<out>/cache`` as safetensors.
+truncated last line (killed mid-write), or a corrupt line anywhere, is skipped with a warning and its cell
+recomputed. Full-precision references (FP samples, FP FID statistics) are computed once per model and cached under
+``<out>/cache`` as safetensors, each with a sha256 recorded beside it (``<file>.sha256``); a cache file that does not
+match its checksum or does not load is recomputed and rewritten, with a warning, never reused.
 
-TOML::
+**python: targets run code.** A ``python:pkg.module:function`` model ``source``, ``data`` or ``reference`` imports
+that module and calls the function: running a sweep declaration runs the code it names, as running a Python script
+would. Run only declarations you trust, or refuse such targets (one line naming the field) with
+``vqsuite sweep --no-python-targets`` / ``allow_python=False`` (:func:`load_sweep`, :func:`spec_from_dict`,
+:func:`run_sweep`).
+
+TOML (top-level keys, ``configs`` included, come before the first ``[[models]]`` table: in TOML a key written after
+a table header belongs to that table)::
 
     name = "classifiers"
     metrics = ["accuracy", "agreement"]      # default metric sets of every model
     batch_size = 32
     include_fp = true                        # add the full-precision row ("fp") per model
+    configs = ["w8a8", "w4a16", {name = "w4-custom", config = {default = {weight = "int4", weight_group_size = 32}}}]
 
     [[models]]
     name = "mobilenet"
     source = "torchvision:mobilenet_v2"      # timm:NAME | torchvision:NAME | builtin:NAME | pipeline:FOLDER
-    weights = "mobilenet_v2.pth"             #   | python:pkg.module:factory   (local weights file, optional)
+                                             #   | python:pkg.module:factory (runs that code, see above)
+    weights = "mobilenet_v2.pth"             # local weights file (optional)
     data = "imagenet-val-subset"             # labelled folder root/<class>/*.png (accuracy) or any image folder
     # data = {random = 16, size = 224}       # random inputs (plumbing only: agreement / sqnr)
 
     [[models]]
     name = "tiny-sd"
     source = "pipeline:/models/tiny-sd"
-    metrics = ["fidelity", "fid-vs-fp"]
+    metrics = ["fidelity", "fid-vs-fp"]      # this model's own metric sets
     prompts = ["a red cat"]
     num_samples = 16
     steps = 20
-
-    configs = ["w8a8", "w4a16", {name = "w4-custom", config = {default = {weight = "int4", weight_group_size = 32}}}]
 
 Model sources resolve through :func:`build_target`; ``builtin:NAME`` looks in the registry filled by
 :func:`register_model`, then in :mod:`vqsuite.zoo` (real shipped classifiers with their own preprocessing, and GANs
@@ -234,8 +243,38 @@ def _config_spec(entry: Any) -> ConfigSpec:
     raise SweepError(f"config entry {entry!r} must be a preset name, {{preset=...}} or {{name=..., config={{...}}}}")
 
 
-def spec_from_dict(d: dict[str, Any], base_dir: str | os.PathLike | None = None) -> SweepSpec:
-    """A :class:`SweepSpec` from the TOML structure (relative paths are taken from ``base_dir``)."""
+#: the fields of a model whose ``python:pkg.mod:fn`` form imports and calls Python code
+PYTHON_FIELDS = ("source", "data", "reference")
+
+
+def check_python_targets(spec: SweepSpec) -> None:
+    """Refuse every ``python:pkg.mod:fn`` target of ``spec`` (model ``source``, ``data``, ``reference``): such a
+    target imports that module and calls the function, i.e. runs code named by the declaration. One line naming the
+    model and the field. (A callable ``source`` given in Python is the caller's own code and is not refused.)"""
+    for i, m in enumerate(spec.models):
+        for f in PYTHON_FIELDS:
+            v = getattr(m, f)
+            if isinstance(v, str) and v.startswith("python:"):
+                raise SweepError(
+                    f"models[{i}] ({_label(m.name)}) {f} is a python: target, which imports and runs Python code; "
+                    "refused (--no-python-targets / allow_python=False)"
+                )
+
+
+def _label(name: Any) -> str:
+    """A model name for a message: printable, at most 40 characters."""
+    text = "".join(ch if ch.isprintable() else "?" for ch in str(name))
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+def spec_from_dict(
+    d: dict[str, Any], base_dir: str | os.PathLike | None = None, *, allow_python: bool = True
+) -> SweepSpec:
+    """A :class:`SweepSpec` from the TOML structure (relative paths are taken from ``base_dir``).
+
+    ``allow_python=False`` refuses ``python:pkg.mod:fn`` model sources, data and references (they run code), with
+    a :class:`SweepError` naming the field (:func:`check_python_targets`).
+    """
     base = Path(base_dir) if base_dir is not None else None
     known_model = {f.name for f in dataclasses.fields(ModelSpec)}
     models = []
@@ -264,6 +303,8 @@ def spec_from_dict(d: dict[str, Any], base_dir: str | os.PathLike | None = None)
     if unknown:
         raise SweepError(f"unknown sweep keys {unknown}; known: {sorted(top | {'models', 'configs'})}")
     spec = SweepSpec(models=models, configs=configs, **{k: d[k] for k in top if k in d})
+    if not allow_python:
+        check_python_targets(spec)
     for m, _, metrics in spec.cells():
         for s in metrics:
             if s not in METRIC_SETS:
@@ -271,8 +312,9 @@ def spec_from_dict(d: dict[str, Any], base_dir: str | os.PathLike | None = None)
     return spec
 
 
-def load_sweep(path: str | os.PathLike) -> SweepSpec:
-    """Read a TOML sweep declaration (see the module docstring)."""
+def load_sweep(path: str | os.PathLike, *, allow_python: bool = True) -> SweepSpec:
+    """Read a TOML sweep declaration (see the module docstring); ``allow_python=False`` refuses ``python:``
+    targets (see :func:`spec_from_dict`)."""
     import tomllib
 
     path = Path(path)
@@ -282,7 +324,7 @@ def load_sweep(path: str | os.PathLike) -> SweepSpec:
         d = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise SweepError(f"{path} is not valid TOML: {e}") from None
-    return spec_from_dict(d, base_dir=path.parent)
+    return spec_from_dict(d, base_dir=path.parent, allow_python=allow_python)
 
 
 # ================================================================================================ models
@@ -561,17 +603,14 @@ class CellContext:
             return self.cache[key]
         tgt = self.fp if which == "fp" else self.q
         cache_file = self.cache_dir / f"{key}.safetensors" if which == "fp" else None
-        if cache_file is not None and cache_file.is_file():
-            from safetensors.torch import load_file
-
-            out = load_file(str(cache_file))["images"]
-        else:
+        n = len(self.seeds(floor))
+        out = _load_cached_samples(cache_file, n) if cache_file is not None else None
+        if out is None:
             out = _sample(tgt, self.model, self.seeds(floor), self.spec.batch_size, self.accelerator, self.progress)
             if cache_file is not None and (self.accelerator is None or self.accelerator.is_main_process):
                 from safetensors.torch import save_file
 
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                save_file({"images": out.contiguous()}, str(cache_file))
+                _write_cache(cache_file, lambda tmp: save_file({"images": out.contiguous()}, str(tmp)))
         if which == "fp":
             self.cache[key] = out
         return out
@@ -584,20 +623,119 @@ class CellContext:
         return load_inception(self.spec.inception)
 
     def fp_stats(self, floor: bool = False) -> Any:
-        from vqsuite.evals.fid import cached_stats
-
-        ext = self.extractor()
         name = f"{self.model.name}-fp-{'floor' if floor else 'main'}"
-        return cached_stats(
-            name,
-            lambda: self.samples("fp", floor),
-            ext,
-            self.cache_dir,
-            batch_size=self.spec.batch_size,
-            accelerator=self.accelerator,
-            progress=self.progress,
-            extra={"n": self.model.num_samples},
+        return _cached_stats(
+            self, name, lambda: self.samples("fp", floor), self.cache_dir, {"n": self.model.num_samples}
         )
+
+
+# ================================================================================================ cache files
+#: suffix of the sidecar that records a cache file's sha256 and size when the sweep writes it
+DIGEST_SUFFIX = ".sha256"
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_cache(path: Path, write: Callable[[Path], Any]) -> None:
+    """``write(tmp)`` then rename to ``path`` (atomic), and record its sha256 beside it (``path.sha256``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        digest = {"sha256": _file_digest(tmp), "bytes": tmp.stat().st_size}
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    side = path.with_name(path.name + DIGEST_SUFFIX)
+    side_tmp = side.with_name(f".{side.name}.tmp-{os.getpid()}")
+    side_tmp.write_text(json.dumps(digest) + "\n", encoding="utf-8")
+    os.replace(side_tmp, side)
+
+
+def _cache_intact(path: Path) -> bool:
+    """False when ``path``'s recorded sha256 (if the sweep recorded one) does not match its bytes."""
+    side = path.with_name(path.name + DIGEST_SUFFIX)
+    if not side.is_file():
+        return True  # written before digests were recorded: the load check below still applies
+    try:
+        rec = json.loads(side.read_bytes())
+        return (
+            isinstance(rec, dict)
+            and rec.get("bytes") == path.stat().st_size
+            and rec.get("sha256") == _file_digest(path)
+        )
+    except (OSError, ValueError):
+        return False
+
+
+def _corrupt_cache(path: Path, why: str) -> None:
+    logger.warning("sweep cache %s is corrupt (%s); recomputing and rewriting it", path, why)
+
+
+def _load_cached_samples(path: Path, n: int) -> torch.Tensor | None:
+    """The cached FP samples ``[n, C, H, W]`` uint8, or ``None`` (absent, or corrupt: logged, to be recomputed)."""
+    if not path.is_file():
+        return None
+    if not _cache_intact(path):
+        _corrupt_cache(path, "its sha256 does not match the one recorded when it was written")
+        return None
+    from safetensors.torch import load_file
+
+    try:
+        images = load_file(str(path)).get("images")
+    except Exception as e:  # safetensors' own error types: truncated, not safetensors (e.g. a pickle)
+        _corrupt_cache(path, f"unreadable: {type(e).__name__}")
+        return None
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4 or images.shape[0] != n:
+        _corrupt_cache(path, f"not {n} uint8 images")
+        return None
+    return images
+
+
+def _cached_stats(ctx: CellContext, name: str, images: Callable[[], Any], cache_dir: Path, extra: dict) -> Any:
+    """:func:`vqsuite.evals.fid.cached_stats` with a checked cache: a file whose recorded sha256 does not match, or
+    that does not load as statistics, is recomputed and rewritten (with a warning) instead of being reused."""
+    from vqsuite.evals.fid import cached_stats, extractor_name, stats_cache_path
+
+    ext = ctx.extractor()
+    path = stats_cache_path(cache_dir, name, extractor_name(ext), extra)
+    if path.is_file():
+        stats = _load_cached_stats(path)
+        if stats is not None:
+            logger.info("FID reference stats for %s from %s", name, path)
+            return stats
+    stats = cached_stats(
+        name, images, ext, None, batch_size=ctx.spec.batch_size, accelerator=ctx.accelerator, progress=ctx.progress
+    )
+    if ctx.accelerator is None or ctx.accelerator.is_main_process:
+        _write_cache(path, stats.save)
+        logger.info("cached FID stats for %s in %s", name, path)
+    return stats
+
+
+def _load_cached_stats(path: Path) -> Any:
+    from vqsuite.evals.fid import FeatureStats
+
+    if not _cache_intact(path):
+        _corrupt_cache(path, "its sha256 does not match the one recorded when it was written")
+        return None
+    try:
+        stats = FeatureStats.load(path)
+    except Exception as e:  # truncated, not safetensors, other stats version, missing tensors
+        _corrupt_cache(path, f"unreadable: {type(e).__name__}")
+        return None
+    d = stats.mu.shape[0] if stats.mu.ndim == 1 else -1
+    if d < 1 or tuple(stats.sigma.shape) != (d, d) or stats.n < 2 or not bool(torch.isfinite(stats.sigma).all()):
+        _corrupt_cache(path, "not consistent FID statistics")
+        return None
+    return stats
 
 
 def _sample(
@@ -734,22 +872,15 @@ def _reference_images(ctx: CellContext) -> torch.Tensor:
 
 
 def _m_fid_data(ctx: CellContext) -> dict[str, Any]:
-    from vqsuite.evals.fid import FeatureStats, cached_stats, compute_kid, extract_features, extractor_name
+    from vqsuite.evals.fid import FeatureStats, compute_kid, extract_features, extractor_name
     from vqsuite.evals.fid import frechet_distance as fd
     from vqsuite.evals.inception import RESIZE
 
     ext = ctx.extractor()
     ref_id = ctx.model.identity()["reference"]
     cache = Path(ctx.spec.stats_cache).expanduser() if ctx.spec.stats_cache else ctx.cache_dir.parent / "reference"
-    ref = cached_stats(
-        f"{ctx.model.name}-reference",
-        lambda: _reference_images(ctx),
-        ext,
-        cache,
-        batch_size=ctx.spec.batch_size,
-        accelerator=ctx.accelerator,
-        progress=ctx.progress,
-        extra={"reference": ref_id},
+    ref = _cached_stats(
+        ctx, f"{ctx.model.name}-reference", lambda: _reference_images(ctx), cache, {"reference": ref_id}
     )
     feats = extract_features(
         ctx.samples("q"), ext, batch_size=ctx.spec.batch_size, accelerator=ctx.accelerator, progress=ctx.progress
@@ -805,7 +936,8 @@ def cell_hash(model: ModelSpec, config: ConfigSpec, metrics: Sequence[str], spec
 
 
 def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Every complete JSON line of a results file (a truncated or corrupt line is skipped with a warning)."""
+    """Every complete result row of a results file: a truncated or corrupt line, anywhere in the file, or one that is
+    not a row (no ``hash``/``status``) is skipped with a warning naming its line number (its cell is recomputed)."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -815,9 +947,14 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except (json.JSONDecodeError, UnicodeDecodeError):
+            row = None
+        # a line that parses but is not one of our rows (bit rot, an edit) counts as corrupt too
+        if not isinstance(row, dict) or not isinstance(row.get("hash"), str) or not isinstance(row.get("status"), str):
             logger.warning("%s line %d is incomplete or corrupt; ignored (its cell will be recomputed)", path, i + 1)
+            continue
+        rows.append(row)
     return rows
 
 
@@ -997,6 +1134,7 @@ def run_sweep(
     progress: bool = True,
     stop_on_error: bool = False,
     max_cells: int | None = None,
+    allow_python: bool = True,
 ) -> list[dict[str, Any]]:
     """Run every unfinished cell of ``spec``; return all finished rows of the sweep (old and new).
 
@@ -1009,13 +1147,16 @@ def run_sweep(
         stop_on_error: re-raise a failing cell's exception; otherwise the cell gets an ``"error"`` line (not
             counted as finished, retried next run) and the sweep goes on.
         max_cells: stop after computing this many cells (tests use it to simulate a killed sweep).
+        allow_python: ``False`` refuses ``python:pkg.mod:fn`` targets before any cell runs (they run code).
     """
     from tqdm.auto import tqdm
 
     from vqsuite.evals.distributed import get_accelerator
 
     if not isinstance(spec, SweepSpec):
-        spec = load_sweep(spec)
+        spec = load_sweep(spec, allow_python=allow_python)
+    elif not allow_python:
+        check_python_targets(spec)
     if accelerator == "auto":
         accelerator = get_accelerator()
     main = accelerator is None or accelerator.is_main_process

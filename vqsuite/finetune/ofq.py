@@ -12,7 +12,8 @@ Pieces:
 - Confidence-guided annealing (CGA, :class:`CGA`): only weights whose pre-rounding value lies within
   ``±boundary`` of a rounding threshold are updated; the others get zero gradient and their values restored.
 - An oscillation tracker per quantized weight (EMA of integer-level flips), reported per layer.
-- :func:`ofq`: prepare, train with KD (CE + KL to the FP teacher), then CGA, with exact checkpoint/resume.
+- :func:`ofq`: prepare, train with KD (CE + KL to the FP teacher), then CGA, with exact checkpoint/resume
+  (safetensors + JSON, :mod:`vqsuite.finetune.checkpoint`: loading a checkpoint never runs code).
 
 ``method="lsq"`` gives the LSQ baseline (learnable per-row weight steps, no QKR, no CGA). The patch embedding and
 the classifier head(s) are W8A8 LSQ in both.
@@ -27,11 +28,20 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqsuite.finetune.checkpoint import (
+    CheckpointError,
+    pack,
+    read_checkpoint,
+    read_checkpoint_meta,
+    unpack,
+    write_checkpoint,
+)
 from vqsuite.finetune.lsq import LSQActQuantizer, LSQWeightQuantizer
 from vqsuite.nn.quantizers import ste
 
@@ -47,6 +57,9 @@ OSC_MOMENTUM = 0.01
 OSC_THRESHOLD = 0.005
 #: bit width of the patch embedding and the classifier head(s)
 EDGE_BITS = 8
+#: the ``format`` and ``version`` recorded in an OFQ checkpoint (safetensors + JSON metadata, no pickle)
+OFQ_CHECKPOINT_FORMAT = "vqsuite-ofq-checkpoint"
+OFQ_CHECKPOINT_VERSION = 1
 
 
 # ---------------------------------------------------------------------------------------------------- StatsQ
@@ -557,6 +570,72 @@ class OFQOptions:
         return 0.5 * self.cga_lr * (1 + math.cos(math.pi * (t - self.steps) / max(self.cga_steps, 1)))
 
 
+def _options_diff(saved: Any, want: dict[str, Any]) -> str:
+    """``key saved -> wanted`` for each differing option (only keys of ours are named)."""
+    saved = saved if isinstance(saved, dict) else {}
+    diff = [k for k in want if saved.get(k) != want[k]]
+    return "; ".join(f"{k} {_short(saved.get(k))} -> {want[k]!r}" for k in diff) or "unknown options"
+
+
+def _short(v: Any) -> str:
+    """A JSON value of a checkpoint, shown only when it is a plain number, bool or short name."""
+    if v is None or isinstance(v, (bool, int, float)):
+        return repr(v)
+    if isinstance(v, str) and len(v) <= 20 and v.isprintable():
+        return repr(v)
+    return "<other>"
+
+
+def read_ofq_checkpoint_meta(path: str | Path) -> dict[str, Any]:
+    """The JSON part of an OFQ checkpoint (``step``, ``options``, ``history``, ``wall_s``, ...) from the file's
+    header, without reading its tensors; an old pickle checkpoint or a corrupt file is a :class:`CheckpointError`."""
+    return read_checkpoint_meta(path, OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION, "OFQ checkpoint")
+
+
+def _restore(
+    ckpt: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module, optim: Any,
+    gen: torch.Generator, total: int,
+) -> tuple[int, list[dict[str, float]], float]:  # fmt: skip
+    """Load a checkpoint's model, optimizer and generator state; ``(step, history, wall_s)``. Anything that does
+    not fit is one :class:`CheckpointError` line naming what (never the file's own bytes)."""
+    what = f"OFQ checkpoint {ckpt}"
+    missing = [k for k in ("step", "history", "wall_s", "model", "optimizer", "generator") if k not in state]
+    if missing:
+        raise CheckpointError(f"{what} lacks {', '.join(missing)}")
+    step, history, wall = state["step"], state["history"], state["wall_s"]
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= total:
+        raise CheckpointError(f"{what}: its step is not an integer in 0..{total}")
+    if not isinstance(history, list) or len(history) != step or not all(isinstance(h, dict) for h in history):
+        raise CheckpointError(f"{what}: its history does not hold one entry per step")
+    if not isinstance(wall, (int, float)) or isinstance(wall, bool):
+        raise CheckpointError(f"{what}: its wall_s is not a number")
+    model_sd, optim_sd, gen_state = (unpack(state[k], tensors) for k in ("model", "optimizer", "generator"))
+    ours = model.state_dict()
+    if not isinstance(model_sd, dict) or set(model_sd) != set(ours):
+        got = set(model_sd) if isinstance(model_sd, dict) else set()
+        lack = sorted(set(ours) - got)
+        eg = f" (e.g. {lack[0]})" if lack else ""
+        raise CheckpointError(
+            f"{what} does not fit the model: {len(lack)} of its tensors missing{eg}, {len(got - set(ours))} unexpected"
+        )
+    for k, v in ours.items():
+        t = model_sd[k]
+        if not isinstance(t, torch.Tensor) or t.shape != v.shape or t.dtype != v.dtype:
+            raise CheckpointError(f"{what} does not fit the model: {k} has another shape or dtype")
+    model.load_state_dict(model_sd)
+    try:
+        optim.load_state_dict(optim_sd)
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{what}: its optimizer state does not fit ({type(e).__name__})") from None
+    if not isinstance(gen_state, torch.Tensor) or gen_state.dtype != torch.uint8:
+        raise CheckpointError(f"{what}: its generator state is not a uint8 tensor")
+    try:
+        gen.set_state(gen_state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{what}: its generator state does not fit ({type(e).__name__})") from None
+    return step, history, float(wall)
+
+
 def _forward(model: nn.Module, x: torch.Tensor):
     out = model(x)
     return tuple(out) if isinstance(out, (tuple, list)) else out
@@ -592,8 +671,11 @@ def ofq(
         steps, cga_steps: optimizer updates of the main stage and of the CGA stage.
         method: ``"ofq"`` (StatsQ + QKR, CGA if ``cga_steps``) or ``"lsq"`` (the LSQ baseline).
         preprocess: applied to each batch of ``x`` (e.g. uint8 -> normalised float).
-        checkpoint_path: where to save ``{model, optimizer, generator, step}``; every ``checkpoint_every`` steps
-            and at the end. ``resume=True`` continues from it (exactly: same weights as an uninterrupted run).
+        checkpoint_path: the file where ``{model, optimizer, generator, step, history}`` is saved, every
+            ``checkpoint_every`` steps and at the end: one safetensors file (tensors) whose metadata holds the JSON
+            rest (no pickle; written to a temporary file and renamed). ``resume=True`` continues from it (exactly:
+            same weights as an uninterrupted run); a corrupt file, an old pickle checkpoint (refused unread) or one
+            written with other options is a :class:`~vqsuite.pipelines.io.CheckpointError`.
         stop_after: stop after this global step (to simulate an interruption).
         device: where to train (model, teacher and each batch are moved there); the model's device when ``None``.
             Training runs through an ``accelerate.Accelerator`` (one process; CPU when ``device`` is the CPU), so
@@ -651,25 +733,24 @@ def ofq(
     if resume:
         if ckpt is None or not ckpt.is_file():
             raise FileNotFoundError(f"resume=True but no checkpoint at {ckpt}")
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
-        if state["options"] != asdict(opts):
-            raise ValueError(f"checkpoint options {state['options']} differ from {asdict(opts)}")
-        model.load_state_dict(state["model"])
-        optim.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        t0, history, wall = state["step"], state["history"], state["wall_s"]
+        state, tensors = read_checkpoint(ckpt, OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION, "OFQ checkpoint")
+        if state.get("options") != asdict(opts):
+            diff = _options_diff(state.get("options"), asdict(opts))
+            raise CheckpointError(f"OFQ checkpoint {ckpt} was written with other options ({diff})")
+        t0, history, wall = _restore(ckpt, state, tensors, model, optim, gen, total=opts.steps + opts.cga_steps)
         logger.info("ofq: resumed from %s at step %d", ckpt, t0)
 
     def save(t: int) -> None:
         if ckpt is None:
             return
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
         state = {
-            "model": model.state_dict(), "optimizer": optim.state_dict(), "generator": gen.get_state(), "step": t,
-            "history": history, "wall_s": wall + time.perf_counter() - start, "options": asdict(opts),
+            "step": t, "history": history, "wall_s": wall + time.perf_counter() - start, "options": asdict(opts),
+            "model": pack(model.state_dict(), "model", tensors),
+            "optimizer": pack(optim.state_dict(), "optim", tensors),
+            "generator": pack(gen.get_state(), "generator", tensors),
         }  # fmt: skip
-        torch.save(state, ckpt.with_suffix(".tmp"))
-        ckpt.with_suffix(".tmp").replace(ckpt)
+        write_checkpoint(ckpt, tensors, state, OFQ_CHECKPOINT_FORMAT, OFQ_CHECKPOINT_VERSION)
 
     cga = CGA(model, opts.boundary) if opts.cga_steps else None
     total = opts.steps + opts.cga_steps

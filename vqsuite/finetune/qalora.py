@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -57,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vqsuite.finetune.checkpoint import CheckpointError, check_child, read_json
 from vqsuite.finetune.lsq import TimestepLSQActQuantizer, grad_scale
 from vqsuite.formats import QTensor, dequantize, get_format, quantize
 from vqsuite.nn import QuantLayer
@@ -86,6 +88,10 @@ CKPT_TRAINABLE, CKPT_OPTIM, CKPT_STATE, CKPT_TENSORS, CKPT_LATEST = (
     "tensors.safetensors",
     "latest.json",
 )
+#: the only names ``latest.json`` may point to (a plain child of the checkpoint folder)
+CKPT_DIR_PATTERN = r"step-\d{6}"
+#: recorded in every ``state.json``: marks the ``step-XXXXXX`` folders qalora wrote (and may remove)
+CKPT_FORMAT = "vqsuite-qalora-checkpoint"
 
 
 # ------------------------------------------------------------------------------------------------ the adapter
@@ -591,18 +597,55 @@ def qalora_mse(
 # ------------------------------------------------------------------------------------------------ checkpoints
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    if tmp.is_symlink():
+        tmp.unlink()
     tmp.write_bytes(data)
     os.replace(tmp, path)
+
+
+def _is_ours(d: Path) -> bool:
+    """A ``step-XXXXXX`` folder qalora wrote: a real folder (not a symlink) holding its ``state.json`` (an object
+    with our ``format``, or the ``signature`` of checkpoints written before the format key)."""
+    if d.is_symlink() or not d.is_dir() or (d / CKPT_STATE).is_symlink():
+        return False
+    try:
+        state = json.loads((d / CKPT_STATE).read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and (state.get("format") == CKPT_FORMAT or "signature" in state)
+
+
+def _pointed(folder: Path) -> Path | None:
+    """The checkpoint folder ``latest.json`` names, when it is a valid one of ours; else ``None`` (nothing to
+    remove: a foreign or broken pointer is never followed for deletion)."""
+    try:
+        name = json.loads((folder / CKPT_LATEST).read_bytes()).get("dir")
+        d = check_child(folder, name, CKPT_DIR_PATTERN, CKPT_LATEST)
+    except (OSError, ValueError, AttributeError):  # CheckpointError is a ValueError
+        return None
+    return d if _is_ours(d) else None
+
+
+def _rmtree_ours(d: Path) -> None:
+    if _is_ours(d):
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def _save_checkpoint(
     folder: Path, u: int, trainable: dict[str, nn.Parameter], optim: torch.optim.Optimizer, state: dict, x: torch.Tensor
 ) -> None:
+    """Write ``folder/step-XXXXXX`` (in a temporary folder, renamed into place), point ``latest.json`` at it, then
+    remove the checkpoint the pointer named before: only folders qalora wrote are ever removed."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"step-{u:06d}"
+    if (final.exists() or final.is_symlink()) and not _is_ours(final):
+        raise CheckpointError(f"{final} exists and was not written by qalora; move it or choose another checkpoint_dir")
+    previous = _pointed(folder)
     tmp = folder / f".tmp-step-{u:06d}"
+    if tmp.is_symlink():
+        tmp.unlink()
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     save_file({k: p.detach().contiguous().cpu() for k, p in trainable.items()}, str(tmp / CKPT_TRAINABLE))
@@ -610,28 +653,120 @@ def _save_checkpoint(
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         tensors["cuda_rng"] = torch.cuda.get_rng_state()
     save_file(tensors, str(tmp / CKPT_TENSORS))
-    torch.save(optim.state_dict(), tmp / CKPT_OPTIM)
-    (tmp / CKPT_STATE).write_text(json.dumps(state, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    torch.save(optim.state_dict(), tmp / CKPT_OPTIM)  # plain tensors and numbers: loaded with weights_only=True
+    (tmp / CKPT_STATE).write_text(json.dumps({"format": CKPT_FORMAT, **state}, indent=1))
+    old = None
+    if final.exists():  # ours (checked above): moved aside, so the pointer never names a half-removed folder
+        old = folder / f".old-step-{u:06d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     _atomic_write_bytes(folder / CKPT_LATEST, json.dumps({"dir": final.name, "updates": u}).encode())
-    for old in folder.glob("step-*"):
-        if old.name != final.name:
-            shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    if previous is not None and previous.name != final.name:
+        _rmtree_ours(previous)
+
+
+def _check_planned(folder: Path, u0: int, steps: int, every: int) -> None:
+    """Before training: no ``step-XXXXXX`` folder a later save would replace may be someone else's."""
+    if not every or not folder.is_dir():
+        return
+    for d in folder.iterdir():
+        if re.fullmatch(CKPT_DIR_PATTERN, d.name) and not _is_ours(d):
+            u = int(d.name[5:])
+            if u0 < u <= steps and (u % every == 0 or u == steps):
+                raise CheckpointError(f"{d} exists and was not written by qalora (a checkpoint would replace it); "
+                                      "move it or choose another checkpoint_dir")  # fmt: skip
 
 
 def _load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict, dict[str, torch.Tensor]] | None:
+    """``(state, trainable tensors, optimizer state, extra tensors)`` of the checkpoint ``latest.json`` names, or
+    ``None`` without a ``latest.json``. A pointer that leaves ``folder`` (``..``, absolute paths, separators,
+    symlinks), a missing, truncated or corrupt file, or an optimizer file holding anything but tensors and numbers
+    is one :class:`CheckpointError` line; no file content is ever quoted, nothing is unpickled beyond
+    ``weights_only``."""
     from safetensors.torch import load_file
 
     latest = folder / CKPT_LATEST
     if not latest.is_file():
         return None
-    d = folder / json.loads(latest.read_text())["dir"]
-    state = json.loads((d / CKPT_STATE).read_text())
-    trainable = load_file(str(d / CKPT_TRAINABLE))
-    optim = torch.load(d / CKPT_OPTIM, map_location="cpu", weights_only=True)
-    tensors = load_file(str(d / CKPT_TENSORS))
-    return state, trainable, optim, tensors
+    pointer = read_json(latest, "checkpoint pointer")
+    if not isinstance(pointer, dict):
+        raise CheckpointError(f"checkpoint pointer {latest} is not a JSON object")
+    d = check_child(folder, pointer.get("dir"), CKPT_DIR_PATTERN, f"checkpoint pointer {latest}")
+    if not d.is_dir():
+        raise CheckpointError(f"{latest} names a checkpoint folder that does not exist ({d.name})")
+    for name in (CKPT_STATE, CKPT_TRAINABLE, CKPT_OPTIM, CKPT_TENSORS):
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"checkpoint {d} is incomplete: {name} is missing")
+        check_child(d, name, re.escape(name), f"checkpoint file {f}")  # a symlink out of the checkpoint
+    state = read_json(d / CKPT_STATE, "checkpoint state")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint state {d / CKPT_STATE} is not a JSON object")
+    out = []
+    for name in (CKPT_TRAINABLE, CKPT_TENSORS):
+        try:
+            out.append(load_file(str(d / name)))
+        except Exception as e:  # safetensors' own error types for truncated or corrupt files
+            raise CheckpointError(f"checkpoint file {d / name} cannot be read ({type(e).__name__}); truncated or "
+                                  "corrupt") from None  # fmt: skip
+    try:
+        optim = torch.load(d / CKPT_OPTIM, map_location="cpu", weights_only=True)
+    except Exception as e:  # an UnpicklingError's message quotes the file: only its type is named
+        raise CheckpointError(f"checkpoint file {d / CKPT_OPTIM} cannot be read ({type(e).__name__}): corrupt, or it "
+                              "holds more than tensors and numbers (refused unread)") from None  # fmt: skip
+    if not isinstance(optim, dict):
+        raise CheckpointError(f"checkpoint file {d / CKPT_OPTIM} is not an optimizer state")
+    return state, out[0], optim, out[1]
+
+
+def verify_checkpoint(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """Read and check the latest checkpoint in ``folder`` (see :func:`_load_checkpoint`) before any training;
+    its state, or ``None`` when there is none."""
+    loaded = _load_checkpoint(Path(folder))
+    return None if loaded is None else loaded[0]
+
+
+def _restore_checkpoint(
+    ckpt: Path, loaded: tuple, signature: dict, trainable: dict[str, nn.Parameter], optim: Any, steps: int
+) -> tuple[int, list[float], float, torch.Tensor]:
+    """Load a checkpoint into the trainables, the optimizer and the RNGs; ``(updates, loss_curve, wall_s, latents)``.
+    Anything that does not fit is one :class:`CheckpointError` line naming only our own keys."""
+    state, tensors, optim_state, extra = loaded
+    what = f"checkpoint in {ckpt}"
+    saved = state.get("signature")
+    if saved != signature:
+        saved = saved if isinstance(saved, dict) else {}
+        diff = [k for k in signature if saved.get(k) != signature[k]]
+        raise CheckpointError(f"{what} was made with other settings ({', '.join(diff) or 'unknown'} differ); "
+                              "resume with the same settings or restart without resume")  # fmt: skip
+    u0, curve, wall = state.get("updates"), state.get("loss_curve"), state.get("wall_s")
+    if not isinstance(u0, int) or isinstance(u0, bool) or not 0 <= u0 <= steps:
+        raise CheckpointError(f"{what}: its update count is not an integer in 0..{steps}")
+    if not isinstance(curve, list) or len(curve) != u0 or not all(isinstance(v, (int, float)) for v in curve):
+        raise CheckpointError(f"{what}: its loss curve does not hold one number per update")
+    if not isinstance(wall, (int, float)) or isinstance(wall, bool):
+        raise CheckpointError(f"{what}: its wall_s is not a number")
+    for k, p in trainable.items():
+        t = tensors.get(k)
+        if t is None or t.shape != p.shape:
+            raise CheckpointError(f"{what} does not fit the model: {k} is missing or of another shape")
+    for k in ("latents", "cpu_rng"):
+        if k not in extra:
+            raise CheckpointError(f"{what} is incomplete: {CKPT_TENSORS} lacks {k}")
+    with torch.no_grad():
+        for k, p in trainable.items():
+            p.copy_(tensors[k].to(p.device, p.dtype))
+    try:
+        optim.load_state_dict(optim_state)
+        torch.set_rng_state(extra["cpu_rng"])
+    except (ValueError, TypeError, KeyError, RuntimeError, AttributeError, IndexError) as e:
+        raise CheckpointError(f"{what}: its optimizer or RNG state does not fit ({type(e).__name__})") from None
+    if "cuda_rng" in extra and torch.cuda.is_available():
+        torch.cuda.set_rng_state(extra["cuda_rng"])
+    return u0, [float(v) for v in curve], float(wall), extra["latents"]
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -681,8 +816,10 @@ def qalora(
             ``None``; CFG runs when it is > 1).
         seed: seeds LoRA init, ``x_T`` (``seed·1000003 + trajectory``) and stochastic scheduler steps.
         checkpoint_dir, checkpoint_every: save every ``checkpoint_every`` updates (and at the end) into
-            ``checkpoint_dir/step-XXXXXX`` (atomic); ``resume=True`` continues from the latest one exactly as an
-            uninterrupted run would (the trajectory prefix is replayed by the teacher).
+            ``checkpoint_dir/step-XXXXXX`` (atomic; ``latest.json`` names the newest, and the one it named before
+            is removed: only folders qalora wrote are ever removed); ``resume=True`` continues from the latest one
+            exactly as an uninterrupted run would (the trajectory prefix is replayed by the teacher). A pointer
+            leaving ``checkpoint_dir``, a missing or corrupt file, or other settings: a ``CheckpointError``.
         deterministic: ``torch.use_deterministic_algorithms`` while training.
         freeze: pack the trained layers (else fake-quant layers whose pending codes are the trained ones).
         progress: show a tqdm bar.
@@ -796,23 +933,17 @@ def qalora(
         if loaded is None:
             logger.warning("qalora: resume=True but no checkpoint in %s; starting from update 0", ckpt)
         else:
-            state, tensors, optim_state, extra = loaded
-            if state["signature"] != signature:
-                raise ValueError(f"checkpoint in {ckpt} was made with {state['signature']}, not {signature}")
-            with torch.no_grad():
-                for k, p in trainable.items():
-                    p.copy_(tensors[k].to(p.device, p.dtype))
-            optim.load_state_dict(optim_state)
-            torch.set_rng_state(extra["cpu_rng"])
-            if "cuda_rng" in extra and torch.cuda.is_available():
-                torch.cuda.set_rng_state(extra["cuda_rng"])
-            u0, curve, wall = state["updates"], list(state["loss_curve"]), float(state["wall_s"])
+            u0, curve, wall, latents = _restore_checkpoint(ckpt, loaded, signature, trainable, optim, steps)
             j, i = divmod(u0, tr.steps_per_traj)
             tr.replay(j, i)
-            if not torch.equal(tr.x.cpu(), extra["latents"].to(tr.x.dtype)):
+            if tr.x.shape != latents.shape:
+                raise CheckpointError(f"checkpoint in {ckpt}: its latents do not fit the trajectories")
+            if not torch.equal(tr.x.cpu(), latents.to(tr.x.dtype)):
                 logger.warning("qalora: replayed latents differ from the checkpoint's; using the checkpoint's")
-                tr.x = extra["latents"].to(tr.x.device, tr.x.dtype)
+                tr.x = latents.to(tr.x.device, tr.x.dtype)
             logger.info("qalora: resumed from %s at update %d", ckpt, u0)
+    if ckpt is not None:
+        _check_planned(ckpt, u0, steps, checkpoint_every)
     resumed_from = u0
     step_weights = _step_weights(tr.scheduler, loss_weighting)
 

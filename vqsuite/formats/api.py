@@ -22,7 +22,7 @@ def quantize(
     ``group_size=None`` means one group per slice along ``axis`` (per channel for a weight ``[N, K]``
     with ``axis=-1``, per token for activations ``[M, K]``); ``per_tensor=True`` means one scale overall.
     Block formats (``nvfp4``, ``mxfp4``) fix their own group. ``scale_dtype`` is the storage dtype of
-    float scales (ignored by the E4M3/E8M0-scaled formats). NaN or Inf in ``x`` raises ``ValueError``
+    float scales (ignored by the E4M3/E8M0-scaled formats). NaN or Inf in ``x`` raises ``UserError`` (a ``ValueError``)
     naming ``name``. Returns a :class:`QTensor` (it also unpacks as ``codes, scales, zero_points``).
     """
     return _entry(fmt).quantize(

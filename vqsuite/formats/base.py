@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from vqsuite.errors import ConfigError, UserError
+
 ScaleKind = Literal["float", "e4m3", "e8m0"]
 
 
@@ -114,7 +116,7 @@ _REGISTRY: dict[str, _Entry] = {}
 def register_format(fmt: Format, quantize: QuantizeFn, dequantize: DequantizeFn) -> Format:
     """Add a format to the registry (an existing name is an error: formats are immutable)."""
     if fmt.name in _REGISTRY:
-        raise ValueError(f"format {fmt.name!r} is already registered")
+        raise UserError(f"format {fmt.name!r} is already registered")
     _REGISTRY[fmt.name] = _Entry(fmt, quantize, dequantize)
     return fmt
 
@@ -124,11 +126,11 @@ def _entry(name: str | Format) -> _Entry:
     try:
         return _REGISTRY[key]
     except KeyError:
-        raise ValueError(f"unknown format {key!r}; known formats: {', '.join(sorted(_REGISTRY))}") from None
+        raise ConfigError(f"unknown format {key!r}; known formats: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def get_format(name: str | Format) -> Format:
-    """Look up a :class:`Format` by name; ``ValueError`` naming the known formats otherwise."""
+    """Look up a :class:`Format` by name; ``ConfigError`` (a ``ValueError``) naming the known formats otherwise."""
     return _entry(name).fmt
 
 

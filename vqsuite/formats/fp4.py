@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from vqsuite.errors import ConfigError
 from vqsuite.formats.base import Format, QTensor, register_format
 from vqsuite.formats.fp8 import cast_fp8_saturate
 from vqsuite.formats.grouping import (
@@ -78,7 +79,7 @@ def _safe(s: torch.Tensor) -> torch.Tensor:
 def _prepare(x, fmt, group_size, axis, per_tensor, name):
     check_finite(x, name)
     if per_tensor and fmt.block_size is not None:
-        raise ValueError(f"{fmt.name} is a block format (blocks of {fmt.block_size}); per_tensor=True does not apply")
+        raise ConfigError(f"{fmt.name} is a block format (blocks of {fmt.block_size}); per_tensor=True does not apply")
     group_size = resolve_group_size(fmt.block_size, group_size, fmt.name)
     return group_size, to_groups(x, group_size, axis, per_tensor, name)
 

@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import torch
 
+from vqsuite.errors import ConfigError, UserError
+
 
 def check_finite(x: torch.Tensor, name: str) -> None:
     """Formats refuse NaN/Inf input: a code for them would silently be wrong (documented policy)."""
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         n_nan = int(torch.isnan(x).sum())
         n_inf = int(torch.isinf(x).sum())
-        raise ValueError(f"{name} holds non-finite values ({n_nan} NaN, {n_inf} Inf); refusing to quantize it")
+        raise UserError(f"{name} holds non-finite values ({n_nan} NaN, {n_inf} Inf); refusing to quantize it")
 
 
 def resolve_group_size(fmt_block: int | None, group_size: int | None, fmt_name: str) -> int | None:
     """Block formats fix their group; a different explicit group is an error, not a silent change."""
     if fmt_block is None:
         if group_size is not None and group_size <= 0:
-            raise ValueError(f"group_size={group_size} must be a positive integer or None (per channel)")
+            raise ConfigError(f"group_size={group_size} must be a positive integer or None (per channel)")
         return group_size
     if group_size is not None and group_size != fmt_block:
-        raise ValueError(f"group_size={group_size} is not allowed for {fmt_name}, whose blocks are {fmt_block} long")
+        raise ConfigError(f"group_size={group_size} is not allowed for {fmt_name}, whose blocks are {fmt_block} long")
     return fmt_block
 
 
@@ -35,19 +37,19 @@ def to_groups(x: torch.Tensor, group_size: int | None, axis: int, per_tensor: bo
     ``G = group_size or K``), or ``[1, numel]`` when ``per_tensor``.
     """
     if x.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
+        raise UserError(f"{name} is empty (shape {tuple(x.shape)}); nothing to quantize")
     xf = x.float()
     if per_tensor:
         return xf.reshape(1, -1)
     if x.ndim == 0:
-        raise ValueError(f"{name} is 0-d: only per_tensor=True applies")
+        raise UserError(f"{name} is 0-d: only per_tensor=True applies")
     if not -x.ndim <= axis < x.ndim:
-        raise ValueError(f"axis={axis} is out of range for {name} with {x.ndim} dims")
+        raise UserError(f"axis={axis} is out of range for {name} with {x.ndim} dims")
     xm = xf.movedim(axis, -1)
     k = xm.shape[-1]
     g = k if group_size is None else group_size
     if k % g != 0:
-        raise ValueError(f"group_size={g} must divide the length {k} of axis {axis} of {name}")
+        raise ConfigError(f"group_size={g} must divide the length {k} of axis {axis} of {name}")
     return xm.reshape(*xm.shape[:-1], k // g, g)
 
 
@@ -69,7 +71,7 @@ def store_scales(scale: torch.Tensor, scale_dtype: torch.dtype, name: str) -> to
     """
     stored = scale.to(scale_dtype)
     if not bool(torch.isfinite(stored).all()):
-        raise ValueError(
+        raise UserError(
             f"{name}: a scale of {float(scale.max()):.6g} overflows scale_dtype={scale_dtype}; use a wider scale dtype"
         )
     return stored.float()

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import UserError
 from vqsuite.formats import QTensor, dequantize, get_format, pack_4bit, quantize
 from vqsuite.kernels import select
 from vqsuite.nn import steps as _steps
@@ -309,24 +310,24 @@ class QuantLayer(nn.Module):
     def _storage_from_qtensor(self, qt: QTensor, *, given: bool) -> dict[str, torch.Tensor]:
         """Frozen buffers (``qweight`` packed, ``wscales`` [, ``wzeros``, ``wtscale``]) holding ``qt``.
 
-        ``given``: ``qt`` came from the caller (a bad one is a ``ValueError`` naming the mismatch); otherwise it
+        ``given``: ``qt`` came from the caller (a bad one is a ``UserError`` naming the mismatch); otherwise it
         came from :func:`quantize` and a mismatch is an internal invariant (``AssertionError``).
         """
         name = self.layer_name or type(self).__name__
         if given:
             if not isinstance(qt, QTensor):
-                raise ValueError(f"{name}: qtensor must be a vqsuite.formats.QTensor, got {type(qt).__name__}")
+                raise UserError(f"{name}: qtensor must be a vqsuite.formats.QTensor, got {type(qt).__name__}")
             if qt.fmt != self.spec.weight:
-                raise ValueError(f"{name}: qtensor.fmt={qt.fmt!r} does not match spec.weight={self.spec.weight!r}")
+                raise UserError(f"{name}: qtensor.fmt={qt.fmt!r} does not match spec.weight={self.spec.weight!r}")
             if qt.group_size != self.spec.weight_group_size:
-                raise ValueError(
+                raise UserError(
                     f"{name}: qtensor.group_size={qt.group_size} does not match "
                     f"spec.weight_group_size={self.spec.weight_group_size}"
                 )
             if qt.per_tensor or qt.axis not in (-1, 1):
-                raise ValueError(f"{name}: qtensor must be grouped along K (axis=-1, per_tensor=False)")
+                raise UserError(f"{name}: qtensor must be grouped along K (axis=-1, per_tensor=False)")
             if tuple(qt.codes.shape) != self.gemm_shape:
-                raise ValueError(
+                raise UserError(
                     f"{name}: qtensor.codes has shape {tuple(qt.codes.shape)}, the GEMM weight is {self.gemm_shape}"
                 )
         store = {
@@ -342,7 +343,7 @@ class QuantLayer(nn.Module):
                 got = "None" if t is None else f"{tuple(t.shape)} {t.dtype}"
                 msg = f"{name}: {bname}: got {got}, expected {shape} {dtype}"
                 if given:
-                    raise ValueError(msg)
+                    raise UserError(msg)
                 raise AssertionError(msg)  # an internal invariant, not user input
             out[bname] = t.contiguous()
         return out
@@ -380,7 +381,7 @@ class QuantLayer(nn.Module):
         if self.frozen:
             raise RuntimeError("set_pending_qtensor needs the fake-quant state; the layer is frozen")
         if not self.quantizes_weight:
-            raise ValueError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to adopt")
+            raise UserError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to adopt")
         param = self.__dict__["_parameters"]["weight"]
         self._storage_from_qtensor(qtensor, given=True)  # validates
         param.copy_(self._from_gemm(dequantize(qtensor, torch.float32).to(param.device)).to(param.dtype))
@@ -400,7 +401,7 @@ class QuantLayer(nn.Module):
                 raise RuntimeError("the layer is already frozen; cannot freeze it from a QTensor")
             return self
         if qtensor is not None and not self.quantizes_weight:
-            raise ValueError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to store")
+            raise UserError("spec.weight is None: this layer keeps a 16-bit weight, there are no codes to store")
         if self.quantizes_weight:
             w = self._to_gemm(self.__dict__["_parameters"]["weight"].detach())
             given = qtensor is not None

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import UserError
 from vqsuite.nn.base import QuantLayer, copy_float_params
 
 
@@ -74,9 +75,9 @@ class QConv2d(QuantLayer):
         self.padding = padding if isinstance(padding, str) else tuple(_pair(padding))
         self.padding_mode, self.has_bias = padding_mode, bool(bias)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+            raise UserError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         if padding_mode != "zeros" and isinstance(self.padding, str):
-            raise ValueError(f"padding={padding!r} with padding_mode={padding_mode!r} is not supported")
+            raise UserError(f"padding={padding!r} with padding_mode={padding_mode!r} is not supported")
         k = in_channels // groups * self.kernel_size[0] * self.kernel_size[1]
         spec.validate_for(k, act_features=in_channels)
         super().__init__(
@@ -148,7 +149,7 @@ class QConvTranspose2d(QuantLayer):
         self.output_padding, self.dilation = tuple(_pair(output_padding)), tuple(_pair(dilation))
         self.has_bias = bool(bias)
         if in_channels % groups or out_channels % groups:
-            raise ValueError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
+            raise UserError(f"groups={groups} must divide in_channels={in_channels} and out_channels={out_channels}")
         k = in_channels // groups
         spec.validate_for(k, act_features=in_channels)
         kh, kw = self.kernel_size

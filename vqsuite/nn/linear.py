@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vqsuite.config import QuantSpec
+from vqsuite.errors import ConfigError
 from vqsuite.kernels import reference, select_impl
 from vqsuite.kernels.dispatch import KernelImpl
 from vqsuite.kernels.operands import QLinearOperands
@@ -159,7 +160,7 @@ class QLinearLowRank(QLinear):
         super().__init__(in_features, out_features, bias, spec, device=device, dtype=dtype)
         self.rank = int(spec.rank if rank is None else rank)
         if self.rank < 0 or self.rank > min(in_features, out_features):
-            raise ValueError(
+            raise ConfigError(
                 f"rank={self.rank} must lie in [0, min(in_features, out_features)={min(in_features, out_features)}]"
             )
         self.register_buffer("smooth", torch.ones(in_features, device=device, dtype=dtype))

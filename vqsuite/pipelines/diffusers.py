@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
+from vqsuite.errors import UserError
 from vqsuite.nn import QuantLayer
 from vqsuite.pipelines.io import _is_diffusion_pipeline
 from vqsuite.pipelines.modules import quantize_model
@@ -61,12 +62,12 @@ def find_denoiser(pipe: Any, name: str | None = None) -> tuple[str, nn.Module]:
     comps = getattr(pipe, "components", None) or {}
     if name is not None:
         if not isinstance(comps.get(name), nn.Module):
-            raise ValueError(f"denoiser={name!r} is not a module of {type(pipe).__name__} ({', '.join(comps)})")
+            raise UserError(f"denoiser={name!r} is not a module of {type(pipe).__name__} ({', '.join(comps)})")
         return name, comps[name]
     for cand in DENOISER_NAMES:
         if isinstance(comps.get(cand), nn.Module):
             return cand, comps[cand]
-    raise ValueError(
+    raise UserError(
         f"cannot find the denoiser of {type(pipe).__name__}: none of {', '.join(DENOISER_NAMES)} is a module; "
         "pass denoiser='<component name>'"
     )
@@ -337,7 +338,7 @@ def _component_configs(
             continue  # the denoiser is always quantized with ``config``
         if not isinstance(comps.get(name), nn.Module):
             mods = ", ".join(k for k, v in comps.items() if isinstance(v, nn.Module))
-            raise ValueError(f"components: {name!r} is not a module of {type(pipe).__name__} (modules: {mods})")
+            raise UserError(f"components: {name!r} is not a module of {type(pipe).__name__} (modules: {mods})")
         out[name] = (weight_only_config(config), "weight-only") if cfg is None else (cfg, "user config")
     return out
 
@@ -409,15 +410,15 @@ def quantize_pipeline(
         if kind == "text":
             prompts = list(calib_prompts) if calib_prompts is not None else default_calib_prompts()
             if not prompts:
-                raise ValueError("calib_prompts is empty")
+                raise UserError("calib_prompts is empty")
             if len(prompts) > num_calib_prompts:
                 logger.info("using %d of %d calibration prompts (num_calib_prompts)", num_calib_prompts, len(prompts))
             prompts = prompts[:num_calib_prompts]
         n = len(prompts) if prompts is not None else num_calib_prompts
         if n <= 0:
-            raise ValueError(f"num_calib_prompts={num_calib_prompts} must be positive")
+            raise UserError(f"num_calib_prompts={num_calib_prompts} must be positive")
         if calib_batch_size <= 0:
-            raise ValueError(f"calib_batch_size={calib_batch_size} must be positive")
+            raise UserError(f"calib_batch_size={calib_batch_size} must be positive")
         calib = make_calibration(
             pipe,
             prompts=prompts,

@@ -14,6 +14,12 @@ and loads the packed tensors (:func:`vqsuite.load_quantized`); the other compone
 diffusers' ``from_pretrained`` with the quantized ones passed in. No recalibration. Saving writes a temporary
 folder beside the target and renames it into place. Every failure is one readable :class:`CheckpointError` line.
 diffusers is imported only inside the functions.
+
+Loading never runs code from the folder and never reads outside it: ``vqsuite_pipeline.json`` and
+``model_index.json`` are validated first (:mod:`vqsuite.pipelines.schema`: component names are plain names, the
+libraries they name are on allow-lists, dtypes are float dtype names), the folder may hold no symlink out and no
+``.py`` file (:mod:`vqsuite.pipelines.folder`), and diffusers is called with ``use_safetensors=True`` (a component
+with only a pickle file is refused, never unpickled) and ``trust_remote_code=False``.
 """
 
 from __future__ import annotations
@@ -31,13 +37,23 @@ from torch import nn
 
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.nn import QuantLayer
+from vqsuite.pipelines.errors import short_repr
+from vqsuite.pipelines.folder import check_tree, contained_file
 from vqsuite.pipelines.io import (
     CONFIG_NAME,
     PIPELINE_META_NAME,
     WEIGHTS_NAME,
     CheckpointError,
     atomic_folder,
+    read_checkpoint_meta,
+    recover_interrupted_save,
     write_json,
+)
+from vqsuite.pipelines.schema import (
+    FLOAT_DTYPES,
+    QUANTIZED_LIBRARIES,
+    validate_model_index,
+    validate_pipeline_meta,
 )
 
 logger = logging.getLogger(__name__)
@@ -56,9 +72,11 @@ _ST_DTYPES = {
 }
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, n: int = 200) -> str:
+    """``Type: first line`` of an exception, clipped (diffusers' messages may quote long values from a file)."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    line = f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    return line if len(line) <= n else line[: n - 3] + "..."
 
 
 def _is_quantized(module: Any) -> bool:
@@ -104,9 +122,11 @@ def _saved_class(cfg: Any) -> str | None:
     if not isinstance(cfg, dict):
         return None
     if cfg.get("_class_name"):
-        return cfg["_class_name"]
-    arch = cfg.get("architectures")
-    return arch[0] if isinstance(arch, list) and arch else None
+        name = cfg["_class_name"]
+    else:
+        arch = cfg.get("architectures")
+        name = arch[0] if isinstance(arch, list) and arch else None
+    return name if isinstance(name, str) else None
 
 
 def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
@@ -164,10 +184,15 @@ def _vqsuite_version() -> str:
 
 
 def _read_json(file: Path) -> Any:
+    """Parsed JSON; a message gives the position of a syntax error, never the file's bytes."""
     try:
-        return json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{file} is not readable JSON ({_first_line(e)})") from None
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not readable JSON (not UTF-8 text at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not readable JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file} is not readable JSON ({e.strerror or type(e).__name__})") from None
 
 
 def is_pipeline_folder(path: str | os.PathLike) -> bool:
@@ -175,7 +200,9 @@ def is_pipeline_folder(path: str | os.PathLike) -> bool:
 
 
 def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The folder's ``vqsuite_pipeline.json``, validated against the folder; ``CheckpointError`` otherwise."""
+    """The folder's ``vqsuite_pipeline.json``, validated with ``model_index.json``, every quantized component's
+    ``vqsuite_config.json`` and the folder itself (no link out, no code); ``CheckpointError`` otherwise."""
+    recover_interrupted_save(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
@@ -184,40 +211,41 @@ def read_pipeline_meta(path: str | os.PathLike) -> dict[str, Any]:
     if not (path / PIPELINE_META_NAME).is_file():
         what = "a diffusers pipeline folder" if (path / MODEL_INDEX_NAME).is_file() else "a folder"
         raise CheckpointError(f"{path} is {what} without {PIPELINE_META_NAME}: not a vqsuite quantized pipeline")
+    check_tree(path)  # before any file is read: no symlink out of the folder, no .py diffusers could import
     meta = _read_json(path / PIPELINE_META_NAME)
-    if not isinstance(meta, dict) or meta.get("format") != PIPELINE_FORMAT:
-        raise CheckpointError(f"{path / PIPELINE_META_NAME} is not a {PIPELINE_FORMAT} file")
-    if meta.get("version") != PIPELINE_VERSION:
-        raise CheckpointError(
-            f"quantized-pipeline version {meta.get('version')!r} is not supported (this vqsuite reads "
-            f"{PIPELINE_VERSION})"
-        )
-    if not isinstance(meta.get("quantized"), dict) or not meta["quantized"]:
-        raise CheckpointError(f"{path / PIPELINE_META_NAME} lists no quantized component")
+    validate_pipeline_meta(
+        meta, path / PIPELINE_META_NAME, pipeline_format=PIPELINE_FORMAT, pipeline_version=PIPELINE_VERSION
+    )
     if not (path / MODEL_INDEX_NAME).is_file():
         raise CheckpointError(f"{path} has no {MODEL_INDEX_NAME}: an incomplete quantized pipeline")
     index = _read_json(path / MODEL_INDEX_NAME)
-    if not isinstance(index, dict) or index.get("_class_name") != meta.get("pipeline_class"):
+    components = validate_model_index(index, path / MODEL_INDEX_NAME)
+    if index["_class_name"] != meta["pipeline_class"]:
         raise CheckpointError(
-            f"{path / MODEL_INDEX_NAME} describes a {index.get('_class_name') if isinstance(index, dict) else '?'}, "
-            f"{PIPELINE_META_NAME} a {meta.get('pipeline_class')}: the folder was mixed from two pipelines"
+            f"{path / MODEL_INDEX_NAME} describes a {index['_class_name']}, {PIPELINE_META_NAME} a "
+            f"{meta['pipeline_class']}: the folder was mixed from two pipelines"
         )
-    for name, value in index.items():
-        if name.startswith("_") or not isinstance(value, list) or len(value) != 2 or value[0] is None:
+    for name, (lib, cls) in components.items():
+        if lib is None:
             continue
-        if not (path / name).is_dir():
-            raise CheckpointError(f"{path}: component {name!r} ({value[1]}) is missing (no folder {name}/)")
+        if not contained_file(path, name, f"component {name!r}").is_dir():
+            raise CheckpointError(f"{path}: component {name!r} ({cls}) is missing (no folder {name}/)")
     for name, entry in meta["quantized"].items():
+        if name not in components:
+            raise CheckpointError(
+                f"{path / PIPELINE_META_NAME}: quantized component {name!r} is not a component in {MODEL_INDEX_NAME}"
+            )
         folder = path / name
         for fname in (COMPONENT_CONFIG_NAME, CONFIG_NAME, WEIGHTS_NAME):
-            if not (folder / fname).is_file():
+            if not contained_file(folder, fname, f"component {name!r}").is_file():
                 raise CheckpointError(f"{path}: quantized component {name!r} has no {fname}")
         saved_cls = _saved_class(_read_json(folder / COMPONENT_CONFIG_NAME))
-        if saved_cls != entry.get("class"):
+        if saved_cls != entry["class"]:
             raise CheckpointError(
-                f"{folder / COMPONENT_CONFIG_NAME} describes a {saved_cls}, but the pipeline's {name} was a "
-                f"{entry.get('class')}: a component from another architecture"
+                f"{folder / COMPONENT_CONFIG_NAME} describes a {(saved_cls or '?')[:60]}, "
+                f"but the pipeline's {name} was a {entry['class']}: a component from another architecture"
             )
+        read_checkpoint_meta(folder)  # the component's own vqsuite_config.json, validated field by field
     return meta
 
 
@@ -254,15 +282,24 @@ def _match_saved_dtypes(model: nn.Module, dtypes: dict[str, torch.dtype]) -> Non
 
 
 def _component_class(library: str, class_name: str) -> type:
+    """The model class a quantized component is rebuilt as: a public ``nn.Module`` class of an allowed library
+    (never a module the folder names, which importing would run)."""
     import importlib
 
+    if library not in QUANTIZED_LIBRARIES:
+        raise CheckpointError(
+            f"{PIPELINE_META_NAME}: library {short_repr(library)} is not an allowed library "
+            f"({', '.join(QUANTIZED_LIBRARIES)})"
+        )
+    if not class_name.isidentifier() or class_name.startswith("_"):
+        raise CheckpointError(f"{PIPELINE_META_NAME}: {short_repr(class_name)} is not a public class name")
     try:
         lib = importlib.import_module(library)
     except ImportError as e:
         raise CheckpointError(f"cannot import {library!r} to rebuild {class_name} ({_first_line(e)})") from None
     cls = getattr(lib, class_name, None)
-    if not isinstance(cls, type):
-        raise CheckpointError(f"{library} has no class {class_name!r} (saved with another version?)")
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise CheckpointError(f"{library} has no model class {class_name!r} (saved with another version?)")
     return cls
 
 
@@ -271,7 +308,7 @@ def _rebuild_quantized_component(folder: Path, entry: dict[str, Any], device: st
 
     from vqsuite.pipelines.io import load_quantized
 
-    cls = _component_class(entry.get("library", "diffusers"), entry["class"])
+    cls = _component_class(entry.get("library") or "diffusers", entry["class"])
     try:
         with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (pos. embeddings) real
             if hasattr(cls, "load_config"):  # a diffusers model
@@ -374,14 +411,23 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
     import diffusers
 
     cls = getattr(diffusers, meta["pipeline_class"], None)
-    if cls is None:
+    if not (isinstance(cls, type) and issubclass(cls, diffusers.DiffusionPipeline)):
         raise CheckpointError(f"diffusers {diffusers.__version__} has no pipeline class {meta['pipeline_class']!r}")
+    connected = getattr(cls, "_load_connected_pipes", False) and (path / "README.md").is_file()
+    if cls is diffusers.DiffusionPipeline or connected:
+        # the generic class resolves the real one from the folder; a connected pipeline (with a README.md) would
+        # load its prior pipeline from the hub, outside the folder
+        raise CheckpointError(f"{path / PIPELINE_META_NAME}: pipeline_class {cls.__name__!r} cannot be loaded safely")
     quantized = {
         name: _rebuild_quantized_component(path / name, entry, device) for name, entry in meta["quantized"].items()
     }
-    dtypes = {k: getattr(torch, v) for k, v in (meta.get("dtypes") or {}).items() if k not in quantized and v}
+    dtypes = {k: FLOAT_DTYPES[v] for k, v in (meta.get("dtypes") or {}).items() if k not in quantized and v}
     try:
-        pipe = cls.from_pretrained(str(path), dtype=dtypes or None, **quantized)
+        # safetensors only: a component folder holding just a pickle (.bin) is refused by diffusers/transformers,
+        # never unpickled; no code from the folder or the hub (the folder was checked for .py files already)
+        pipe = cls.from_pretrained(
+            str(path), dtype=dtypes or None, use_safetensors=True, trust_remote_code=False, **quantized
+        )
     except CheckpointError:
         raise
     except Exception as e:

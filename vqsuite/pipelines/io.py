@@ -2,20 +2,21 @@
 
 The JSON records, for every quantized layer, its class, constructor arguments, spec and state, so
 ``load_quantized`` can rebuild the layers on the meta device and load the packed tensors into them with a
-strict key, shape and dtype check. No pickle is involved anywhere. Saving writes into a temporary folder
-beside the target and renames it into place, so a crash never leaves a half-written checkpoint and never
-damages an existing one.
+strict key, shape and dtype check. Saving writes into a temporary folder beside the target and renames it into
+place, so a crash never leaves a half-written checkpoint and never damages an existing one.
+
+Loading is safe by construction: only JSON and safetensors are read (no pickle, no code from the folder), both
+files must lie inside the folder (no symlink out), every JSON field is validated before use
+(:mod:`vqsuite.pipelines.schema`), the float architecture comes from an allow-list of sources (timm, the zoo),
+and a floating tensor holding NaN or Inf is refused. Each refusal is one :class:`CheckpointError` line.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,17 @@ from torch import nn
 
 from vqsuite.calibrators.timestep import attach_step_tracker_if_needed
 from vqsuite.config import CONFIG_VERSION, QuantConfig, QuantSpec
-from vqsuite.errors import UserError
+from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in vqsuite.fileio
+    _fsync_dir,
+    atomic_folder,
+    recover_interrupted_save,
+    write_json,
+)
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.pipelines.errors import CheckpointError, name_repr, short_repr
+from vqsuite.pipelines.folder import contained_file
 from vqsuite.pipelines.modules import module_references, replace_module
+from vqsuite.pipelines.schema import FLOAT_DTYPES, validate_checkpoint_meta
 
 logger = logging.getLogger(__name__)
 
@@ -44,10 +53,6 @@ LAYER_CLASSES: dict[str, tuple[type[QuantLayer], type[nn.Module]]] = {
 }
 
 
-class CheckpointError(UserError):
-    """A checkpoint that cannot be read or does not fit the model; the message is one readable line."""
-
-
 #: marker file of a quantized diffusers pipeline folder (see ``vqsuite.pipelines.diffusers_io``)
 PIPELINE_META_NAME = "vqsuite_pipeline.json"
 
@@ -59,13 +64,6 @@ def _is_diffusion_pipeline(obj: Any) -> bool:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _dtype_from_name(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise CheckpointError(f"unknown dtype {name!r} in checkpoint")
-    return dt
 
 
 def _model_source(model: nn.Module) -> dict[str, Any] | None:
@@ -94,50 +92,6 @@ def _state_for_saving(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
         seen[key] = name
         tensors[name] = t.detach().contiguous().cpu()
     return tensors, aliases
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON and fsync it (used inside an :func:`atomic_folder`)."""
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-@contextlib.contextmanager
-def atomic_folder(path: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` by rename, on any error it is
-    removed and an existing ``path`` is untouched. A crash never leaves a half-written checkpoint at ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_quantized(model: nn.Module, path: str | os.PathLike, *, model_source: dict[str, Any] | None = None) -> Path:
@@ -196,59 +150,72 @@ def _vqsuite_version() -> str:
     return __version__
 
 
+def _read_json_file(file: Path) -> Any:
+    """Parsed JSON of ``file``; a message names the position of a syntax error, never the file's bytes."""
+    try:
+        return json.loads(file.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON (not UTF-8 text at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{file} is not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except OSError as e:
+        raise CheckpointError(f"{file} is not readable ({e.strerror or type(e).__name__})") from None
+
+
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The checkpoint's JSON, validated; ``CheckpointError`` with one readable line otherwise."""
+    """The checkpoint's JSON, with every field validated (:func:`vqsuite.pipelines.schema.validate_checkpoint_meta`);
+    ``CheckpointError`` with one readable line otherwise. Both files must lie inside the folder."""
+    recover_interrupted_save(path)
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}")
     if not path.is_dir():
         raise CheckpointError(f"{path} is a file; a vqsuite checkpoint is a folder with {CONFIG_NAME}")
     for fname in (CONFIG_NAME, WEIGHTS_NAME):
-        if not (path / fname).is_file():
+        if not contained_file(path, fname, "it").is_file():
             raise CheckpointError(f"{path} has no {fname}: not a vqsuite checkpoint (or an incomplete one)")
-    try:
-        meta = json.loads((path / CONFIG_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not a {CHECKPOINT_FORMAT} config")
-    if meta.get("checkpoint_version") != CHECKPOINT_VERSION:
-        raise CheckpointError(
-            f"checkpoint version {meta.get('checkpoint_version')!r} is not supported (this vqsuite reads "
-            f"{CHECKPOINT_VERSION}); re-save it with a matching vqsuite"
-        )
-    if meta.get("config_version") != CONFIG_VERSION:
-        raise CheckpointError(
-            f"config version {meta.get('config_version')!r} is not supported (this vqsuite reads {CONFIG_VERSION})"
-        )
-    if not isinstance(meta.get("layers"), dict):
-        raise CheckpointError(f"{path / CONFIG_NAME} lists no layers")
+    meta = _read_json_file(path / CONFIG_NAME)
+    validate_checkpoint_meta(
+        meta, path / CONFIG_NAME, checkpoint_format=CHECKPOINT_FORMAT, checkpoint_version=CHECKPOINT_VERSION
+    )
     return meta
 
 
 def _build_model(meta: dict[str, Any]) -> nn.Module:
+    """The float architecture from the checkpoint's (validated) ``model_source``: a timm model by its registered
+    name, or a zoo model; nothing else is ever imported or built from a checkpoint's description."""
     src = meta.get("model_source")
     if not src:
         raise CheckpointError(
-            f"the checkpoint does not record how to build {meta.get('model_class', 'the model')}; "
+            f"the checkpoint does not record how to build {(meta.get('model_class') or 'the model')[:120]}; "
             "pass the float model: load_quantized(path, model=...)"
         )
-    if src.get("library") == "timm":
+    name = src["name"]
+    if src["library"] == "timm":
         import timm
 
+        if not timm.is_model(name):
+            raise CheckpointError(f"cannot build timm model {short_repr(name)}: timm has no such architecture")
         try:
             # eval: a checkpoint loaded without a model is for inference (train-mode BN would use batch stats)
-            return timm.create_model(src["name"], pretrained=False, **src.get("kwargs", {})).eval()
-        except Exception as e:  # an unknown name or bad kwargs: one readable line
-            raise CheckpointError(f"cannot build timm model {src.get('name')!r}: {e}") from None
-    if src.get("library") == "vqsuite.zoo":
-        from vqsuite import zoo
+            return timm.create_model(name, pretrained=False, **src.get("kwargs", {})).eval()
+        except Exception as e:  # bad kwargs: one readable line
+            raise CheckpointError(f"cannot build timm model {short_repr(name)}: {_first_line(e)}") from None
+    from vqsuite import zoo
 
-        try:
-            return zoo.load(src["name"]).model.eval()
-        except (KeyError, zoo.AssetMissingError) as e:  # unknown name or missing package: one readable line
-            raise CheckpointError(f"cannot build zoo model {src.get('name')!r}: {e}") from None
-    raise CheckpointError(f"unknown model source {src!r}; pass the float model: load_quantized(path, model=...)")
+    if name not in zoo.list():
+        raise CheckpointError(f"cannot build zoo model {short_repr(name)}: no such zoo model")
+    try:
+        return zoo.load(name).model.eval()
+    except (KeyError, zoo.AssetMissingError) as e:  # missing package: one readable line
+        raise CheckpointError(f"cannot build zoo model {short_repr(name)}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException, n: int = 200) -> str:
+    """An exception's first line, clipped: library messages may quote long values read from a file."""
+    lines = str(e).strip().splitlines()
+    text = lines[0] if lines else type(e).__name__
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _restore_method_modules(model: nn.Module, config: QuantConfig | None, path: Path) -> Callable[[], None]:
@@ -269,23 +236,25 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
     try:
         cls, float_type = LAYER_CLASSES[entry["class"]]
     except (KeyError, TypeError):
-        raise CheckpointError(f"layer {name!r}: unknown quantized class {entry.get('class')!r}") from None
+        cls_name = short_repr(entry.get("class"))
+        raise CheckpointError(f"layer {name_repr(name)}: unknown quantized class {cls_name}") from None
     try:
         current = model.get_submodule(name)
     except AttributeError:
-        raise CheckpointError(f"layer {name!r} of the checkpoint does not exist in the model") from None
+        raise CheckpointError(f"layer {name_repr(name)} of the checkpoint does not exist in the model") from None
     if not isinstance(current, (float_type, cls)):
         raise CheckpointError(
-            f"layer {name!r} is a {type(current).__name__} in the model but a {float_type.__name__} in the checkpoint"
+            f"layer {name_repr(name)} is a {type(current).__name__} in the model but a {float_type.__name__} "
+            "in the checkpoint"
         )
-    try:
+    try:  # the entry was validated (schema.validate_checkpoint_meta); what remains are cross-field checks
         spec = QuantSpec.from_dict(entry["spec"])
-        dtype = _dtype_from_name(entry["weight_dtype"])
+        dtype = FLOAT_DTYPES[entry["weight_dtype"]]
         q = cls(**entry["args"], spec=spec, device="meta", dtype=dtype)
     except CheckpointError:
         raise
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"layer {name!r}: invalid entry in checkpoint ({e})") from None
+        raise CheckpointError(f"layer {name_repr(name)}: invalid entry in checkpoint ({_first_line(e)})") from None
     q.layer_name = name
     q.train(current.training)
     if entry.get("frozen", True):
@@ -306,14 +275,48 @@ def _retie(model: nn.Module, aliases: dict[str, str]) -> None:
                 getattr(a, table)[a_attr] = getattr(c, table)[c_attr]
 
 
+#: buffers where NaN is a stored value, not damage: a per-step static scale slot never seen in calibration
+#: (``QuantLayer.set_act_scale_table``); Inf is refused there too
+_NAN_ALLOWED = frozenset({"act_scale_steps", "act_scale_t"})
+
+
+def check_finite(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    """Refuse a checkpoint whose floating tensors (scales, smoothing, low-rank factors, biases, float weights)
+    hold NaN or Inf: ``CheckpointError`` naming the first such tensor. Saving never checks (a model with NaN
+    state still saves, so it can be inspected); loading does."""
+    for name, t in tensors.items():
+        if not t.is_floating_point() or t.numel() == 0:
+            continue
+        values = t if t.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64) else t.float()
+        if name.rpartition(".")[2] in _NAN_ALLOWED:
+            bad = bool(torch.isinf(values).any())
+        else:
+            bad = not bool(torch.isfinite(values).all())
+        if bad:
+            raise CheckpointError(
+                f"{file}: tensor {name_repr(name)} holds NaN or Inf values; refusing a damaged checkpoint"
+            )
+
+
+def tensor_file_reason(e: BaseException) -> str:
+    """Why a safetensors file could not be read, without quoting the file (safetensors' messages quote header
+    bytes after a backtick): ``header too large``, ``invalid JSON in header``, an OS error."""
+    if isinstance(e, OSError):
+        return e.strerror or type(e).__name__
+    text = _first_line(e, 120).removeprefix("Error while deserializing header: ")
+    for quote in ("`", "'", '"', ":"):
+        text = text.split(quote, 1)[0]
+    return text.strip() or type(e).__name__
+
+
 def _check_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing:
-        raise CheckpointError(f"{path}: missing {len(missing)} tensor(s), first {missing[0]!r}")
+        raise CheckpointError(f"{path}: missing {len(missing)} tensor(s), first {name_repr(missing[0])}")
     if extra:
-        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), first {extra[0]!r}")
+        raise CheckpointError(f"{path}: {len(extra)} unexpected tensor(s), first {name_repr(extra[0])}")
     for k, t in expected.items():
         got = tensors[k]
         if tuple(got.shape) != tuple(t.shape):
@@ -341,18 +344,14 @@ def load_quantized(
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    recover_interrupted_save(path)
     if _is_diffusion_pipeline(model) or (Path(path) / PIPELINE_META_NAME).is_file():
         from vqsuite.pipelines.diffusers_io import load_quantized_pipeline
 
         return load_quantized_pipeline(path, model, device=device)
     path = Path(path)
     meta = read_checkpoint_meta(path)
-    config = None
-    if meta.get("config"):
-        try:
-            config = QuantConfig.from_dict(meta["config"])
-        except ValueError as e:
-            raise CheckpointError(f"{path / CONFIG_NAME}: bad config ({e})") from None
+    config = QuantConfig.from_dict(meta["config"]) if meta.get("config") else None  # validated: it parses
     if model is None:
         model = _build_model(meta)
     undo_method = _restore_method_modules(model, config, path)
@@ -360,8 +359,6 @@ def load_quantized(
     replaced: dict[str, nn.Module] = {}
     try:
         for name, entry in meta["layers"].items():
-            if not isinstance(entry, dict):
-                raise CheckpointError(f"layer {name!r}: invalid entry in checkpoint")
             replaced[name] = _rebuild_layer(model, name, entry, refs)
         try:
             tensors = load_file(str(path / WEIGHTS_NAME), device=str(device))
@@ -369,13 +366,16 @@ def load_quantized(
             # fresh, aligned copies keep loaded outputs bit-identical to the saved model's
             tensors = {k: v.clone() for k, v in tensors.items()}
         except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({e})") from None
+            raise CheckpointError(f"{path / WEIGHTS_NAME} is corrupt or unreadable ({tensor_file_reason(e)})") from None
         aliases = meta.get("aliases") or {}
         for alias, canonical in aliases.items():
             if canonical not in tensors:
-                raise CheckpointError(f"{path}: alias {alias!r} points to missing tensor {canonical!r}")
+                raise CheckpointError(
+                    f"{path}: alias {name_repr(alias)} points to missing tensor {name_repr(canonical)}"
+                )
             tensors[alias] = tensors[canonical]
         _check_tensors(model, tensors, path)
+        check_finite(tensors, path / WEIGHTS_NAME)
     except BaseException:
         for original in replaced.values():  # put the float layers back: a failed load changes nothing
             replace_module(model, refs, original, original)

@@ -21,6 +21,7 @@ from vqsuite.calibrators.data import CalibData, run_calibration_data
 from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
+from vqsuite.errors import UserError
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
 
@@ -158,6 +159,10 @@ def quantize_model(
     The per-layer report is ``model.vqsuite_report`` (:class:`QuantReport`): what was quantized with which
     spec, what was skipped and why. Quantizing nothing, or under half of the matrix weights, warns loudly.
     """
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    include = (include,) if isinstance(include, str) else include  # one pattern, not its characters
+    exclude = (exclude,) if isinstance(exclude, str) else exclude
     cfg = resolve_config(config)
     if exclude:
         cfg = cfg.with_overrides(exclude=tuple(cfg.exclude) + tuple(exclude))
@@ -211,7 +216,7 @@ def quantize_model(
 
     static_names = [name for name, _, spec, _ in targets if spec.act_mode == "static"]
     if static_names and calib_data is None:  # refuse before touching the model
-        raise ValueError(
+        raise UserError(
             f"{len(static_names)} layer(s) use static activation scales (e.g. {static_names[0]!r}); pass calib_data"
         )
 

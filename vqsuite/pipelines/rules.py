@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
+from vqsuite.errors import ConfigError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class LayerRule:
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
-            raise ValueError(f"action={self.action!r} must be one of {', '.join(ACTIONS)}")
+            raise ConfigError(f"action={self.action!r} must be one of {', '.join(ACTIONS)}")
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,7 @@ ARCH_RULES: dict[str, ArchRule] = {}
 def register_arch_rule(rule: ArchRule, *, overwrite: bool = False) -> None:
     """Teach ``quantize_pipeline`` a denoiser class (keyed by ``rule.name``)."""
     if rule.name in ARCH_RULES and not overwrite:
-        raise ValueError(f"an architecture rule for {rule.name!r} is already registered (pass overwrite=True)")
+        raise UserError(f"an architecture rule for {rule.name!r} is already registered (pass overwrite=True)")
     ARCH_RULES[rule.name] = rule
 
 

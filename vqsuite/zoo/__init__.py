@@ -29,10 +29,11 @@ from typing import Any
 
 from torch import nn
 
+from vqsuite.errors import UserError
 from vqsuite.zoo._assets import AssetMissingError, asset_file, package_dir, pip_install
 
-__all__ = ["AssetMissingError", "ZooEntry", "ZooModel", "asset_file", "describe", "list", "load", "package_dir",
-           "pip_install"]  # fmt: skip
+__all__ = ["AssetMissingError", "UnknownZooEntryError", "ZooEntry", "ZooModel", "asset_file", "describe", "list",
+           "load", "package_dir", "pip_install"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ _REGISTRY: dict[str, ZooEntry] = {}
 def register(entry: ZooEntry) -> None:
     """Add an entry (names are unique)."""
     if entry.name in _REGISTRY:
-        raise ValueError(f"zoo entry {entry.name!r} is already registered")
+        raise UserError(f"zoo entry {entry.name!r} is already registered")
     _REGISTRY[entry.name] = entry
 
 
@@ -81,14 +82,21 @@ def describe() -> dict[str, str]:
     return {k: _REGISTRY[k].description for k in list()}
 
 
+class UnknownZooEntryError(UserError, KeyError):
+    """No zoo entry of that name: a user error, and a ``KeyError`` as before (``except KeyError`` keeps working)."""
+
+    __str__ = BaseException.__str__  # the plain message, not KeyError's quoted repr
+
+
 def load(name: str) -> ZooModel:
     """Build entry ``name`` with its shipped weights (strict) on CPU in eval mode.
 
-    Raises ``KeyError`` for an unknown name and :class:`AssetMissingError` (one line with the install command) when
-    the package carrying the weights is not installed.
+    Raises :class:`UnknownZooEntryError` (a ``KeyError`` and a :class:`~vqsuite.errors.UserError`) for an unknown
+    name and :class:`AssetMissingError` (one line with the install command) when the package carrying the weights is
+    not installed.
     """
     if name not in _REGISTRY:
-        raise KeyError(f"no zoo entry {name!r}; known: {', '.join(list())}")
+        raise UnknownZooEntryError(f"no zoo entry {name!r}; known: {', '.join(list())}")
     e = _REGISTRY[name]
     model = e.build()
     return ZooModel(e.name, model, e.preprocess(), e.description, e.kind, e.requirement, dict(e.meta))

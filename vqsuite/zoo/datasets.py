@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vqsuite.errors import UserError
 from vqsuite.zoo._assets import AssetMissingError, asset_file, package_dir, pip_install
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def mnist_test() -> tuple[torch.Tensor, torch.Tensor]:
     _, _, (x, y) = _mnist_splits()
     codes = np.rint(x * 256.0)
     if codes.max() > 255 or not np.array_equal(codes, x * 256.0):
-        raise ValueError("mnist.pkl.gz does not hold uint8/256 values; the file is not the expected one")
+        raise UserError("mnist.pkl.gz does not hold uint8/256 values; the file is not the expected one")
     return torch.from_numpy(codes.astype(np.uint8)).reshape(-1, 1, 28, 28), torch.from_numpy(y.astype(np.int64))
 
 
@@ -98,7 +99,7 @@ def _read_idx(path: Path) -> np.ndarray:
         data = f.read()
     zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
     if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not a uint8 IDX file")
+        raise UserError(f"{path} is not a uint8 IDX file")
     shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
@@ -110,7 +111,7 @@ def fashion_mnist(split: str = "test") -> tuple[torch.Tensor, torch.Tensor]:
     """
     prefix = {"train": "train", "test": "t10k"}.get(split)
     if prefix is None:
-        raise ValueError(f"{split=} must be 'train' or 'test'")
+        raise UserError(f"{split=} must be 'train' or 'test'")
     images = FASHION_DIR / f"{prefix}-images-idx3-ubyte.gz"
     labels = FASHION_DIR / f"{prefix}-labels-idx1-ubyte.gz"
     if not (images.is_file() and labels.is_file()):
