@@ -463,6 +463,7 @@ class QuantLayer(nn.Module):
             self._buffers.pop(name, None)
             self._non_persistent_buffers_set.discard(name)
         self.__dict__.pop("_packed_tag", None)
+        self.__dict__.pop("_kernel_call", None)  # QLinear's cached (kernel, operands) choice holds the old tensors
 
     # ----------------------------------------------------------------- bookkeeping
     def ctor_kwargs(self) -> dict:

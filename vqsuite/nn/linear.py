@@ -10,7 +10,7 @@ from torch import nn
 
 from vqsuite.config import QuantSpec
 from vqsuite.errors import ConfigError
-from vqsuite.kernels import reference, select_impl
+from vqsuite.kernels import current_preference, reference, select_impl
 from vqsuite.kernels.dispatch import KernelImpl
 from vqsuite.kernels.operands import QLinearOperands
 from vqsuite.nn.base import PACKED_PREFIX, QuantLayer, copy_float_params
@@ -80,11 +80,50 @@ class QLinear(QuantLayer):
                 proj_down=getattr(self, "proj_down", None),
                 proj_up=getattr(self, "proj_up", None),
             )
+        if torch.compiler.is_compiling():
+            return self._run_uncached(x)
+        key = self._call_key(x)
+        cached = self.__dict__.get("_kernel_call")
+        if cached is None or cached[0] != key:
+            impl, ops = self._select_and_pack(x)
+            cached = self.__dict__["_kernel_call"] = (self._call_key(x), impl, ops)
+        _, impl, ops = cached
+        if self.spec.act_mode == "static":  # a per-step scale is resolved on every call
+            ops = ops.replace(act_scale=reference.static_act_scale(self))
+        return impl.fn(x, ops)
+
+    def _run_uncached(self, x: torch.Tensor) -> torch.Tensor:
+        impl, ops = self._select_and_pack(x)
+        return impl.fn(x, ops)
+
+    def _select_and_pack(self, x: torch.Tensor) -> tuple[KernelImpl, QLinearOperands]:
         ops = self.qlinear_operands()
         impl = select_impl("qlinear", self.spec.kernel, self.kernel_key, x=x, ops=ops)
         if impl.pack is not None:
             ops = self._with_packed(impl, ops)
-        return impl.fn(x, ops)
+        return impl, ops
+
+    def _call_key(self, x: torch.Tensor) -> tuple:
+        """What a cached (kernel, operands) choice depends on: the preference in force, the input's device, dtype,
+        width, grad need and M bucket (``M.bit_length()``: the CPU family's M thresholds are powers of two), the
+        spec and observing state, and every stored tensor's identity and version (a load, ``copy_``, device move
+        or repack changes the key)."""
+        m = x.numel() // max(int(x.shape[-1]), 1) if x.ndim else 0
+        state = tuple((id(t), t._version) for t in self._buffers.values() if t is not None)
+        params = tuple((id(t), t._version) for t in self._parameters.values() if t is not None)
+        return (
+            current_preference(self.spec.kernel),
+            x.device,
+            x.dtype,
+            x.shape[-1] if x.ndim else None,
+            x.requires_grad and torch.is_grad_enabled(),
+            m.bit_length(),
+            id(self.spec),
+            self.act_observing,
+            self.layer_name,
+            state,
+            params,
+        )
 
     def qlinear_operands(self) -> QLinearOperands:
         """The frozen layer's tensors and format facts for a ``qlinear`` kernel (built per call: cheap)."""

@@ -1,5 +1,6 @@
 """The CPU family's ops, registered with ``torch.library`` (custom op + fake impl) so ``torch.compile`` traces a
-frozen layer's forward as one opaque call per GEMM instead of breaking the graph.
+frozen layer's forward as one opaque call per GEMM instead of breaking the graph. Eager calls skip the
+``torch.library`` wrapper (``*_eager``: the same bodies), which costs more than the kernel itself at M=1.
 
     vqsuite::int4pack_linear(x [M, K] float, packed [N, K/2] uint8, scales_zeros [K/G, N, 2] bf16, G, N) -> [M, N]
         ``x`` is rounded to bf16 at the op boundary; ``torch.ops.aten._weight_int4pack_mm_for_cpu`` dequantizes
@@ -18,12 +19,24 @@ import torch
 KERNEL_DTYPE = torch.bfloat16
 
 
+def int4pack_linear_eager(
+    x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, n: int
+) -> torch.Tensor:
+    """The op's body, called directly in eager mode (the ``torch.library`` wrapper costs ~60 us a call here)."""
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group, scales_zeros)
+    return y.to(x.dtype)
+
+
+def int8pack_linear_eager(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The op's body, called directly in eager mode."""
+    return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), w, scales).to(x.dtype)
+
+
 @torch.library.custom_op("vqsuite::int4pack_linear", mutates_args=())
 def int4pack_linear(
     x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, n: int
 ) -> torch.Tensor:
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group, scales_zeros)
-    return y.to(x.dtype)
+    return int4pack_linear_eager(x, packed, scales_zeros, group, n)
 
 
 @int4pack_linear.register_fake
@@ -33,7 +46,7 @@ def _int4pack_linear_fake(x, packed, scales_zeros, group, n):  # noqa: ANN001, A
 
 @torch.library.custom_op("vqsuite::int8pack_linear", mutates_args=())
 def int8pack_linear(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), w, scales).to(x.dtype)
+    return int8pack_linear_eager(x, w, scales)
 
 
 @int8pack_linear.register_fake

@@ -64,6 +64,10 @@ INT4PACK_GROUPS: tuple[int, ...] = (256, 128, 64, 32)
 #: ``_convert_weight_to_int4pack_for_cpu`` needs N divisible by this
 INT4PACK_N_MULTIPLE = 16
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: (weight kernel, act route) -> the smallest M (rows of x) from which ``auto`` leaves the call to the reference,
+#: measured faster there (BENCHMARKS.md "CPU kernels"); powers of two (the layer caches its choice per
+#: ``M.bit_length()``). Absent: the CPU family at every M.
+MAX_M: dict[tuple[str, str], int] = {}
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,10 @@ def plan_for(ops: QLinearOperands, x: torch.Tensor | None = None, *, capability:
         ):
             act_route = "int_mm"
     if x is not None:
+        m = x.numel() // k if x.ndim and x.shape[-1] == k else 0
+        limit = MAX_M.get((weight_kernel, act_route))
+        if limit is not None and m >= limit:
+            return f"M={m} >= {limit}: the reference (fp32 GEMM) is measured faster for {weight_kernel}/{act_route}"
         if x.device.type != "cpu" or ops.qweight.device.type != "cpu":
             return "not on the CPU"
         if x.dtype not in X_DTYPES:
@@ -180,9 +188,12 @@ def _weight_gemm(
     xq: torch.Tensor, ops: QLinearOperands, plan: CpuPlan, packed: dict[str, torch.Tensor]
 ) -> torch.Tensor:
     n, _ = ops.gemm_shape
+    compiling = torch.compiler.is_compiling()
     if plan.weight_kernel == "int4pack":
-        return cpu_ops.int4pack_linear(xq, packed["int4_weight"], packed["int4_scales_zeros"], plan.group, n)
-    return cpu_ops.int8pack_linear(xq, ops.qweight, packed["int8_scales"])
+        fn4 = cpu_ops.int4pack_linear if compiling else cpu_ops.int4pack_linear_eager
+        return fn4(xq, packed["int4_weight"], packed["int4_scales_zeros"], plan.group, n)
+    fn8 = cpu_ops.int8pack_linear if compiling else cpu_ops.int8pack_linear_eager
+    return fn8(xq, ops.qweight, packed["int8_scales"])
 
 
 def qlinear(x: torch.Tensor, ops, *, capability: str | None = None) -> torch.Tensor:  # noqa: ANN001
