@@ -5,7 +5,7 @@ Per (preset, M, K x N): a frozen ``QLinear`` (``QLinearLowRank`` rank 32 for svd
 timed with ``vqsuite.kernels.prefer("reference")`` and with the default dispatch (which takes ``cpu.qlinear`` where
 it accepts the layer; the "path" column says which ran). Ratios are FP32 ``F.linear`` time / path time (> 1: faster
 than FP32), measured in the same run. Timing: ``time.perf_counter`` around repeated calls (at least --min-seconds per
-sample), median of --samples; one intra-op thread.
+sample), median of --samples; --threads intra-op threads (default 1).
 
 Run: ``PYTHONPATH=. .venv/bin/python benchmarks/cpu_kernels.py`` (a few minutes on 2 shared cores);
 ``--quick`` for a smoke run.
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 PRESETS: tuple[str, ...] = ("w8a16", "w4a16-g32", "w4a16-g64", "w4a16-g128", "w8a8", "w4a4", "svdquant-int4")
 SHAPES: tuple[tuple[int, int], ...] = ((1024, 1024), (4096, 4096))
 M_VALUES: tuple[int, ...] = (1, 16, 128)
+UNET_PRESETS: tuple[str, ...] = ("w4a16", "w8a8", "svdquant-int4")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--min-seconds", type=float, default=0.05, help="minimum wall time of one sample")
     ap.add_argument("--no-unet", action="store_true", help="skip the mini-sd UNet step")
     ap.add_argument("--quick", action="store_true", help="one small shape, M=1, 2 samples (smoke test)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    ap.add_argument("--unet-presets", nargs="*", default=list(UNET_PRESETS))
     ap.add_argument("--json", type=str)
     return ap.parse_args(argv)
 
@@ -104,15 +107,24 @@ def layer_rows(args: argparse.Namespace) -> list[dict]:
                 path, _ = vk.select("qlinear", "auto", q.kernel_key, x=x, ops=q.qlinear_operands())
                 with vk.prefer("reference"):
                     t_ref = time_call(lambda q=q, x=x: q(x), args.samples, args.min_seconds)
-                t_fast = time_call(lambda q=q, x=x: q(x), args.samples, args.min_seconds)
+                t_auto = time_call(lambda q=q, x=x: q(x), args.samples, args.min_seconds)
+                t_fast = float("nan")
+                with vk.prefer("triton"):  # the CPU family even where auto leaves the call to the reference
+                    try:
+                        t_fast = time_call(lambda q=q, x=x: q(x), args.samples, args.min_seconds)
+                    except RuntimeError:  # the family declines this layer outright
+                        pass
                 row = dict(base, preset=preset, path=path, ref_ms=t_ref * 1e3, fast_ms=t_fast * 1e3)
+                row["auto_ms"] = t_auto * 1e3
+                row["auto_x_fp32"] = t_fp32 / t_auto
                 row["ref_x_fp32"] = t_fp32 / t_ref
                 row["fast_x_fp32"] = t_fp32 / t_fast
                 row["fast_x_bf16"] = t_bf16 / t_fast
                 rows.append(row)
                 print(
                     f"  {preset:14s} {path:12s} ref {t_ref * 1e3:9.3f} ms ({row['ref_x_fp32']:.2f}x fp32)"
-                    f"  fast {t_fast * 1e3:9.3f} ms ({row['fast_x_fp32']:.2f}x fp32, {row['fast_x_bf16']:.2f}x bf16)",
+                    f"  cpu {t_fast * 1e3:9.3f} ms ({row['fast_x_fp32']:.2f}x fp32, {row['fast_x_bf16']:.2f}x bf16)"
+                    f"  auto {t_auto * 1e3:9.3f} ms ({row['auto_x_fp32']:.2f}x fp32)",
                     flush=True,
                 )
     return rows
@@ -140,7 +152,7 @@ def unet_rows(args: argparse.Namespace) -> list[dict]:
     rows = []
     t_fp32 = time_call(lambda: step(unet), args.samples, args.min_seconds)
     print(f"mini-sd UNet step (batch 2, {size}x{size} latents): fp32 {t_fp32 * 1e3:.2f} ms", flush=True)
-    for preset in ("w4a16", "w8a16", "w8a8"):
+    for preset in args.unet_presets:
         q = vqsuite.quantize_model(copy.deepcopy(unet), preset)
         with vk.prefer("reference"):
             t_ref = time_call(lambda q=q: step(q), args.samples, args.min_seconds)
@@ -160,7 +172,7 @@ def run(args: argparse.Namespace | None = None) -> dict:
     args = args or parse_args([])
     if args.quick:
         args.shapes, args.m, args.samples, args.no_unet = "256,256", [1], 2, True
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     header = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="minutes"),
         "cpu": platform.processor() or platform.machine(),

@@ -48,6 +48,16 @@ def _frozen(spec: QuantSpec, k: int = 256, n: int = 96, *, rank: int = 0, bias: 
 
 
 def _run_both(q: QLinear, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """The CPU family (M gate off: these tests hold the kernels to the reference at every M) and the reference."""
+    saved = dict(cpu.MAX_M)
+    cpu.MAX_M.clear()
+    try:
+        return _run_both_ungated(q, x)
+    finally:
+        cpu.MAX_M.update(saved)
+
+
+def _run_both_ungated(q: QLinear, x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor]:
     with torch.no_grad():
         name, _ = vk.select("qlinear", "auto", q.kernel_key, x=x, ops=q.qlinear_operands())
         y = q(x)
@@ -306,3 +316,41 @@ def test_torch_compile_fullgraph_one_w4a16_layer() -> None:
         y = q(x)  # packs eagerly: the compiled graph only reads the buffers
         compiled = torch.compile(q, fullgraph=True)
         assert torch.equal(compiled(x), y)
+
+
+def test_auto_leaves_large_m_on_small_int8_layers_to_the_reference() -> None:
+    """``MAX_M``: where the reference (dequantize + fp32 sgemm) is measured faster, ``auto`` takes it; the cached
+    per-layer choice follows M, and ``prefer("triton")`` still demands the CPU family."""
+    q = _frozen(get_preset("w8a16").default)
+    m_min, nk_max = cpu.MAX_M["int8pack"]
+    assert 256 * 96 <= nk_max
+    small, large = torch.randn(m_min - 1, 256), torch.randn(m_min, 256)
+    ops = q.qlinear_operands()
+    assert vk.select("qlinear", "auto", q.kernel_key, x=small, ops=ops)[0] == "cpu.qlinear"
+    assert vk.select("qlinear", "auto", q.kernel_key, x=large, ops=ops)[0] == "reference"
+    with torch.no_grad():
+        with vk.prefer("reference"):
+            want = q(large)
+        assert torch.equal(q(large), want)  # auto ran the reference itself
+        assert q.__dict__["_kernel_call"][1].name == "reference"
+        q(small)
+        assert q.__dict__["_kernel_call"][1].name == "cpu.qlinear"
+        with vk.prefer("triton"):
+            y = q(large)
+            assert q.__dict__["_kernel_call"][1].name == "cpu.qlinear"
+    assert sqnr_db(y, want) >= MIN_SQNR_WEIGHT_ONLY_DB
+
+
+def test_cached_call_follows_buffer_writes_and_preference() -> None:
+    q = _frozen(get_preset("w4a16").default)
+    x = torch.randn(2, 256)
+    with torch.no_grad():
+        y0 = q(x)
+        cached = q.__dict__["_kernel_call"]
+        assert q(x).equal(y0) and q.__dict__["_kernel_call"] is cached  # reused, not rebuilt
+        q.bias.add_(1.0)  # an in-place write bumps the version: the operands are rebuilt
+        assert torch.allclose(q(x), y0 + 1.0, atol=1e-5)
+        with vk.prefer("reference"):
+            assert q.__dict__["_kernel_call"][1].name == "cpu.qlinear"
+            q(x)
+            assert q.__dict__["_kernel_call"][1].name == "reference"

@@ -64,10 +64,12 @@ INT4PACK_GROUPS: tuple[int, ...] = (256, 128, 64, 32)
 #: ``_convert_weight_to_int4pack_for_cpu`` needs N divisible by this
 INT4PACK_N_MULTIPLE = 16
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: (weight kernel, act route) -> the smallest M (rows of x) from which ``auto`` leaves the call to the reference,
-#: measured faster there (BENCHMARKS.md "CPU kernels"); powers of two (the layer caches its choice per
-#: ``M.bit_length()``). Absent: the CPU family at every M.
-MAX_M: dict[tuple[str, str], int] = {}
+#: weight kernel -> (M, N·K): ``auto`` leaves a call with at least M rows of x on a layer of at most N·K weights to
+#: the reference (per-call dequantize + fp32 ``F.linear``), measured faster there on the AVX2 EPYC (BENCHMARKS.md
+#: "CPU kernels", 2026-12-03): the packed kernels compute ~2x slower per MAC than fp32 sgemm once M is large, while
+#: the reference's per-call dequantize is cheap for small layers (and very slow for big ones: 200-400 ms at 4096²).
+#: M values are powers of two (a layer caches its choice per ``M.bit_length()``). ``prefer("triton")`` ignores it.
+MAX_M: dict[str, tuple[int, int]] = {"int8pack": (64, 1 << 20), "int4pack": (512, 1 << 20)}
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,13 @@ def int8_gemm_is_fast(capability: str | None = None) -> bool:
     return cap.startswith("AVX512") and ("+VNNI" in cap or "+AMX" in cap)
 
 
-def plan_for(ops: QLinearOperands, x: torch.Tensor | None = None, *, capability: str | None = None) -> CpuPlan | str:
-    """The CPU plan for a frozen layer's operands (and input ``x``), or the reason the family declines."""
+def plan_for(
+    ops: QLinearOperands, x: torch.Tensor | None = None, *, capability: str | None = None, m_gate: bool = True
+) -> CpuPlan | str:
+    """The CPU plan for a frozen layer's operands (and input ``x``), or the reason the family declines.
+
+    ``m_gate``: decline where :data:`MAX_M` says the reference is faster (``auto``); off under ``prefer("triton")``,
+    which demands a fast kernel."""
     n, k = ops.gemm_shape
     fmt = get_format(ops.weight)
     if fmt.kind != "int" or fmt.asymmetric:
@@ -136,9 +143,9 @@ def plan_for(ops: QLinearOperands, x: torch.Tensor | None = None, *, capability:
             act_route = "int_mm"
     if x is not None:
         m = x.numel() // k if x.ndim and x.shape[-1] == k else 0
-        limit = MAX_M.get((weight_kernel, act_route))
-        if limit is not None and m >= limit:
-            return f"M={m} >= {limit}: the reference (fp32 GEMM) is measured faster for {weight_kernel}/{act_route}"
+        m_min, nk_max = MAX_M.get(weight_kernel, (0, 0)) if m_gate and act_route != "int_mm" else (0, 0)
+        if m_min and m >= m_min and n * k <= nk_max:
+            return f"M={m} >= {m_min} on N*K={n * k} <= {nk_max}: the reference is measured faster ({weight_kernel})"
         if x.device.type != "cpu" or ops.qweight.device.type != "cpu":
             return "not on the CPU"
         if x.dtype not in X_DTYPES:
@@ -151,8 +158,10 @@ def plan_for(ops: QLinearOperands, x: torch.Tensor | None = None, *, capability:
 
 
 def accepts(x: torch.Tensor, ops: QLinearOperands | None = None, layer=None) -> bool:  # noqa: ANN001
+    from vqsuite.kernels.dispatch import current_preference
+
     rec = try_operands(ops if ops is not None else layer)
-    return rec is not None and isinstance(plan_for(rec, x), CpuPlan)
+    return rec is not None and isinstance(plan_for(rec, x, m_gate=current_preference() != "triton"), CpuPlan)
 
 
 def _per_group_scales(ops: QLinearOperands, group: int) -> torch.Tensor:
@@ -202,7 +211,7 @@ def qlinear(x: torch.Tensor, ops, *, capability: str | None = None) -> torch.Ten
     ``ops.packed`` holds :func:`pack`'s tensors (the layer keeps them); packed here, per call, if absent.
     """
     ops = as_operands(ops)
-    plan = plan_for(ops, x, capability=capability)
+    plan = plan_for(ops, x, capability=capability, m_gate=False)
     if not isinstance(plan, CpuPlan):
         raise ValueError(f"{ops.name}: the CPU family cannot run this call: {plan}")
     packed = ops.packed if ops.packed is not None else pack(ops, capability=capability)
