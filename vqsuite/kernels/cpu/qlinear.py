@@ -43,6 +43,25 @@ fbgemm's ``quantized::linear_dynamic`` is the fastest GEMM (3.8x fp32 at M=128) 
 tensor and, without ``reduce_range``, saturates ``vpmaddubsw`` int16 pairs (errors up to 20% of the output range);
 with ``reduce_range`` activations lose a bit (7-bit): neither is our W8A8 math.
 
+When ``auto`` takes the family (:data:`MAX_M`; measured 2026-12-03, AVX2 EPYC, 1 thread, fp32 inputs; BENCHMARKS.md
+"CPU kernels"). Against the reference it replaces (per-call dequantize + fp32 ``F.linear``):
+
+==============================  ==================================================  ==================================
+weight kernel (any act route    CPU family                                          reference
+but ``int_mm``)
+==============================  ==================================================  ==================================
+int8pack (w8a16, w8a8, w6a6)    M < 64, or any M on layers of > 2^20 weights         M >= 64 on layers of <= 2^20
+                                (4096²: 1.8-70x faster than the reference)           weights (1024² M=128: 1.5x faster)
+int4pack (w4a16, w4a4,          M < 512, or any M on layers of > 2^20 weights        M >= 512 on layers of <= 2^20
+svdquant-int4, w3/w2)           (1024² M=128: ~1.1x; 4096² M=128: 2.9x)             weights (256x1024 M=512: ~2x)
+==============================  ==================================================  ==================================
+
+Neither beats FP32 ``F.linear`` on small layers or at M >= 64: the packed kernels win against FP32 only at M <= 16 on
+large layers (4096²: 1.5-2.3x); see BENCHMARKS.md. No dequantize-once bf16/fp32 GEMM route: bf16 ``F.linear`` is
+3-5x slower than fp32 here (no AVX512-BF16), and the fp32 route *is* the reference (its dequantize costs more than
+int4pack's whole GEMM on large layers). Per-call overhead (~60-100 us at M=1) is cut by the layer caching its
+(kernel, operands) choice and by calling the aten ops directly in eager mode (``ops.py``).
+
 The SVDQuant low-rank branch ``(x/λ) @ proj_down @ proj_up^T`` (x.dtype, like the reference) and the bias are added in
 the same call.
 """
