@@ -51,16 +51,18 @@ weight kernel (any act route    CPU family                                      
 but ``int_mm``)
 ==============================  ==================================================  ==================================
 int8pack (w8a16, w8a8, w6a6)    M < 64, or any M on layers of > 2^20 weights         M >= 64 on layers of <= 2^20
-                                (4096²: 1.8-70x faster than the reference)           weights (1024² M=128: 1.5x faster)
+                                (4096²: 1.8-70x faster than the reference)           weights (1024² M=128: 1.2-1.5x;
+                                                                                    M=64 is borderline: runs split)
 int4pack (w4a16, w4a4,          M < 512, or any M on layers of > 2^20 weights        M >= 512 on layers of <= 2^20
-svdquant-int4, w3/w2)           (1024² M=128: ~1.1x; 4096² M=128: 2.9x)             weights (256x1024 M=512: ~2x)
+svdquant-int4, w3/w2)           (1024² M=128: 1.1-1.3x; 4096² M=128: 2-4x)          weights (256x1024 M=512: ~2x)
 ==============================  ==================================================  ==================================
 
 Neither beats FP32 ``F.linear`` on small layers or at M >= 64: the packed kernels win against FP32 only at M <= 16 on
-large layers (4096²: 1.5-2.3x); see BENCHMARKS.md. No dequantize-once bf16/fp32 GEMM route: bf16 ``F.linear`` is
-3-5x slower than fp32 here (no AVX512-BF16), and the fp32 route *is* the reference (its dequantize costs more than
-int4pack's whole GEMM on large layers). Per-call overhead (~60-100 us at M=1) is cut by the layer caching its
-(kernel, operands) choice and by calling the aten ops directly in eager mode (``ops.py``).
+large layers (4096², 3072x12288: 1.1-2.8x with one thread); see BENCHMARKS.md. No dequantize-once bf16/fp32 GEMM
+route: bf16 ``F.linear`` is 2-7x slower than fp32 here (no AVX512-BF16) except at M=1 on the largest layers, and the
+fp32 route *is* the reference (its dequantize costs more than int4pack's whole GEMM on large layers). Per-call
+overhead (~60-100 us at M=1) is cut by the layer caching its (kernel, operands) choice and by calling the aten ops
+directly in eager mode (``ops.py``).
 
 The SVDQuant low-rank branch ``(x/λ) @ proj_down @ proj_up^T`` (x.dtype, like the reference) and the bias are added in
 the same call.
