@@ -31,13 +31,12 @@ def fake_fast_qlinear(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Register a 'fast' qlinear that accepts only 2-D inputs and records its calls."""
     calls: list[str] = []
 
-    def fn(x: torch.Tensor, layer: QLinear) -> torch.Tensor:
+    def fn(x: torch.Tensor, ops: kernels.QLinearOperands) -> torch.Tensor:
         calls.append("fast")
-        with kernels.prefer("reference"):  # its own weight dequantization must not dispatch back to "triton"
-            return reference.qlinear(x, layer)
+        return reference.qlinear(x, ops)
 
     monkeypatch.setattr(dispatch, "_FAST", {})
-    dispatch.register_fast("qlinear", dispatch.KernelImpl("fake-fast", fn, lambda x, layer: x.ndim == 2))
+    dispatch.register_fast("qlinear", dispatch.KernelImpl("fake-fast", fn, lambda x, ops: x.ndim == 2))
     return calls
 
 

@@ -230,7 +230,7 @@ def test_auto_never_picks_triton_on_cpu_without_interpreter(monkeypatch: pytest.
     q = _frozen("svdquant-int4")
     x = torch.randn(2, 128).half()
     name, _ = vk.select("qlinear", "auto", q.kernel_key, x=x, layer=q)
-    assert name == "reference"
+    assert not name.startswith("triton")  # the reference, or the CPU family (vqsuite.kernels.cpu)
 
 
 def _ptxas_available() -> bool:

@@ -220,7 +220,7 @@ def test_dispatcher_ignores_cpu_without_interpreter():
         layer = frozen_layer("w4a16", rank=0)
         x = torch.randn(2, 192, dtype=torch.float16)
         name, _ = vk.select("qlinear", layer.spec.kernel, layer.kernel_key, x=x, layer=layer)
-        assert name == "reference"
+        assert not name.startswith("triton")  # the reference, or the CPU family (vqsuite.kernels.cpu)
     finally:
         if old is not None:
             os.environ["TRITON_INTERPRET"] = old

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import vqsuite
-import vqsuite.nn.base as nn_base
+import vqsuite.kernels.reference as kernel_reference
 from vqsuite.config import QuantSpec, get_preset
 from vqsuite.nn import QLinear
 from vqsuite.nn.quantizers import quantize_activation
@@ -160,17 +160,19 @@ def test_activation_quantizer_runs_in_forward(monkeypatch: pytest.MonkeyPatch) -
     y_a4 = a4(x)
     calls: list[tuple[str | None, tuple[int, ...]]] = []
 
-    def spy(t: torch.Tensor, spec: QuantSpec, *args, **kwargs) -> torch.Tensor:
-        calls.append((spec.act, tuple(t.shape)))
-        return quantize_activation(t, spec, *args, **kwargs)
+    real = kernel_reference.fake_quantize_input
 
-    # the reference kernel quantizes activations through the layer's own quantize_input (vqsuite.nn.base)
-    monkeypatch.setattr(nn_base, "quantize_activation", spy)
+    def spy(t: torch.Tensor, ops: vqsuite.kernels.QLinearOperands) -> torch.Tensor:
+        calls.append((ops.act, tuple(t.shape)))
+        return real(t, ops)
+
+    # the frozen reference kernel quantizes activations as the layer's operands say (vqsuite.kernels.reference)
+    monkeypatch.setattr(kernel_reference, "fake_quantize_input", spy)
     assert torch.equal(a4(x), y_a4)
     assert calls == [("int4", (8, 128))]
 
     # with the activation quantizer made an identity, W4A4 collapses to W4A16: it was the only difference
-    monkeypatch.setattr(nn_base, "quantize_activation", lambda t, *a, **k: t)
+    monkeypatch.setattr(kernel_reference, "fake_quantize_input", lambda t, ops: t)
     assert torch.equal(a4(x), a16(x))
 
 

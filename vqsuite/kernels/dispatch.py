@@ -24,11 +24,17 @@ _logged: set[tuple] = set()
 
 @dataclass(frozen=True)
 class KernelImpl:
-    """A fast implementation of an op and the predicate saying whether it can take a given call."""
+    """A fast implementation of an op and the predicate saying whether it can take a given call.
+
+    ``pack`` (optional, ``qlinear`` only): ``pack(ops) -> dict[str, Tensor]``, the implementation's own weight
+    layout built once from the stored codes; the layer keeps it as non-persistent buffers and passes it back in
+    ``ops.packed`` (see :mod:`vqsuite.kernels.operands`).
+    """
 
     name: str
     fn: Callable
     accepts: Callable[..., bool]
+    pack: Callable[..., dict] | None = None
 
 
 _FAST: dict[str, list[KernelImpl]] = {}
@@ -63,21 +69,32 @@ def current_preference(default: str = "auto") -> str:
     return stack[-1] if stack else default
 
 
-def select(op: str, spec_preference: str, key: tuple, **call: object) -> tuple[str, Callable]:
-    """Pick ``(impl_name, fn)`` for ``op``; ``key`` (e.g. the layer shape) identifies the log line."""
+def select_impl(op: str, spec_preference: str, key: tuple, **call: object) -> KernelImpl:
+    """Pick the :class:`KernelImpl` for ``op`` (the reference as one without ``pack``); ``key`` (e.g. the layer
+    shape) identifies the log line. ``"triton"`` demands any fast implementation (Triton or the CPU family)."""
     pref = current_preference(spec_preference)
-    chosen: tuple[str, Callable] | None = None
+    chosen: KernelImpl | None = None
     if pref != "reference":
         for impl in _FAST.get(op, []):
             if impl.accepts(**call):
-                chosen = (impl.name, impl.fn)
+                chosen = impl
                 break
         if chosen is None and pref == "triton":
             raise RuntimeError(f"kernel preference 'triton' but no fast {op} kernel accepts {key} here")
     if chosen is None:
-        chosen = ("reference", _REFERENCE[op])
-    log_key = (op, key, chosen[0])
+        chosen = KernelImpl("reference", _REFERENCE[op], _accept_all)
+    log_key = (op, key, chosen.name)
     if log_key not in _logged:
         _logged.add(log_key)
-        logger.info("kernel %s %s -> %s (preference %s)", op, key, chosen[0], pref)
+        logger.info("kernel %s %s -> %s (preference %s)", op, key, chosen.name, pref)
     return chosen
+
+
+def select(op: str, spec_preference: str, key: tuple, **call: object) -> tuple[str, Callable]:
+    """Pick ``(impl_name, fn)`` for ``op`` (:func:`select_impl` without the packing hook)."""
+    impl = select_impl(op, spec_preference, key, **call)
+    return impl.name, impl.fn
+
+
+def _accept_all(**call: object) -> bool:
+    return True

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vqsuite.config import QuantSpec
 from vqsuite.formats import QTensor, dequantize, get_format, unpack_4bit
+from vqsuite.kernels.operands import QLinearOperands, as_operands
 
 
 def unpack_weight_codes(qweight: torch.Tensor, fmt_name: str) -> torch.Tensor:
@@ -63,24 +64,91 @@ def dequantize_weight(
 def static_act_scale(layer) -> torch.Tensor | None:
     """The static activation scale this forward uses (0-d), or ``None`` (dynamic, observing, or none).
 
-    Every kernel reads the static scale through this one function, so a layer whose scale depends on the
-    denoising step resolves it in one place.
+    Every frozen layer resolves its static scale through this one function when it builds its
+    :class:`~vqsuite.kernels.operands.QLinearOperands`, so a layer whose scale depends on the denoising step
+    resolves it in one place and kernels only ever see the resolved 0-d tensor (``operands.act_scale``).
     """
     if layer.act_observing:
         return None
     return getattr(layer, "act_scale", None)
 
 
-def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
-    """Reference forward of a ``QLinear``/``QLinearLowRank`` (fake-quant or frozen): ``x [..., K] -> [..., N]``."""
+def ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
+    """Forward ``xq``, backward identity (the same straight-through form as ``vqsuite.nn.quantizers.ste``)."""
+    if x.requires_grad:
+        return x + (xq - x).detach()
+    return xq
+
+
+def fake_quantize_static(x: torch.Tensor, fmt_name: str, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize ``x`` with a calibrated per-tensor ``scale`` (symmetric formats), back in ``x.dtype``.
+
+    The same arithmetic as ``vqsuite.nn.quantizers.fake_quantize_static`` (kernels do not import ``vqsuite.nn``;
+    ``tests/kernels/test_cpu_qlinear.py`` holds the two paths together bit for bit).
+    """
+    from vqsuite.formats.fp4 import decode_e2m1, encode_e2m1
+    from vqsuite.formats.fp8 import FP8_DTYPES, cast_fp8_saturate
+
+    fmt = get_format(fmt_name)
+    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)
+    v = x.float() / s
+    if fmt.kind == "int":
+        q = torch.round(v).clamp(fmt.qmin, fmt.qmax)
+    elif fmt_name in FP8_DTYPES:
+        q = cast_fp8_saturate(v, FP8_DTYPES[fmt_name]).float()
+    else:
+        q = decode_e2m1(encode_e2m1(v))
+    return (q * s).to(x.dtype)
+
+
+def fake_quantize_input(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
+    """Activation fake-quant of a frozen layer's input ``x [..., K]`` as ``ops`` says (groups along K); STE."""
+    from vqsuite.formats import fake_quantize
+
+    if ops.act is None or ops.act_mode == "none":
+        return x
+    xd = x.detach()
+    if ops.act_mode == "static":
+        s = ops.act_scale
+        if s is None or not bool(torch.isfinite(s).all()):
+            raise RuntimeError(f"{ops.name}.input: static activation scale is not calibrated; quantize with calib_data")
+        xq = fake_quantize_static(xd, ops.act, s)
+    else:
+        group = ops.act_group_size if ops.act_mode == "dynamic_per_group" else None
+        xq = fake_quantize(xd, ops.act, group, -1, name=f"{ops.name}.input")
+    return ste(x, xq)
+
+
+def operands_weight(ops: QLinearOperands, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantized weight ``[N, K]`` in ``dtype`` from a record's stored codes."""
+    qt = QTensor(
+        codes=unpack_weight_codes(ops.qweight, ops.weight),
+        scales=ops.wscales,
+        fmt=ops.weight,
+        group_size=ops.weight_group_size,
+        axis=-1,
+        per_tensor=False,
+        zero_points=ops.wzeros,
+        tensor_scale=ops.wtscale,
+    )
+    return dequantize(qt, dtype)
+
+
+def qlinear(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
+    """Reference forward of a frozen ``QLinear``/``QLinearLowRank``: ``x [..., K] -> [..., N]`` in x.dtype.
+
+    ``ops``: the layer's :class:`~vqsuite.kernels.operands.QLinearOperands` (a frozen layer is accepted too, for
+    callers that hold one). The weight is dequantized from its stored codes on every call.
+    """
+    ops = as_operands(ops)
     return linear_with_weight(
         x,
-        layer.quantized_gemm_weight(x.dtype),
-        layer.bias,
-        layer.quantize_input,  # the layer's own activation fake-quant (static step tables, fine-tuning adapters)
-        smooth=getattr(layer, "smooth", None),
-        proj_down=getattr(layer, "proj_down", None),
-        proj_up=getattr(layer, "proj_up", None),
+        operands_weight(ops, x.dtype),
+        ops.bias,
+        lambda t: fake_quantize_input(t, ops),
+        smooth=ops.smooth,
+        proj_down=ops.proj_down,
+        proj_up=ops.proj_up,
     )
 
 

@@ -46,6 +46,8 @@ PROTECTED_BUFFERS: tuple[str, ...] = (
     "act_scale_steps",
     "act_scale_t",
 )
+#: name prefix of the non-persistent buffers holding a fast kernel's own weight layout (not in ``state_dict``)
+PACKED_PREFIX = "packed_"
 #: submodule name of an optional fine-tuning adapter (:mod:`vqsuite.finetune.qalora`); when registered (fake-quant
 #: state only) it supplies the GEMM weight (``adapter.gemm_weight(layer, dtype)``) and may supply the input
 #: activations' fake-quant (``adapter.quantize_input(layer, x)``, ``None`` = the layer's own); absent, nothing
@@ -437,6 +439,7 @@ class QuantLayer(nn.Module):
         """``model.to(dtype)``/``.half()`` must not recast packed codes and scales (FP8 codes would become
         16-bit, FP32 scales would lose bits): storage buffers follow device moves only. The layer's compute
         dtype (``weight_dtype``) follows the conversion."""
+        self.drop_packed()  # a kernel's packed layout is rebuilt from the stored codes where they land
         protected = {n: self._buffers.pop(n) for n in PROTECTED_BUFFERS if self._buffers.get(n) is not None}
         pending = self.pending_qtensor()  # checked before the conversion changes the master weight
         try:
@@ -453,6 +456,14 @@ class QuantLayer(nn.Module):
         if probe.is_floating_point():
             self.weight_dtype = probe.dtype
         return self
+
+    def drop_packed(self) -> None:
+        """Forget a fast kernel's packed weight layout (it is rebuilt on the next call that needs it)."""
+        for name in self.__dict__.pop("_packed_names", ()):
+            self._buffers.pop(name, None)
+            self._non_persistent_buffers_set.discard(name)
+        self.__dict__.pop("_packed_tag", None)
+        self.__dict__.pop("_kernel_call", None)  # QLinear's cached (kernel, operands) choice holds the old tensors
 
     # ----------------------------------------------------------------- bookkeeping
     def ctor_kwargs(self) -> dict:

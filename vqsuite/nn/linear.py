@@ -10,8 +10,10 @@ from torch import nn
 
 from vqsuite.config import QuantSpec
 from vqsuite.errors import ConfigError
-from vqsuite.kernels import select
-from vqsuite.nn.base import QuantLayer, copy_float_params
+from vqsuite.kernels import current_preference, reference, select_impl
+from vqsuite.kernels.dispatch import KernelImpl
+from vqsuite.kernels.operands import QLinearOperands
+from vqsuite.nn.base import PACKED_PREFIX, QuantLayer, copy_float_params
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +64,113 @@ class QLinear(QuantLayer):
         return copy_float_params(q, module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[..., in_features]`` -> ``[..., out_features]``."""
-        _, fn = select("qlinear", self.spec.kernel, self.kernel_key, x=x, layer=self)
-        return fn(x, self)
+        """x: ``[..., in_features]`` -> ``[..., out_features]``.
+
+        Frozen with packed weights: one ``qlinear`` kernel call on the layer's :meth:`qlinear_operands` (the
+        dispatcher picks the implementation). Otherwise (fake-quant, or a 16-bit weight) the plain-torch math with
+        the layer's own weight and activation fake-quant (STE gradients, fine-tuning adapters).
+        """
+        if not (self.frozen and self.quantizes_weight):
+            return reference.linear_with_weight(
+                x,
+                self.quantized_gemm_weight(x.dtype),
+                self.bias,
+                self.quantize_input,
+                smooth=getattr(self, "smooth", None),
+                proj_down=getattr(self, "proj_down", None),
+                proj_up=getattr(self, "proj_up", None),
+            )
+        if torch.compiler.is_compiling():
+            return self._run_uncached(x)
+        key = self._call_key(x)
+        cached = self.__dict__.get("_kernel_call")
+        if cached is None or cached[0] != key:
+            impl, ops = self._select_and_pack(x)
+            cached = self.__dict__["_kernel_call"] = (self._call_key(x), impl, ops)
+        _, impl, ops = cached
+        if self.spec.act_mode == "static":  # a per-step scale is resolved on every call
+            ops = ops.replace(act_scale=reference.static_act_scale(self))
+        return impl.fn(x, ops)
+
+    def _run_uncached(self, x: torch.Tensor) -> torch.Tensor:
+        impl, ops = self._select_and_pack(x)
+        return impl.fn(x, ops)
+
+    def _select_and_pack(self, x: torch.Tensor) -> tuple[KernelImpl, QLinearOperands]:
+        ops = self.qlinear_operands()
+        impl = select_impl("qlinear", self.spec.kernel, self.kernel_key, x=x, ops=ops)
+        if impl.pack is not None:
+            ops = self._with_packed(impl, ops)
+        return impl, ops
+
+    def _call_key(self, x: torch.Tensor) -> tuple:
+        """What a cached (kernel, operands) choice depends on: the preference in force, the input's device, dtype,
+        width, grad need and M bucket (``M.bit_length()``: the CPU family's M thresholds are powers of two), the
+        spec and observing state, and every stored tensor's identity and version (a load, ``copy_``, device move
+        or repack changes the key)."""
+        m = x.numel() // max(int(x.shape[-1]), 1) if x.ndim else 0
+        state = tuple((id(t), t._version) for t in self._buffers.values() if t is not None)
+        params = tuple((id(t), t._version) for t in self._parameters.values() if t is not None)
+        return (
+            current_preference(self.spec.kernel),
+            x.device,
+            x.dtype,
+            x.shape[-1] if x.ndim else None,
+            x.requires_grad and torch.is_grad_enabled(),
+            m.bit_length(),
+            id(self.spec),
+            self.act_observing,
+            self.layer_name,
+            state,
+            params,
+        )
+
+    def qlinear_operands(self) -> QLinearOperands:
+        """The frozen layer's tensors and format facts for a ``qlinear`` kernel (built per call: cheap)."""
+        if not (self.frozen and self.quantizes_weight):
+            raise RuntimeError("qlinear_operands needs a frozen layer with a quantized weight")
+        b = self._buffers
+        spec = self.spec
+        observing = self.act_observing
+        proj_down = self._parameters.get("proj_down")
+        proj_up = self._parameters.get("proj_up")
+        return QLinearOperands(
+            qweight=b["qweight"],
+            wscales=b["wscales"],
+            gemm_shape=self.gemm_shape,
+            weight=spec.weight,
+            weight_group_size=spec.weight_group_size,
+            wzeros=b.get("wzeros"),
+            wtscale=b.get("wtscale"),
+            bias=self.bias,
+            smooth=b.get("smooth"),
+            proj_down=proj_down,
+            proj_up=proj_up,
+            act=None if observing else spec.act,
+            act_mode="none" if observing else spec.act_mode,
+            act_group_size=spec.act_group_size,
+            act_scale=reference.static_act_scale(self) if spec.act_mode == "static" else None,
+            name=self.layer_name or type(self).__name__,
+        )
+
+    def _with_packed(self, impl: KernelImpl, ops: QLinearOperands) -> QLinearOperands:
+        """``ops`` with ``impl``'s packed weight layout, packed once and kept as non-persistent buffers (repacked
+        only when the stored codes change: a load, a device move)."""
+        names = self.__dict__.get("_packed_names", ())
+        if names and torch.compiler.is_compiling():
+            # torch.compile cannot compare data pointers: a compiled forward reuses the layout an eager call packed
+            return ops.replace(packed={n[len(PACKED_PREFIX) :]: self._buffers[n] for n in names})
+        stored = (ops.qweight, ops.wscales, ops.wzeros, ops.wtscale)
+        tag = (impl.name, *((t.data_ptr(), t._version) for t in stored if t is not None))
+        if self.__dict__.get("_packed_tag") != tag:
+            self.drop_packed()
+            names = []
+            for key, t in impl.pack(ops).items():
+                self.register_buffer(PACKED_PREFIX + key, t, persistent=False)
+                names.append(PACKED_PREFIX + key)
+            self.__dict__["_packed_names"] = tuple(names)
+            self.__dict__["_packed_tag"] = tag
+        return ops.replace(packed={n[len(PACKED_PREFIX) :]: self._buffers[n] for n in names})
 
 
 class QLinearLowRank(QLinear):

@@ -2,8 +2,11 @@
 
 A family module defines two functions for the ``"qlinear"`` op:
 
-    accepts(x: torch.Tensor, layer) -> bool   # shapes, dtypes and formats this family handles
-    qlinear(x: torch.Tensor, layer) -> torch.Tensor   # x [..., K] -> [..., N], same math as its reference twin
+    accepts(x: torch.Tensor, ops: QLinearOperands) -> bool   # shapes, dtypes and formats this family handles
+    qlinear(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor   # x [..., K] -> [..., N], same math as its twin
+
+(both also take a frozen layer in place of ``ops``, for tests and benchmarks:
+:func:`~vqsuite.kernels.operands.as_operands`).
 
 Triton runs on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` was set before triton was first
 imported (that is how the tests check every kernel against ``vqsuite.kernels.reference`` without a GPU).
@@ -20,6 +23,7 @@ from types import ModuleType
 import torch
 
 from vqsuite.kernels.dispatch import KernelImpl, register_fast
+from vqsuite.kernels.operands import QLinearOperands, as_operands
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +64,14 @@ def _family(name: str) -> ModuleType | None:
 
 
 def _impl(name: str) -> KernelImpl:
-    def accepts(x: torch.Tensor, layer) -> bool:
-        if not device_usable(x.device) or not getattr(layer, "frozen", False):
+    def accepts(x: torch.Tensor, ops: QLinearOperands | None = None, layer=None) -> bool:  # noqa: ANN001
+        if not device_usable(x.device):
             return False
         mod = _family(name)
-        return mod is not None and bool(mod.accepts(x, layer))
+        return mod is not None and bool(mod.accepts(x, ops if ops is not None else layer))
 
-    def run(x: torch.Tensor, layer) -> torch.Tensor:
-        return _family(name).qlinear(x, layer)
+    def run(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
+        return _family(name).qlinear(x, as_operands(ops))
 
     return KernelImpl(name=f"triton.{name}", fn=run, accepts=accepts)
 

@@ -410,17 +410,15 @@ def _pow2_divides(g: int, k: int) -> bool:
     return g >= 16 and g & (g - 1) == 0 and k % g == 0
 
 
-def plan_for(layer, x: torch.Tensor | None = None) -> Mma8Plan | str:
-    """The plan for a frozen ``QLinear``/``QLinearLowRank`` (and input ``x``), or why this family declines."""
-    from vqsuite.nn.linear import QLinear
+def plan_for(ops, x: torch.Tensor | None = None) -> Mma8Plan | str:  # noqa: ANN001
+    """The plan for a frozen layer's :class:`~vqsuite.kernels.operands.QLinearOperands` (or the frozen
+    ``QLinear``/``QLinearLowRank`` itself) and input ``x``, or why this family declines."""
+    from vqsuite.kernels.operands import try_operands
 
-    if not isinstance(layer, QLinear):
-        return f"{type(layer).__name__} is not a QLinear"
-    if not getattr(layer, "frozen", False):
-        return "layer is not frozen"
-    if layer.act_observing:
-        return "layer is observing activations"
-    spec = layer.spec
+    rec = try_operands(ops)
+    if rec is None:
+        return f"{type(ops).__name__} is not a frozen quantized linear layer"
+    spec = rec
     if spec.act is None or spec.weight is None:
         return "needs quantized weights and activations"
     if spec.act not in _INT_ACTS + _FP_ACTS:
@@ -428,7 +426,7 @@ def plan_for(layer, x: torch.Tensor | None = None) -> Mma8Plan | str:
     family = "int" if spec.act in _INT_ACTS else "fp"
     if spec.weight not in _WEIGHTS_FOR_ACT[family]:
         return f"weight={spec.weight} cannot meet act={spec.act} on an 8-bit MMA"
-    n, k = layer.gemm_shape
+    n, k = rec.gemm_shape
     act_group = None
     if spec.act_mode == "dynamic_per_group":
         act_group = int(spec.act_group_size)
@@ -438,7 +436,7 @@ def plan_for(layer, x: torch.Tensor | None = None) -> Mma8Plan | str:
         if spec.act == "nvfp4" and act_group != 16:
             return "nvfp4 activations need groups of 16"
     elif spec.act_mode == "static":
-        if spec.act == "nvfp4" or reference.static_act_scale(layer) is None:
+        if spec.act == "nvfp4" or rec.act_scale is None:
             return "static mode without a static scale"
     elif spec.act_mode != "dynamic_per_token":
         return f"act_mode={spec.act_mode} not implemented"
@@ -446,11 +444,10 @@ def plan_for(layer, x: torch.Tensor | None = None) -> Mma8Plan | str:
     if wg is not None and wg != k and not _pow2_divides(wg, k):
         return f"weight_group_size={wg} must be a power of two >= 16 dividing K={k}"
     wg = None if wg == k else wg
-    if getattr(layer, "wzeros", None) is not None:
+    if rec.wzeros is not None:
         return "asymmetric weights"
-    rank = getattr(layer, "proj_down", None)
-    if rank is not None and rank.shape[1] > MAX_RANK:
-        return f"rank={rank.shape[1]} > {MAX_RANK}"
+    if rec.rank > MAX_RANK:
+        return f"rank={rec.rank} > {MAX_RANK}"
     if x is not None:
         if torch.is_grad_enabled() and x.requires_grad:
             return "x requires grad: the kernels are not differentiable, the reference path is"
@@ -458,67 +455,76 @@ def plan_for(layer, x: torch.Tensor | None = None) -> Mma8Plan | str:
             return f"x.dtype={x.dtype}"
         if x.ndim == 0 or x.shape[-1] != k or x.numel() == 0:
             return f"x shape {tuple(x.shape)} does not fit K={k}"
-        if layer.qweight.device != x.device:
+        if rec.qweight.device != x.device:
             return "layer and input on different devices"
     return Mma8Plan(spec.act, spec.act_mode, act_group, spec.weight, wg)
 
 
-def accepts(x: torch.Tensor, layer) -> bool:
-    """Family contract: can :func:`qlinear` run this frozen layer on ``x`` (device checked by the caller)?"""
-    return isinstance(plan_for(layer, x), Mma8Plan)
+def accepts(x: torch.Tensor, ops) -> bool:  # noqa: ANN001
+    """Family contract: can :func:`qlinear` run these operands (or this frozen layer) on ``x`` (device checked by
+    the caller)?"""
+    return isinstance(plan_for(ops, x), Mma8Plan)
 
 
-def _checked_static_scale(layer) -> torch.Tensor:
-    """The static scale (``reference.static_act_scale``: per-step tables resolve there), refused if it was never
-    calibrated. On CUDA the finiteness check (a host sync) runs once per scale storage and version."""
-    s = reference.static_act_scale(layer)
+#: (device, data_ptr, version) of static scales already checked finite (bounded: cleared when it grows large)
+_SCALES_OK: set[tuple] = set()
+
+
+def _checked_static_scale(ops) -> torch.Tensor:  # noqa: ANN001
+    """The record's static scale (per-step tables resolved by the layer), refused if it was never calibrated. On
+    CUDA the finiteness check (a host sync) runs once per scale storage and version."""
+    s = ops.act_scale
     key = (s.device, s.data_ptr(), s._version)
-    if s.device.type == "cpu" or layer.__dict__.get("_mma8_scale_ok") != key:
+    if s.device.type == "cpu" or key not in _SCALES_OK:
         if not bool(torch.isfinite(s).all()):
-            name = layer.layer_name or type(layer).__name__
-            raise RuntimeError(f"{name}.input: static activation scale is not calibrated; quantize with calib_data")
-        layer.__dict__["_mma8_scale_ok"] = key
+            raise RuntimeError(f"{ops.name}.input: static activation scale is not calibrated; quantize with calib_data")
+        if len(_SCALES_OK) > 4096:
+            _SCALES_OK.clear()
+        _SCALES_OK.add(key)
     return s
 
 
-def _run(x: torch.Tensor, layer, *, act_fn, gemm_fn) -> torch.Tensor:
-    plan = plan_for(layer, x)
+def _run(x: torch.Tensor, ops, *, act_fn, gemm_fn) -> torch.Tensor:  # noqa: ANN001
+    from vqsuite.kernels.operands import as_operands
+
+    plan = plan_for(ops, x)
     if not isinstance(plan, Mma8Plan):
         raise ValueError(f"mma8 cannot run this layer: {plan}")
-    n, k = layer.gemm_shape
+    ops = as_operands(ops)
+    n, k = ops.gemm_shape
     x2 = x.reshape(-1, k)
-    proj_down = getattr(layer, "proj_down", None)
+    proj_down = ops.proj_down
     codes, scales, lowrank = act_fn(
         x2,
         act=plan.act,
         act_mode=plan.act_mode if plan.act_group or plan.act_mode != "dynamic_per_group" else "dynamic_per_token",
         group_size=plan.act_group,
-        static_scale=_checked_static_scale(layer) if plan.act_mode == "static" else None,
-        smooth=getattr(layer, "smooth", None),
+        static_scale=_checked_static_scale(ops) if plan.act_mode == "static" else None,
+        smooth=ops.smooth,
         proj_down=proj_down.detach() if proj_down is not None else None,
     )
-    proj_up = getattr(layer, "proj_up", None)
+    proj_up = ops.proj_up
     y = gemm_fn(
         codes,
         scales,
-        layer.qweight,
-        layer.wscales,
+        ops.qweight,
+        ops.wscales,
         weight_fmt=plan.weight,
         weight_group_size=plan.weight_group,
-        wtscale=getattr(layer, "wtscale", None),
+        wtscale=ops.wtscale,
         lowrank=lowrank,
         proj_up=proj_up.detach() if proj_up is not None else None,
-        bias=layer.bias.detach() if layer.bias is not None else None,
+        bias=ops.bias.detach() if ops.bias is not None else None,
         out_dtype=x.dtype,
     )
     return y.reshape(*x.shape[:-1], n)
 
 
-def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
+def qlinear(x: torch.Tensor, ops) -> torch.Tensor:  # noqa: ANN001
     """Frozen ``QLinear``/``QLinearLowRank`` forward on the Triton path: ``x [..., K] -> [..., N]`` in x.dtype."""
-    return _run(x, layer, act_fn=act_quant_lowrank, gemm_fn=gemm_mma8)
+    return _run(x, ops, act_fn=act_quant_lowrank, gemm_fn=gemm_mma8)
 
 
-def qlinear_twin(x: torch.Tensor, layer) -> torch.Tensor:
+def qlinear_twin(x: torch.Tensor, ops) -> torch.Tensor:  # noqa: ANN001
     """The same forward built from the plain-PyTorch twins (the kernels' exact-math reference)."""
-    return _run(x, layer, act_fn=reference.act_quant_lowrank_reference, gemm_fn=reference.gemm_mma8_reference)
+    return _run(x, ops, act_fn=reference.act_quant_lowrank_reference, gemm_fn=reference.gemm_mma8_reference)

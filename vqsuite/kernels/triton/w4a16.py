@@ -366,23 +366,23 @@ def _kernels(interpret: bool) -> _Kernels:
 
 
 # ----------------------------------------------------------------------------------------------- host side
-def accepts(x: torch.Tensor, layer) -> bool:
+def accepts(x: torch.Tensor, ops) -> bool:  # noqa: ANN001 - QLinearOperands or a frozen layer
     """True for frozen linear layers with a weight-only ``int4``/``int4_asym`` (g64/g128) or ``nvfp4`` spec."""
-    from vqsuite.nn.linear import QLinear
+    from vqsuite.kernels.operands import try_operands
 
-    spec = layer.spec
-    if not isinstance(layer, QLinear) or not getattr(layer, "frozen", False) or spec.act is not None:
+    ops = try_operands(ops)
+    if ops is None or ops.act is not None:
         return False
-    if spec.weight not in SUPPORTED_GROUPS or spec.weight_group_size not in SUPPORTED_GROUPS[spec.weight]:
+    if ops.weight not in SUPPORTED_GROUPS or ops.weight_group_size not in SUPPORTED_GROUPS[ops.weight]:
         return False
-    n, k = layer.gemm_shape
-    if x.dtype not in X_DTYPES or x.shape[-1] != k or x.device != layer.qweight.device or k % 2:
+    n, k = ops.gemm_shape
+    if x.dtype not in X_DTYPES or x.shape[-1] != k or x.device != ops.qweight.device or k % 2:
         return False
-    if spec.weight == "nvfp4" and layer.wscales.dtype != torch.float8_e4m3fn:
+    if ops.weight == "nvfp4" and ops.wscales.dtype != torch.float8_e4m3fn:
         return False
-    if spec.weight != "nvfp4" and not layer.wscales.dtype.is_floating_point:
+    if ops.weight != "nvfp4" and not ops.wscales.dtype.is_floating_point:
         return False
-    return (getattr(layer, "rank", 0) or 0) <= MAX_RANK
+    return ops.rank <= MAX_RANK
 
 
 def _split_k(m: int, n: int, k: int, block_n: int, interpret: bool, device: torch.device) -> tuple[int, int]:
@@ -550,19 +550,21 @@ def gemm_w4a16(
 
 
 @torch.compiler.disable  # torch.compile treats the launch as opaque (a graph break) instead of tracing the host code
-def qlinear(x: torch.Tensor, layer) -> torch.Tensor:
+def qlinear(x: torch.Tensor, ops) -> torch.Tensor:  # noqa: ANN001 - QLinearOperands or a frozen layer
     """Frozen ``QLinear``/``QLinearLowRank`` forward through :func:`gemm_w4a16`: ``x [..., K] -> [..., N]``."""
-    spec = layer.spec
+    from vqsuite.kernels.operands import as_operands
+
+    ops = as_operands(ops)
     return gemm_w4a16(
         x,
-        layer.qweight,
-        layer.wscales,
-        spec.weight,
-        spec.weight_group_size,
-        wzeros=getattr(layer, "wzeros", None),
-        wtscale=getattr(layer, "wtscale", None),
-        smooth=getattr(layer, "smooth", None),
-        proj_down=getattr(layer, "proj_down", None),
-        proj_up=getattr(layer, "proj_up", None),
-        bias=layer.bias,
+        ops.qweight,
+        ops.wscales,
+        ops.weight,
+        ops.weight_group_size,
+        wzeros=ops.wzeros,
+        wtscale=ops.wtscale,
+        smooth=ops.smooth,
+        proj_down=ops.proj_down,
+        proj_up=ops.proj_up,
+        bias=ops.bias,
     )
