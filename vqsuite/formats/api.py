@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vqsuite.formats.base import Format, QTensor, _entry
+from vqsuite.formats.base import Format, QTensor, _entry, get_format
 
 
 def quantize(
@@ -63,3 +63,24 @@ def fake_quantize(
     """Quantize then dequantize: the values ``x`` takes in ``fmt``; same shape and dtype as ``x``."""
     qt = quantize(x, fmt, group_size=group_size, axis=axis, per_tensor=per_tensor, scale_dtype=scale_dtype, name=name)
     return dequantize(qt, x.dtype)
+
+
+def fake_quantize_static(x: torch.Tensor, fmt_name: str, scale: torch.Tensor) -> torch.Tensor:
+    """Quantize ``x`` with a given (calibrated) per-tensor ``scale`` (symmetric formats only), back in ``x.dtype``.
+
+    The one implementation of static activation fake-quant: the layers (``vqsuite.nn.quantizers``) and the kernels'
+    reference twin (``vqsuite.kernels.reference``) both call it, so they agree bit for bit by construction.
+    """
+    from vqsuite.formats.fp4 import decode_e2m1, encode_e2m1
+    from vqsuite.formats.fp8 import FP8_DTYPES, cast_fp8_saturate
+
+    fmt = get_format(fmt_name)
+    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)
+    v = x.float() / s
+    if fmt.kind == "int":
+        q = torch.round(v).clamp(fmt.qmin, fmt.qmax)
+    elif fmt_name in FP8_DTYPES:
+        q = cast_fp8_saturate(v, FP8_DTYPES[fmt_name]).float()
+    else:
+        q = decode_e2m1(encode_e2m1(v))
+    return (q * s).to(x.dtype)

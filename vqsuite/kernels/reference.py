@@ -80,27 +80,6 @@ def ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     return xq
 
 
-def fake_quantize_static(x: torch.Tensor, fmt_name: str, scale: torch.Tensor) -> torch.Tensor:
-    """Quantize ``x`` with a calibrated per-tensor ``scale`` (symmetric formats), back in ``x.dtype``.
-
-    The same arithmetic as ``vqsuite.nn.quantizers.fake_quantize_static`` (kernels do not import ``vqsuite.nn``;
-    ``tests/kernels/test_cpu_qlinear.py`` holds the two paths together bit for bit).
-    """
-    from vqsuite.formats.fp4 import decode_e2m1, encode_e2m1
-    from vqsuite.formats.fp8 import FP8_DTYPES, cast_fp8_saturate
-
-    fmt = get_format(fmt_name)
-    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)
-    v = x.float() / s
-    if fmt.kind == "int":
-        q = torch.round(v).clamp(fmt.qmin, fmt.qmax)
-    elif fmt_name in FP8_DTYPES:
-        q = cast_fp8_saturate(v, FP8_DTYPES[fmt_name]).float()
-    else:
-        q = decode_e2m1(encode_e2m1(v))
-    return (q * s).to(x.dtype)
-
-
 def fake_quantize_input(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
     """Activation fake-quant of a frozen layer's input ``x [..., K]`` as ``ops`` says (groups along K); STE."""
     from vqsuite.formats import fake_quantize
@@ -112,6 +91,8 @@ def fake_quantize_input(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
         s = ops.act_scale
         if s is None or not bool(torch.isfinite(s).all()):
             raise RuntimeError(f"{ops.name}.input: static activation scale is not calibrated; quantize with calib_data")
+        from vqsuite.formats.api import fake_quantize_static
+
         xq = fake_quantize_static(xd, ops.act, s)
     else:
         group = ops.act_group_size if ops.act_mode == "dynamic_per_group" else None

@@ -10,8 +10,7 @@ import torch
 
 from vqsuite.config import QuantSpec
 from vqsuite.formats import fake_quantize, get_format
-from vqsuite.formats.fp4 import decode_e2m1, encode_e2m1
-from vqsuite.formats.fp8 import FP8_DTYPES, cast_fp8_saturate
+from vqsuite.formats.api import fake_quantize_static
 
 
 def ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
@@ -27,20 +26,6 @@ def fake_quantize_weight(w_nk: torch.Tensor, spec: QuantSpec, name: str = "weigh
         w_nk.detach(), spec.weight, spec.weight_group_size, -1, scale_dtype=spec.torch_scale_dtype, name=name
     )
     return ste(w_nk, wq)
-
-
-def fake_quantize_static(x: torch.Tensor, fmt_name: str, scale: torch.Tensor) -> torch.Tensor:
-    """Quantize ``x`` with a given (calibrated) per-tensor ``scale`` (symmetric formats only)."""
-    fmt = get_format(fmt_name)
-    s = scale.float().clamp(min=torch.finfo(torch.float32).tiny)
-    v = x.float() / s
-    if fmt.kind == "int":
-        q = torch.round(v).clamp(fmt.qmin, fmt.qmax)
-    elif fmt_name in FP8_DTYPES:
-        q = cast_fp8_saturate(v, FP8_DTYPES[fmt_name]).float()
-    else:
-        q = decode_e2m1(encode_e2m1(v))
-    return (q * s).to(x.dtype)
 
 
 def quantize_activation(
