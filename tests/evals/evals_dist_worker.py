@@ -78,4 +78,8 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    main(sys.argv[1])
+    import vqsuite.kernels
+
+    # the in-process half of the comparison runs under tests/conftest.py's reference pin: the workers must too
+    with vqsuite.kernels.prefer("reference"):
+        main(sys.argv[1])
