@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_helpers import assert_one_line_usage_error
+from pickle_bait import Evil
 from torch import nn
 
 from vqsuite.cli import finetune as ft_cli
@@ -22,16 +23,6 @@ from vqsuite.pipelines.io import CheckpointError
 
 ESC = "\x1b[31mred\x1b[0m"
 OFQ_ARGS = ["--bits", "2", "--steps", "2", "--cga-steps", "1", "--batch-size", "8", "--no-progress"]
-
-
-class Hostile:
-    """Unpickling it creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def _argv(out: Path, ck: Path) -> list[str]:
@@ -55,15 +46,15 @@ def _valid(ck: Path, argv: list[str]) -> Path:
 
 
 def _ofq_pickle(ck: Path, argv: list[str], marker: Path) -> None:
-    (ck / ft_cli.OFQ_CHECKPOINT).write_bytes(pickle.dumps(Hostile(marker)))
+    (ck / ft_cli.OFQ_CHECKPOINT).write_bytes(pickle.dumps(Evil(marker)))
 
 
 def _ofq_torch_save(ck: Path, argv: list[str], marker: Path) -> None:
-    torch.save({"options": {}, "model": Hostile(marker)}, ck / ft_cli.OFQ_CHECKPOINT)
+    torch.save({"options": {}, "model": Evil(marker)}, ck / ft_cli.OFQ_CHECKPOINT)
 
 
 def _ofq_legacy(ck: Path, argv: list[str], marker: Path) -> None:  # only the old ofq.pt (pickle) is there
-    torch.save({"options": _options(argv), "x": Hostile(marker)}, ck / ft_cli.OFQ_LEGACY_CHECKPOINT)
+    torch.save({"options": _options(argv), "x": Evil(marker)}, ck / ft_cli.OFQ_LEGACY_CHECKPOINT)
 
 
 def _ofq_truncated(ck: Path, argv: list[str], marker: Path) -> None:
@@ -140,7 +131,7 @@ QALORA_CASES: dict[str, tuple[Callable[[Path, Path], None], str]] = {
     "absolute": (_latest("/etc"), "does not name a checkpoint folder"),
     "ansi-name": (_latest(ESC), "does not name a checkpoint folder"),
     "latest-garbage": (lambda ck, m: (ck / ql.CKPT_LATEST).write_bytes(ESC.encode()), "cannot be read"),
-    "optimizer-pickle": (_step_file(ql.CKPT_OPTIM, lambda b, m: pickle.dumps(Hostile(m))), "refused unread"),
+    "optimizer-pickle": (_step_file(ql.CKPT_OPTIM, lambda b, m: pickle.dumps(Evil(m))), "refused unread"),
     "optimizer-corrupt": (_step_file(ql.CKPT_OPTIM, lambda b, m: b[: len(b) // 3]), "cannot be read"),
     "trainable-truncated": (_step_file(ql.CKPT_TRAINABLE, lambda b, m: b[:-3]), "truncated or corrupt"),
     "state-bad-json": (_step_file(ql.CKPT_STATE, lambda b, m: ESC.encode()), "cannot be read"),
@@ -183,7 +174,7 @@ LOAD_CASES = {
 def test_load_finetuned_refuses_hostile_folders(case: str, tmp_path: Path) -> None:
     source, weights, needle = LOAD_CASES[case]
     marker = tmp_path / "pwned"
-    write = {"pickle": lambda p: p.write_bytes(pickle.dumps(Hostile(marker))), "empty": lambda p: None}[weights]
+    write = {"pickle": lambda p: p.write_bytes(pickle.dumps(Evil(marker))), "empty": lambda p: None}[weights]
     folder = _qat_folder(tmp_path / "qat", source, write)
     with pytest.raises(CheckpointError, match=needle) as info:
         ft_cli.load_finetuned(folder)

@@ -4,7 +4,6 @@ allow-list, no custom pipeline code; each refusal is one line (CLI exit 2). A cl
 
 from __future__ import annotations
 
-import builtins
 import json
 import pickle
 import shutil
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import tiny_pipelines as tp
+from pickle_bait import Evil
 
 from vqsuite.cli.main import main
 from vqsuite.evals.sweep import ModelSpec, build_target
@@ -22,16 +22,6 @@ from vqsuite.pipelines.float_folder import load_float_pipeline_folder
 MAX_MESSAGE = 300
 MARKER_NAME = "PWNED"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-class Evil:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.open, (str(self.marker), "w"))
 
 
 @pytest.fixture(scope="module")

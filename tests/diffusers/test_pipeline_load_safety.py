@@ -7,7 +7,6 @@ is one readable CheckpointError line, and NaN/Inf in a quantized component is re
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
 import pickle
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import tiny_pipelines as tp
-import torch
+from pickle_bait import Evil, refuse_unpickling
 from safetensors.torch import load_file, save_file
 
 import vqsuite
@@ -49,37 +48,10 @@ def q(saved: Path, tmp_path: Path) -> Path:
     return dst
 
 
-class Evil:
-    """Unpickling this creates ``marker``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.open, (str(self.marker), "w"))
-
-
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """pickle and torch.load record any use (and refuse); the test asserts nothing was recorded."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Callable[..., object]:
-        def fn(*args: object, **kwargs: object) -> object:
-            calls.append(name)
-            raise AssertionError(f"{name} called while loading a pipeline folder")
-
-        return fn
-
-    class RefusingUnpickler:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            refuse("pickle.Unpickler")()
-
-    monkeypatch.setattr(pickle, "load", refuse("pickle.load"))
-    monkeypatch.setattr(pickle, "loads", refuse("pickle.loads"))
-    monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
-    monkeypatch.setattr(torch, "load", refuse("torch.load"))
-    return calls
+    return refuse_unpickling(monkeypatch, "loading a pipeline folder")
 
 
 @pytest.fixture

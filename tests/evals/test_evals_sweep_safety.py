@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from evals_helpers import TinyExtractor, TinyGen, gen_sample, tiny_classifier
+from pickle_bait import Evil
 
 from vqsuite.cli.main import EXIT_USAGE, main
 from vqsuite.evals import sweep as sw
@@ -22,14 +23,6 @@ from vqsuite.evals.sweep import ConfigSpec, GeneratorTarget, ModelSpec, SweepErr
 
 #: row fields that differ between two runs of the same cell (timings, memory, dates)
 VOLATILE = ("wall_s", "time", "memory", "versions")
-
-
-class Hostile:
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 # ------------------------------------------------------------------------------------------------ python: targets
@@ -118,11 +111,11 @@ def _flip(p: Path, marker: Path) -> None:
 
 
 def _hostile(p: Path, marker: Path) -> None:
-    p.write_bytes(pickle.dumps(Hostile(marker)))
+    p.write_bytes(pickle.dumps(Evil(marker)))
 
 
 def _torch_save(p: Path, marker: Path) -> None:
-    torch.save({"images": Hostile(marker)}, p)
+    torch.save({"images": Evil(marker)}, p)
 
 
 def _bad_sidecar(p: Path, marker: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickle_bait import Evil
 from torch import nn
 
 from vqsuite.errors import UserError
@@ -23,22 +24,12 @@ from vqsuite.pipelines.io import CheckpointError
 ql = importlib.import_module("vqsuite.finetune.qalora")
 
 
-class Hostile:
-    """Unpickling it creates ``marker`` (what a crafted checkpoint would do, harmlessly)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def _hostile_pickle(path: Path, marker: Path) -> None:
-    path.write_bytes(pickle.dumps(Hostile(marker)))
+    path.write_bytes(pickle.dumps(Evil(marker)))
 
 
 def _hostile_torch_save(path: Path, marker: Path) -> None:
-    torch.save({"state": Hostile(marker)}, path)
+    torch.save({"state": Evil(marker)}, path)
 
 
 HOSTILE = {"pickle": _hostile_pickle, "torch-save": _hostile_torch_save}
@@ -68,8 +59,8 @@ def test_pack_round_trips_optimizer_like_state() -> None:
     assert back["param_groups"][0]["eps"] == float("inf") and back["history"] == state["history"]
     with pytest.raises(CheckpointError, match="does not hold"):
         ck.unpack({"__tensor__": "nope"}, tensors)
-    with pytest.raises(TypeError, match="cannot store a Hostile"):
-        ck.pack({"x": Hostile(Path("unused"))}, "p", {})
+    with pytest.raises(TypeError, match="cannot store a Evil"):
+        ck.pack({"x": Evil(Path("unused"))}, "p", {})
 
 
 # ------------------------------------------------------------------------------------------------ OFQ

@@ -5,10 +5,8 @@ bytes), and stored NaN/Inf values are refused at load. The same through ``vqsuit
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
-import pickle
 import shutil
 import sys
 from collections.abc import Callable
@@ -16,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from pickle_bait import plant_pickle, refuse_unpickling
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -57,41 +56,10 @@ def _saved(tmp_path: Path, config: object = "w4a16") -> Path:
     return ck
 
 
-class Evil:
-    """Unpickling this creates ``marker`` (what a hostile ``.bin``/``.pt``/``.pkl`` would do, harmlessly)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (builtins.open, (str(self.marker), "w"))
-
-
-def _plant_pickle(file: Path, marker: Path) -> None:
-    file.write_bytes(pickle.dumps(Evil(marker)))
-
-
 @pytest.fixture
 def no_unpickling(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every unpickling entry point records its use (and refuses); the test asserts the list stays empty."""
-    calls: list[str] = []
-
-    def refuse(name: str) -> Callable[..., object]:
-        def fn(*args: object, **kwargs: object) -> object:
-            calls.append(name)
-            raise AssertionError(f"{name} called while loading a checkpoint")
-
-        return fn
-
-    class RefusingUnpickler:
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            refuse("pickle.Unpickler")()
-
-    monkeypatch.setattr(pickle, "load", refuse("pickle.load"))
-    monkeypatch.setattr(pickle, "loads", refuse("pickle.loads"))
-    monkeypatch.setattr(pickle, "Unpickler", RefusingUnpickler)
-    monkeypatch.setattr(torch, "load", refuse("torch.load"))
-    return calls
+    return refuse_unpickling(monkeypatch, "loading a checkpoint")
 
 
 def _one_line(fn: Callable[[], object], needle: str, root: Path) -> str:
@@ -113,7 +81,7 @@ BAIT_NAMES = ["model.bin", "pytorch_model.bin", "diffusion_pytorch_model.bin", "
 def test_pickle_beside_the_weights_is_ignored(name: str, tmp_path: Path, no_unpickling: list[str]) -> None:
     ck = _saved(tmp_path)
     marker = tmp_path / MARKER_NAME
-    _plant_pickle(ck / name, marker)
+    plant_pickle(ck / name, marker)
     x = torch.randn(2, 16, 4, 4)
     loaded = vqsuite.load_quantized(ck, model=_net(3))
     assert loaded(x).shape == (2, 10)
@@ -125,7 +93,7 @@ def test_pickle_instead_of_the_weights_is_refused(name: str, tmp_path: Path, no_
     ck = _saved(tmp_path)
     marker = tmp_path / MARKER_NAME
     (ck / WEIGHTS_NAME).unlink()
-    _plant_pickle(ck / name, marker)
+    plant_pickle(ck / name, marker)
     needle = "is corrupt or unreadable" if name == WEIGHTS_NAME else f"has no {WEIGHTS_NAME}"
     _one_line(lambda: vqsuite.load_quantized(ck, model=_net()), needle, tmp_path)
     assert not marker.exists() and no_unpickling == []
@@ -134,7 +102,7 @@ def test_pickle_instead_of_the_weights_is_refused(name: str, tmp_path: Path, no_
 def test_pickle_instead_of_the_config_is_refused(tmp_path: Path, no_unpickling: list[str]) -> None:
     ck = _saved(tmp_path)
     marker = tmp_path / MARKER_NAME
-    _plant_pickle(ck / CONFIG_NAME, marker)
+    plant_pickle(ck / CONFIG_NAME, marker)
     msg = _one_line(lambda: vqsuite.load_quantized(ck, model=_net()), "is not valid JSON", tmp_path)
     assert "PWNED" not in msg and "builtins" not in msg  # the file's bytes are not echoed
     assert not marker.exists() and no_unpickling == []
