@@ -18,12 +18,11 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
+from cpu_reference import time_call  # the same median-of-samples timer (run as a script: its folder is on sys.path)
 
 PRESETS: tuple[str, ...] = ("w8a16", "w4a16-g32", "w4a16-g64", "w4a16-g128", "w8a8", "w4a4", "svdquant-int4")
 SHAPES: tuple[tuple[int, int], ...] = ((1024, 1024), (4096, 4096))
@@ -44,26 +43,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--unet-presets", nargs="*", default=list(UNET_PRESETS))
     ap.add_argument("--json", type=str)
     return ap.parse_args(argv)
-
-
-def time_call(fn, samples: int, min_seconds: float) -> float:  # noqa: ANN001
-    """Median seconds per call of ``fn``."""
-    fn()
-    reps = 1
-    while True:
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if time.perf_counter() - t0 >= min_seconds or reps >= 1 << 16:
-            break
-        reps *= 2
-    times = []
-    for _ in range(samples):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        times.append((time.perf_counter() - t0) / reps)
-    return statistics.median(times)
 
 
 def preset_spec(name: str):  # noqa: ANN201
