@@ -278,24 +278,29 @@ def _plain_value(value: Any, depth: int = 0) -> bool:
     return isinstance(value, list) and depth < 3 and all(_plain_value(v, depth + 1) for v in value)
 
 
+def _check_header(meta: Any, file: Path, fmt: str, noun: str) -> None:
+    """``meta`` is a JSON object whose ``format`` is ``fmt``, else ``{file} is not a {fmt} {noun}``."""
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        raise CheckpointError(f"{file} is not a {fmt} {noun}")
+
+
+def _check_version(meta: dict[str, Any], key: str, want: int, what: str, hint: str = "") -> None:
+    """``meta[key] == want``, else ``{what} version X is not supported (this vqsuite reads want){hint}``."""
+    if meta.get(key) != want:
+        raise CheckpointError(
+            f"{what} version {short_repr(meta.get(key))} is not supported (this vqsuite reads {want}){hint}"
+        )
+
+
 def validate_checkpoint_meta(meta: Any, file: Path, *, checkpoint_format: str, checkpoint_version: int) -> None:
     """Check every field of a module checkpoint's ``vqsuite_config.json`` (parsed JSON ``meta``) before use.
 
     Unknown top-level fields are ignored (a newer writer may add some); unknown fields inside a layer entry are
     refused. The quantization config and each layer's spec are parsed, their errors wrapped.
     """
-    if not isinstance(meta, dict) or meta.get("format") != checkpoint_format:
-        raise CheckpointError(f"{file} is not a {checkpoint_format} config")
-    if meta.get("checkpoint_version") != checkpoint_version:
-        raise CheckpointError(
-            f"checkpoint version {short_repr(meta.get('checkpoint_version'))} is not supported (this vqsuite reads "
-            f"{checkpoint_version}); re-save it with a matching vqsuite"
-        )
-    if meta.get("config_version") != CONFIG_VERSION:
-        raise CheckpointError(
-            f"config version {short_repr(meta.get('config_version'))} is not supported (this vqsuite reads "
-            f"{CONFIG_VERSION})"
-        )
+    _check_header(meta, file, checkpoint_format, "config")
+    _check_version(meta, "checkpoint_version", checkpoint_version, "checkpoint", "; re-save it with a matching vqsuite")
+    _check_version(meta, "config_version", CONFIG_VERSION, "config")
     for key in ("vqsuite_version", "model_class"):
         _optional_string(meta, key, file)
     if meta.get("config") is not None:
@@ -322,13 +327,8 @@ def validate_pipeline_meta(meta: Any, file: Path, *, pipeline_format: str, pipel
     """Check every field of ``vqsuite_pipeline.json`` (parsed JSON ``meta``) before use: component names are plain
     names, each quantized entry names an allowed library, a class name and a float dtype, ``dtypes`` maps
     components to float dtype names."""
-    if not isinstance(meta, dict) or meta.get("format") != pipeline_format:
-        raise CheckpointError(f"{file} is not a {pipeline_format} file")
-    if meta.get("version") != pipeline_version:
-        raise CheckpointError(
-            f"quantized-pipeline version {short_repr(meta.get('version'))} is not supported (this vqsuite reads "
-            f"{pipeline_version})"
-        )
+    _check_header(meta, file, pipeline_format, "file")
+    _check_version(meta, "version", pipeline_version, "quantized-pipeline")
     if "quantized" not in meta or meta["quantized"] == {}:
         raise CheckpointError(f"{file} lists no quantized component")
     _identifier(meta.get("pipeline_class"), file, "pipeline_class", "pipeline class")
