@@ -86,7 +86,7 @@ class QLinear(QuantLayer):
         cached = self.__dict__.get("_kernel_call")
         if cached is None or cached[0] != key:
             impl, ops = self._select_and_pack(x)
-            cached = self.__dict__["_kernel_call"] = (self._call_key(x), impl, ops)
+            cached = self.__dict__["_kernel_call"] = (key, impl, ops)
         _, impl, ops = cached
         if self.spec.act_mode == "static":  # a per-step scale is resolved on every call
             ops = ops.replace(act_scale=reference.static_act_scale(self))
@@ -106,10 +106,13 @@ class QLinear(QuantLayer):
     def _call_key(self, x: torch.Tensor) -> tuple:
         """What a cached (kernel, operands) choice depends on: the preference in force, the input's device, dtype,
         width, grad need and M bucket (``M.bit_length()``: the CPU family's M thresholds are powers of two), the
-        spec and observing state, and every stored tensor's identity and version (a load, ``copy_``, device move
-        or repack changes the key)."""
+        spec and observing state, and every stored tensor's identity and version (a load, ``copy_`` or device move
+        changes the key; the packed copies derived from them do not count)."""
         m = x.numel() // max(int(x.shape[-1]), 1) if x.ndim else 0
-        state = tuple((id(t), t._version) for t in self._buffers.values() if t is not None)
+        # packed layouts are derived from the stored codes (and tracked by ``_packed_tag``): not part of the key
+        state = tuple(
+            (id(t), t._version) for n, t in self._buffers.items() if t is not None and not n.startswith(PACKED_PREFIX)
+        )
         params = tuple((id(t), t._version) for t in self._parameters.values() if t is not None)
         return (
             current_preference(self.spec.kernel),
