@@ -2,7 +2,7 @@
 
 ``DENOISER_CASES`` maps the class name to a builder ``build() -> (model, inputs)`` for
 :func:`coverage_run.run_case` (``inputs`` is the dict of keyword arguments of one forward). The builders live in
-two files split by class name (``denoiser_cases_a``: A–L, ``denoiser_cases_b``: M–Z);
+two files split by class name (``denoiser_cases_a``: A–J, ``denoiser_cases_b``: K–Z);
 :func:`all_denoiser_classes` lists what the installed diffusers exports, so a class without a case shows up.
 """
 
@@ -16,7 +16,15 @@ DENOISER_CASES: dict[str, Builder] = {**_CASES_A, **_CASES_B}
 
 
 def all_denoiser_classes() -> list[str]:
-    """Names of the denoiser classes the installed diffusers exports (``UNet*Model``, ``*Transformer*Model``)."""
+    """Names of the denoiser classes the installed diffusers exports: ``UNet*Model``, ``*Transformer*Model`` and
+    ``*DiT*Model`` (ControlNets, which are not denoisers, excluded)."""
     import diffusers
 
-    return sorted(n for n in dir(diffusers) if (n.startswith("UNet") or "Transformer" in n) and n.endswith("Model"))
+    def is_denoiser(n: str) -> bool:
+        if not n.endswith("Model"):
+            return False
+        if n.startswith("UNet"):
+            return True
+        return ("Transformer" in n or "DiT" in n) and "ControlNet" not in n
+
+    return sorted(n for n in dir(diffusers) if is_denoiser(n))
