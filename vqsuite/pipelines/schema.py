@@ -142,8 +142,9 @@ _CONV_REQUIRED = frozenset({"in_channels", "out_channels", "kernel_size"})
 
 def _conv_args(n: int, transposed: bool) -> dict[str, _Arg]:
     """Checks of a quantized conv's recorded arguments, ``n`` spatial dims (``QConv{n}d``, ``QConvTranspose{n}d``)."""
-    pos: _Arg = (lambda v: _ints_ok(v, 1, n), f"a positive integer or a list of {n}")
-    nonneg: _Arg = (lambda v: _ints_ok(v, 0, n), f"an integer >= 0 or a list of {n}")
+    many = "a pair" if n == 2 else f"a list of {n}"  # the 2-D wording predates the other dims
+    pos: _Arg = (lambda v: _ints_ok(v, 1, n), f"a positive integer or {many} of them")
+    nonneg: _Arg = (lambda v: _ints_ok(v, 0, n), f"an integer >= 0 or {many} of them")
     args = {"in_channels": _POSITIVE, "out_channels": _POSITIVE, "kernel_size": pos, "stride": pos}
     if transposed:
         return {
@@ -154,7 +155,10 @@ def _conv_args(n: int, transposed: bool) -> dict[str, _Arg]:
             "bias": _BOOL,
             "dilation": pos,
         }
-    padding: _Arg = (lambda v: _ints_ok(v, 0, n) or v in ("same", "valid"), f"{nonneg[1]}, 'same' or 'valid'")
+    padding: _Arg = (
+        lambda v: _ints_ok(v, 0, n) or v in ("same", "valid"),
+        f"an integer >= 0, {many}, 'same' or 'valid'",
+    )
     return {
         **args,
         "padding": padding,
