@@ -143,3 +143,18 @@ def test_input_capture_ignores_empty_batches() -> None:
         assert a.n_rows == b.n_rows and torch.equal(a.absmax, b.absmax) and torch.equal(a.gram, b.gram)
         assert torch.equal(a.sample, b.sample)
     assert stats[0]["conv"].n_rows == 2 * 5  # a Conv1d's rows are its positions, channels last
+
+
+def test_shared_input_tracking_ignores_empty_batches() -> None:
+    """Two unrelated empty inputs both have data pointer 0: they must not make their layers look like q/k/v
+    partners (which would share a smoothing vector)."""
+    from vqsuite.calibrators.shared_inputs import track_shared_inputs
+
+    a, b, c = nn.Linear(K, N), nn.Linear(K, N), nn.Linear(K, N)
+    x = torch.randn(3, K)
+    with track_shared_inputs({"a": a, "b": b, "c": c}) as tracker:
+        a(torch.randn(0, K))
+        b(torch.randn(0, K))
+        b(x)
+        c(x)
+    assert tracker.groups(["a", "b", "c"]) == [["a"], ["b", "c"]]
