@@ -23,7 +23,7 @@ from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
-from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ def _fitting_spec(
     """``spec`` with smaller integer groups that the layer accepts, or ``None`` (the layer is then skipped)."""
     if isinstance(module, nn.Linear):
         k, a = module.in_features, None
-    elif isinstance(module, tuple(CONV_TWINS)):
+    elif isinstance(module, FLOAT_CONV_TYPES):
         k, a = _conv_gemm_k(module), module.in_channels
     else:
         return None
