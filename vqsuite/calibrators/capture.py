@@ -75,9 +75,13 @@ class InputStats:
 
 
 def _rows_channel_last(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Input rows of a layer as ``[..., K]``: convs have their channels at dim -3."""
-    if hasattr(module, "kernel_size") and x.ndim in (3, 4):
-        return x.movedim(-3, -1)
+    """Input rows of a layer as ``[..., K]``: an N-D conv (1-3 spatial dims) has its channels at dim ``-(N + 1)``
+    of ``[B, C, *spatial]`` or unbatched ``[C, *spatial]``."""
+    kernel = getattr(module, "kernel_size", None)
+    if kernel is not None:
+        dims = len(kernel) if isinstance(kernel, tuple | list) else 2  # a bare int: the 2-D case, as before
+        if x.ndim in (dims + 1, dims + 2):
+            return x.movedim(-(dims + 1), -1)
     return x
 
 

@@ -24,6 +24,8 @@ def collect_input_amax(
 
     def hook(name: str):
         def fn(_module: nn.Module, args: tuple) -> None:
+            if args[0].numel() == 0:  # an empty batch has no range to observe
+                return
             x = smoothed_input(_module, args[0].detach())
             cur = x.abs().amax().float().cpu()
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)

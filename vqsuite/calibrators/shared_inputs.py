@@ -116,7 +116,8 @@ def track_shared_inputs(modules: dict[str, nn.Module]) -> Iterator[SharedInputTr
 
     def make_hook(name: str):
         def hook(_module: nn.Module, args: tuple) -> None:
-            if args and isinstance(args[0], torch.Tensor):
+            # empty inputs are skipped: they carry no data and two of them may share a data pointer by chance
+            if args and isinstance(args[0], torch.Tensor) and args[0].numel() > 0:
                 tracker.observe(name, args[0])
 
         return hook

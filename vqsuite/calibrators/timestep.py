@@ -378,8 +378,8 @@ def observe_step_stats(
 
     def hook(name: str):
         def fn(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
+            if not args or not isinstance(args[0], torch.Tensor) or args[0].numel() == 0:
+                return  # nothing to observe (an empty batch would poison no statistic, but amax() refuses it)
             x = smoothed_input(module, args[0].detach())
             st = stats.get(name)
             if st is None:

@@ -180,10 +180,9 @@ class QATLinear(nn.Module):
         self.wq = _weight_quantizer(weight_quant, w_bits, tuple(self.weight.shape))
         self.aq = None if a_bits is None else LSQActQuantizer(a_bits, linear.in_features, signed=act_signed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[..., in]`` -> ``[..., out]``."""
-        if self.aq is not None:
-            x = self.aq(x)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's signature (keyword callers)
+        """input: ``[..., in]`` -> ``[..., out]``."""
+        x = input if self.aq is None else self.aq(input)
         return F.linear(x, self.wq(self.weight), self.bias)
 
 
@@ -203,9 +202,9 @@ class QATConv2d(nn.Module):
         self.wq = LSQWeight(bits, tuple(self.weight.shape))
         self.aq = LSQActQuantizer(bits, conv.in_channels, signed=True)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[B, C, H, W]``."""
-        x = self.aq(x.movedim(1, -1)).movedim(-1, 1)
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's signature (keyword callers)
+        """input: ``[B, C, H, W]``."""
+        x = self.aq(input.movedim(1, -1)).movedim(-1, 1)
         return F.conv2d(x, self.wq(self.weight), self.bias, **self.conv_kw)
 
 

@@ -65,7 +65,7 @@ from vqsuite.formats import QTensor, dequantize, get_format, quantize
 from vqsuite.nn import QuantLayer
 from vqsuite.nn import steps as _steps
 from vqsuite.nn.base import ADAPTER_NAME
-from vqsuite.nn.conv import QConv2d, QConvTranspose2d
+from vqsuite.nn.conv import QConvBase
 from vqsuite.nn.quantizers import fake_quantize_weight
 from vqsuite.nn.steps import StepInfo
 
@@ -332,7 +332,7 @@ def attach_adapters(
             logger.info(msg, *args)
 
     for name, layer in _weight_layers(den):
-        if isinstance(layer, (QConv2d, QConvTranspose2d)) and layer.groups != 1:
+        if isinstance(layer, QConvBase) and layer.groups != 1:
             logger.info("qalora: %s is a grouped conv (groups=%d): no LoRA, left as is", name, layer.groups)
             continue
         unfreeze_layer(layer)

@@ -81,10 +81,11 @@ def ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
 
 
 def fake_quantize_input(x: torch.Tensor, ops: QLinearOperands) -> torch.Tensor:
-    """Activation fake-quant of a frozen layer's input ``x [..., K]`` as ``ops`` says (groups along K); STE."""
+    """Activation fake-quant of a frozen layer's input ``x [..., K]`` as ``ops`` says (groups along K); STE.
+    An empty batch (no rows) is returned as is: nothing to quantize."""
     from vqsuite.formats import fake_quantize
 
-    if ops.act is None or ops.act_mode == "none":
+    if ops.act is None or ops.act_mode == "none" or x.numel() == 0:
         return x
     xd = x.detach()
     if ops.act_mode == "static":

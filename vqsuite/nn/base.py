@@ -83,7 +83,7 @@ def _qtensor_to(qt: QTensor, device: torch.device) -> QTensor:
 
 
 class QuantLayer(nn.Module):
-    """Base class of ``QLinear``, ``QLinearLowRank``, ``QConv2d`` and ``QConvTranspose2d``."""
+    """Base class of ``QLinear``, ``QLinearLowRank`` and the quantized convs (``QConvNd``, ``QConvTransposeNd``)."""
 
     #: constructor arguments recorded in checkpoints (subclasses extend)
     _ctor_fields: tuple[str, ...] = ()
@@ -257,8 +257,9 @@ class QuantLayer(nn.Module):
         return self._from_gemm(self.quantized_gemm_weight(dtype))
 
     def quantize_input(self, x: torch.Tensor, channel_dim: int = -1) -> torch.Tensor:
-        """Activation fake-quant along ``channel_dim`` (moved last and back); identity while observing."""
-        if self.act_observing or self.spec.act is None:
+        """Activation fake-quant along ``channel_dim`` (moved last and back); identity while observing and for an
+        empty batch (no tokens: nothing to quantize, the forward returns the empty output)."""
+        if self.act_observing or self.spec.act is None or x.numel() == 0:
             return x
         adapter = self.adapter
         if adapter is not None:  # a fine-tuning adapter may own the activation fake-quant (QALoRA's TALSQ)

@@ -63,13 +63,14 @@ class QLinear(QuantLayer):
         )
         return copy_float_params(q, module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: ``[..., in_features]`` -> ``[..., out_features]``.
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Linear's own name (callers pass it)
+        """input: ``[..., in_features]`` -> ``[..., out_features]`` (zero rows give zero rows).
 
         Frozen with packed weights: one ``qlinear`` kernel call on the layer's :meth:`qlinear_operands` (the
         dispatcher picks the implementation). Otherwise (fake-quant, or a 16-bit weight) the plain-torch math with
         the layer's own weight and activation fake-quant (STE gradients, fine-tuning adapters).
         """
+        x = input
         if not (self.frozen and self.quantizes_weight):
             return reference.linear_with_weight(
                 x,
@@ -80,6 +81,8 @@ class QLinear(QuantLayer):
                 proj_down=getattr(self, "proj_down", None),
                 proj_up=getattr(self, "proj_up", None),
             )
+        if x.numel() == 0:  # an empty batch: nothing to launch under any kernel preference, the reference's is exact
+            return reference.qlinear(x, self.qlinear_operands())
         if torch.compiler.is_compiling():
             return self._run_uncached(x)
         key = self._call_key(x)

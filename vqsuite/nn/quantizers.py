@@ -31,8 +31,12 @@ def fake_quantize_weight(w_nk: torch.Tensor, spec: QuantSpec, name: str = "weigh
 def quantize_activation(
     x: torch.Tensor, spec: QuantSpec, static_scale: torch.Tensor | None = None, name: str = "input"
 ) -> torch.Tensor:
-    """Fake-quantize activations ``x: [..., K]`` (groups along the last dim) as ``spec`` says; STE."""
-    if spec.act is None or spec.act_mode == "none":
+    """Fake-quantize activations ``x: [..., K]`` (groups along the last dim) as ``spec`` says; STE.
+
+    An empty batch (``x.numel() == 0``, e.g. ``[0, K]``) is a valid forward: there is nothing to quantize and it is
+    returned as is (the formats refuse empty tensors, which for a weight is a real error).
+    """
+    if spec.act is None or spec.act_mode == "none" or x.numel() == 0:
         return x
     xd = x.detach()
     if spec.act_mode == "static":

@@ -30,7 +30,7 @@ from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in
     recover_interrupted_save,
     write_json,
 )
-from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import CONV_TWINS, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.errors import CheckpointError, first_line, name_repr, read_json_file, short_repr
 from vqsuite.pipelines.folder import contained_file
 from vqsuite.pipelines.modules import module_references, replace_module
@@ -47,8 +47,7 @@ CONFIG_NAME = "vqsuite_config.json"
 LAYER_CLASSES: dict[str, tuple[type[QuantLayer], type[nn.Module]]] = {
     "QLinear": (QLinear, nn.Linear),
     "QLinearLowRank": (QLinearLowRank, nn.Linear),
-    "QConv2d": (QConv2d, nn.Conv2d),
-    "QConvTranspose2d": (QConvTranspose2d, nn.ConvTranspose2d),
+    **{q.__name__: (q, t) for t, q in CONV_TWINS.items()},
 }
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import math
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +23,7 @@ from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
-from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
 
 logger = logging.getLogger(__name__)
@@ -41,15 +42,21 @@ def _linear_reason(module: nn.Linear, spec: QuantSpec) -> str | None:
     return spec.incompatibility(module.in_features)
 
 
-def _conv_reason(module: nn.Conv2d, spec: QuantSpec) -> str | None:
+def _conv_gemm_k(module: nn.Module) -> int:
+    """GEMM K of a float conv (any dims): ``I/g * prod(kernel)``, or ``I/g`` for a transposed conv."""
+    if isinstance(module, FLOAT_CONV_TRANSPOSE_TYPES):
+        return module.in_channels // module.groups
+    return module.in_channels // module.groups * math.prod(module.kernel_size)
+
+
+def _conv_reason(module: nn.Module, spec: QuantSpec) -> str | None:
     if module.padding_mode != "zeros" and isinstance(module.padding, str):
         return f"padding={module.padding!r} with padding_mode={module.padding_mode!r} is not supported"
-    k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-    return spec.incompatibility(k, act_features=module.in_channels)
+    return spec.incompatibility(_conv_gemm_k(module), act_features=module.in_channels)
 
 
-def _convt_reason(module: nn.ConvTranspose2d, spec: QuantSpec) -> str | None:
-    return spec.incompatibility(module.in_channels // module.groups, act_features=module.in_channels)
+def _convt_reason(module: nn.Module, spec: QuantSpec) -> str | None:
+    return spec.incompatibility(_conv_gemm_k(module), act_features=module.in_channels)
 
 
 def _fitting_spec(
@@ -58,11 +65,8 @@ def _fitting_spec(
     """``spec`` with smaller integer groups that the layer accepts, or ``None`` (the layer is then skipped)."""
     if isinstance(module, nn.Linear):
         k, a = module.in_features, None
-    elif isinstance(module, nn.Conv2d):
-        k = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
-        a = module.in_channels
-    elif isinstance(module, nn.ConvTranspose2d):
-        k, a = module.in_channels // module.groups, module.in_channels
+    elif isinstance(module, FLOAT_CONV_TYPES):
+        k, a = _conv_gemm_k(module), module.in_channels
     else:
         return None
     fitted = spec.with_fitting_groups(k, act_features=a)
@@ -74,8 +78,10 @@ LAYER_RULES: dict[
     type[nn.Module], tuple[Callable[[Any, QuantSpec], str | None], Callable[[Any, QuantSpec], QuantLayer]]
 ] = {
     nn.Linear: (_linear_reason, _linear_rule),
-    nn.Conv2d: (_conv_reason, QConv2d.from_float),
-    nn.ConvTranspose2d: (_convt_reason, QConvTranspose2d.from_float),
+    **{
+        t: (_convt_reason if t in FLOAT_CONV_TRANSPOSE_TYPES else _conv_reason, q.from_float)
+        for t, q in CONV_TWINS.items()
+    },
 }
 
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import ConfigError, UserError
+from vqsuite.nn.conv import FLOAT_CONV_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -260,14 +261,14 @@ def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _generic_dynamic(model: nn.Module) -> list[LayerRule]:
-    layers = [(n, m) for n, m in _weight_layers(model) if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d))]
+    layers = [(n, m) for n, m in _weight_layers(model) if isinstance(m, (nn.Linear, *FLOAT_CONV_TYPES))]
     rules: list[LayerRule] = []
     if layers:
         rules.append(_keep(layers[0][0], "first layer (generic rule)"))
         rules.append(_keep(layers[-1][0], "last layer (generic rule)"))
     for name, m in layers:
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            if tuple(m.kernel_size) != (1, 1):
+        if isinstance(m, FLOAT_CONV_TYPES):
+            if any(k != 1 for k in m.kernel_size):  # 1x1 in any dims (Conv1d/2d/3d)
                 rules.append(_keep(name, "conv with a kernel larger than 1x1 (generic rule)"))
             else:
                 rules.append(_no_lowrank(name, "1x1 conv (no low-rank branch)"))
@@ -349,7 +350,7 @@ def denoiser_config(
         overrides.append((lr.pattern, _spec_for(lr.action, base)))
     probe = replace(cfg, overrides=tuple(overrides))
     for name, m in _weight_layers(model):
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        if isinstance(m, FLOAT_CONV_TYPES):
             spec = probe.spec_for(name)
             if spec is not None and spec.rank > 0:
                 overrides.append((name, spec.replace(rank=0)))
@@ -382,7 +383,7 @@ def quantized_structure(
     (``rule`` or the model's) into ``config`` first, as ``quantize_pipeline`` does; the rule's shared-input groups
     then share one ``proj_down``, as after SVDQuant calibration. Returns ``{name: spec}`` of the swapped layers.
     """
-    from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank
+    from vqsuite.nn import QConvBase, QLinear, QLinearLowRank
     from vqsuite.pipelines.modules import LAYER_RULES, module_references, replace_module
 
     if rule is None:
@@ -402,9 +403,9 @@ def quantized_structure(
         if isinstance(m, nn.Linear):
             cls = QLinearLowRank if spec.rank > 0 else QLinear
             q = cls(m.in_features, m.out_features, m.bias is not None, spec, device=w.device, dtype=w.dtype)
-        elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        elif isinstance(m, FLOAT_CONV_TYPES):
             q = build(m, spec)  # from_float copies meta -> meta, a no-op
-            assert isinstance(q, (QConv2d, QConvTranspose2d))
+            assert isinstance(q, QConvBase)
         else:  # a layer type registered by someone else: build it the ordinary way
             q = build(m, spec)
         q.layer_name = name

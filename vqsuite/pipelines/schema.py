@@ -127,18 +127,47 @@ def _int_ok(v: Any, lo: int) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= _MAX_INT
 
 
-def _pair_ok(v: Any, lo: int) -> bool:
-    return _int_ok(v, lo) or (isinstance(v, list) and len(v) == 2 and all(_int_ok(x, lo) for x in v))
+def _ints_ok(v: Any, lo: int, n: int) -> bool:
+    """An int >= lo, or a list of ``n`` of them (a conv argument of ``n`` spatial dims)."""
+    return _int_ok(v, lo) or (isinstance(v, list) and len(v) == n and all(_int_ok(x, lo) for x in v))
 
 
 _Arg = tuple[Callable[[Any], bool], str]
 _POSITIVE: _Arg = (lambda v: _int_ok(v, 1), "a positive integer")
 _BOOL: _Arg = (lambda v: isinstance(v, bool), "true or false")
-_POSITIVE_PAIR: _Arg = (lambda v: _pair_ok(v, 1), "a positive integer or a pair of them")
-_NONNEG_PAIR: _Arg = (lambda v: _pair_ok(v, 0), "an integer >= 0 or a pair of them")
 _RANK: _Arg = (lambda v: v is None or _int_ok(v, 0), "an integer >= 0 or null")
-_CONV_PADDING: _Arg = (lambda v: _pair_ok(v, 0) or v in ("same", "valid"), "an integer >= 0, a pair, 'same' or 'valid'")
 _PADDING_MODE: _Arg = (lambda v: v in ("zeros", "reflect", "replicate", "circular"), "zeros/reflect/replicate/circular")
+_CONV_REQUIRED = frozenset({"in_channels", "out_channels", "kernel_size"})
+
+
+def _conv_args(n: int, transposed: bool) -> dict[str, _Arg]:
+    """Checks of a quantized conv's recorded arguments, ``n`` spatial dims (``QConv{n}d``, ``QConvTranspose{n}d``)."""
+    many = "a pair" if n == 2 else f"a list of {n}"  # the 2-D wording predates the other dims
+    pos: _Arg = (lambda v: _ints_ok(v, 1, n), f"a positive integer or {many} of them")
+    nonneg: _Arg = (lambda v: _ints_ok(v, 0, n), f"an integer >= 0 or {many} of them")
+    args = {"in_channels": _POSITIVE, "out_channels": _POSITIVE, "kernel_size": pos, "stride": pos}
+    if transposed:
+        return {
+            **args,
+            "padding": nonneg,
+            "output_padding": nonneg,
+            "groups": _POSITIVE,
+            "bias": _BOOL,
+            "dilation": pos,
+        }
+    padding: _Arg = (
+        lambda v: _ints_ok(v, 0, n) or v in ("same", "valid"),
+        f"an integer >= 0, {many}, 'same' or 'valid'",
+    )
+    return {
+        **args,
+        "padding": padding,
+        "dilation": pos,
+        "groups": _POSITIVE,
+        "bias": _BOOL,
+        "padding_mode": _PADDING_MODE,
+    }
+
 
 #: per quantized layer class: its constructor's keyword arguments a checkpoint records (``ctor_kwargs()``), each
 #: with its check, and which of them must be present
@@ -151,34 +180,8 @@ LAYER_ARGS: dict[str, tuple[dict[str, _Arg], frozenset[str]]] = {
         {"in_features": _POSITIVE, "out_features": _POSITIVE, "bias": _BOOL, "rank": _RANK},
         frozenset({"in_features", "out_features"}),
     ),
-    "QConv2d": (
-        {
-            "in_channels": _POSITIVE,
-            "out_channels": _POSITIVE,
-            "kernel_size": _POSITIVE_PAIR,
-            "stride": _POSITIVE_PAIR,
-            "padding": _CONV_PADDING,
-            "dilation": _POSITIVE_PAIR,
-            "groups": _POSITIVE,
-            "bias": _BOOL,
-            "padding_mode": _PADDING_MODE,
-        },
-        frozenset({"in_channels", "out_channels", "kernel_size"}),
-    ),
-    "QConvTranspose2d": (
-        {
-            "in_channels": _POSITIVE,
-            "out_channels": _POSITIVE,
-            "kernel_size": _POSITIVE_PAIR,
-            "stride": _POSITIVE_PAIR,
-            "padding": _NONNEG_PAIR,
-            "output_padding": _NONNEG_PAIR,
-            "groups": _POSITIVE,
-            "bias": _BOOL,
-            "dilation": _POSITIVE_PAIR,
-        },
-        frozenset({"in_channels", "out_channels", "kernel_size"}),
-    ),
+    **{f"QConv{n}d": (_conv_args(n, transposed=False), _CONV_REQUIRED) for n in (1, 2, 3)},
+    **{f"QConvTranspose{n}d": (_conv_args(n, transposed=True), _CONV_REQUIRED) for n in (1, 2, 3)},
 }
 _LAYER_KEYS = frozenset({"class", "args", "spec", "frozen", "weight_dtype"})
 
