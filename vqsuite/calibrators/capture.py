@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from vqsuite.calibrators.layer_input import register_input_hook
+
 logger = logging.getLogger(__name__)
 
 #: rows kept per layer by default (enough for an output-error objective, small enough for FLUX-sized K)
@@ -92,16 +94,14 @@ def capture_inputs(
     track_gram: bool = False,
     transform: Callable[[str, nn.Module, torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[dict[str, InputStats]]:
-    """Hook ``modules`` (name -> module) and collect :class:`InputStats` of their first positional input
+    """Hook ``modules`` (name -> module) and collect :class:`InputStats` of their input (positional or ``input=``)
     while the ``with`` block runs the model. ``transform(name, module, x)`` may rewrite the input first."""
     stats: dict[str, InputStats] = {}
     handles = []
 
     def make_hook(name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor):
-                return
-            x = args[0] if transform is None else transform(name, module, args[0])
+        def hook(module: nn.Module, x: torch.Tensor) -> None:
+            x = x if transform is None else transform(name, module, x)
             x = _rows_channel_last(module, x)
             if name not in stats:
                 stats[name] = InputStats(x.shape[-1], reservoir, track_gram, seed=len(stats))
@@ -110,7 +110,7 @@ def capture_inputs(
         return hook
 
     for name, m in modules.items():
-        handles.append(m.register_forward_pre_hook(make_hook(name)))
+        handles.append(register_input_hook(m, make_hook(name)))
     try:
         yield stats
     finally:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from vqsuite.calibrators.data import CalibData, run_calibration_data
+from vqsuite.calibrators.layer_input import register_input_hook
 from vqsuite.errors import UserError
 
 
@@ -23,10 +24,10 @@ def collect_input_amax(
     amax: dict[str, torch.Tensor] = {}
 
     def hook(name: str):
-        def fn(_module: nn.Module, args: tuple) -> None:
-            if args[0].numel() == 0:  # an empty batch has no range to observe
+        def fn(_module: nn.Module, x: torch.Tensor) -> None:
+            if x.numel() == 0:  # an empty batch has no range to observe
                 return
-            x = smoothed_input(_module, args[0].detach())
+            x = smoothed_input(_module, x.detach())
             cur = x.abs().amax().float().cpu()
             amax[name] = cur if name not in amax else torch.maximum(amax[name], cur)
 
@@ -47,14 +48,15 @@ def observe_layer_inputs(
     model: nn.Module,
     layers: dict[str, nn.Module],
     calib_data: CalibData,
-    hook_for: Callable[[str], Callable[[nn.Module, tuple], None]],
+    hook_for: Callable[[str], Callable[[nn.Module, torch.Tensor], None]],
 ) -> None:
-    """Run ``calib_data`` through ``model`` with each listed layer observing (activation quantization off) and a
-    forward pre-hook ``hook_for(name)`` on it; hooks and observing flags are removed even if a batch fails."""
+    """Run ``calib_data`` through ``model`` with each listed layer observing (activation quantization off) and an
+    input hook ``hook_for(name)(module, x)`` on it (it sees positional and ``input=`` calls); hooks and observing
+    flags are removed even if a batch fails."""
     handles = []
     for name, layer in layers.items():
         layer.act_observing = True
-        handles.append(layer.register_forward_pre_hook(hook_for(name)))
+        handles.append(register_input_hook(layer, hook_for(name)))
     try:
         run_calibration_data(model, calib_data)
     finally:

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from vqsuite.calibrators.layer_input import register_input_hook
+
 logger = logging.getLogger(__name__)
 
 
@@ -109,21 +111,21 @@ class SharedInputTracker:
 
 @contextlib.contextmanager
 def track_shared_inputs(modules: dict[str, nn.Module]) -> Iterator[SharedInputTracker]:
-    """Hook ``modules`` (name -> module) and record which receive identical first positional inputs while the
+    """Hook ``modules`` (name -> module) and record which receive identical inputs (positional or ``input=``) while the
     ``with`` block runs the model; read ``tracker.groups(names)`` afterwards."""
     tracker = SharedInputTracker()
     handles = []
 
     def make_hook(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
+        def hook(_module: nn.Module, x: torch.Tensor) -> None:
             # empty inputs are skipped: they carry no data and two of them may share a data pointer by chance
-            if args and isinstance(args[0], torch.Tensor) and args[0].numel() > 0:
-                tracker.observe(name, args[0])
+            if x.numel() > 0:
+                tracker.observe(name, x)
 
         return hook
 
     for name, m in modules.items():
-        handles.append(m.register_forward_pre_hook(make_hook(name)))
+        handles.append(register_input_hook(m, make_hook(name)))
     try:
         yield tracker
     finally:

@@ -49,8 +49,8 @@ class SplitConv2d(nn.Module):
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.train(conv.training)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.part1(x[:, : self.split]) + self.part2(x[:, self.split :])
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - nn.Conv2d's own parameter name
+        return self.part1(input[:, : self.split]) + self.part2(input[:, self.split :])
 
 
 def shortcut_splits(unet: nn.Module) -> dict[str, int]:

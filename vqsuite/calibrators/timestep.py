@@ -377,10 +377,10 @@ def observe_step_stats(
         return step.index in chosen[step.num_steps]
 
     def hook(name: str):
-        def fn(module: nn.Module, args: tuple) -> None:
-            if not args or not isinstance(args[0], torch.Tensor) or args[0].numel() == 0:
+        def fn(module: nn.Module, x: torch.Tensor) -> None:
+            if x.numel() == 0:
                 return  # nothing to observe (an empty batch would poison no statistic, but amax() refuses it)
-            x = smoothed_input(module, args[0].detach())
+            x = smoothed_input(module, x.detach())
             st = stats.get(name)
             if st is None:
                 spec = module.spec

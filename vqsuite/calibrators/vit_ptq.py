@@ -233,8 +233,8 @@ class QuantAfter(nn.Module):
         super().__init__()
         self.inner, self.quant = inner, quant
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant(self.inner(x))
+    def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the wrapped module's parameter name
+        return self.quant(self.inner(input))
 
 
 class PTQAttention(nn.Module):
