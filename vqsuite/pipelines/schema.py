@@ -180,6 +180,8 @@ LAYER_ARGS: dict[str, tuple[dict[str, _Arg], frozenset[str]]] = {
         frozenset({"in_channels", "out_channels", "kernel_size"}),
     ),
 }
+#: TF-"SAME" convs (timm ``Conv2dSame`` & co) record QConv2d's arguments
+LAYER_ARGS["QConv2dSame"] = LAYER_ARGS["QConv2d"]
 _LAYER_KEYS = frozenset({"class", "args", "spec", "frozen", "weight_dtype"})
 
 
