@@ -16,7 +16,7 @@ from torch import nn
 
 import vqsuite
 from vqsuite.errors import UserError
-from vqsuite.nn import QConv2d, QConv2dSame, QLinear, QuantLayer
+from vqsuite.nn import QConv2d, QConv2dSame, QLinear, QuantLayer, SamePadConv2d
 from vqsuite.nn.conv_same import same_padding
 from vqsuite.pipelines import LAYER_ADAPTERS, LayerAdapter, register_layer_adapter
 from vqsuite.pipelines.layer_adapters import adapter_for, class_key
@@ -26,11 +26,13 @@ timm = pytest.importorskip("timm")
 #: an adapter's effective float layer vs the original layer on the same input (same ops: equal up to rounding)
 EFFECTIVE_RTOL = 1e-5
 EFFECTIVE_ATOL = 1e-6
-#: whole-model output SQNR vs float at W8A8 (measured 26.8-36.5 dB on these random-init models)
+#: whole-model output SQNR vs float at W8A8 (measured 27.1-37.4 dB on these random-init models, BiT aside)
 MODEL_SQNR_W8A8_DB = 20.0
-#: one adapted layer's output SQNR vs its float original on its real input (measured: W8A8 >= 33 dB,
-#: W4A16 >= 18.6 dB per layer on these models)
-LAYER_SQNR_DB = {"w8a8": 28.0, "w4a16": 15.0}
+#: one adapted layer's output SQNR vs its float original on its real input (measured minimum over the models:
+#: W8A8 37.9 dB, W4A16 16.9 dB)
+LAYER_SQNR_DB = {"w8a8": 30.0, "w4a16": 13.0}
+#: a two-Linear MLP (GELU between) after SVDQuant W4A4 with calibration (measured 28.8-29.7 dB, seeds 0-2)
+SVDQUANT_SQNR_DB = 22.0
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,7 @@ def test_effective_layer_reproduces_the_original(case: Case) -> None:
     for name, layer in layers.items():
         x, y = io[name]
         effective = adapter_for(layer).effective(layer)
-        assert (
-            effective is layer
-            or type(effective) in (nn.Linear, nn.Conv2d)
-            or type(effective).__name__ == ("SamePadConv2d")
-        )
+        assert effective is layer or type(effective) in (nn.Linear, nn.Conv2d, SamePadConv2d), name
         with torch.no_grad():
             torch.testing.assert_close(effective(x), y, rtol=EFFECTIVE_RTOL, atol=EFFECTIVE_ATOL, msg=name)
 
@@ -308,3 +306,19 @@ def test_register_layer_adapter_teaches_a_new_class() -> None:
             assert _sqnr_db(ref, model(x)) >= MODEL_SQNR_W8A8_DB
     finally:
         LAYER_ADAPTERS.pop(key, None)
+
+
+def test_svdquant_calibrates_adapted_linears() -> None:
+    """SVDQuant's capture hooks sit on the model's own (adapted) layers; its weights are the effective ones."""
+    from timm.layers import Linear
+
+    model = nn.Sequential(Linear(64, 64), nn.GELU(), Linear(64, 32)).eval()
+    x = torch.randn(48, 64)
+    with torch.no_grad():
+        ref = model(x)
+    vqsuite.quantize_model(model, "svdquant-int4", calib_data=x)
+    entries = {e.name: e for e in model.vqsuite_report.quantized}
+    assert set(entries) == {"0", "2"}
+    assert all(e.reason.startswith("svdquant rank") and "layer adapter" in e.reason for e in entries.values())
+    with torch.no_grad():
+        assert _sqnr_db(ref, model(x)) >= SVDQUANT_SQNR_DB
