@@ -323,3 +323,17 @@ def test_svdquant_calibrates_adapted_linears() -> None:
     assert all(e.reason.startswith("svdquant rank") and "layer adapter" in e.reason for e in entries.values())
     with torch.no_grad():
         assert _sqnr_db(ref, model(x)) >= SVDQUANT_SQNR_DB
+
+
+def test_qconv2d_same_pads_like_its_float_twin_and_refuses_static_padding() -> None:
+    conv = SamePadConv2d(4, 8, 3, stride=2).eval()
+    x = torch.randn(2, 4, 9, 10)  # odd/even sizes: asymmetric padding on one axis
+    with torch.no_grad():
+        ref = conv(x)
+    q = QConv2dSame.from_float(conv, vqsuite.get_preset("w8a8").default)
+    with torch.no_grad():
+        out = q(x)
+    assert out.shape == ref.shape == (2, 8, 5, 5)
+    assert _sqnr_db(ref, out) >= LAYER_SQNR_DB["w8a8"]
+    with pytest.raises(UserError, match="padding=0"):
+        QConv2dSame(4, 8, 3, padding=1)

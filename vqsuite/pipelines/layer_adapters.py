@@ -12,6 +12,9 @@ so nothing here imports timm or diffusers), says what the layer computes in term
   ``build`` optionally replaces that entry's builder (``QConv2dSame.from_float`` for dynamic "SAME" padding).
 * ``reason(module)`` says why this instance cannot be adapted (a LoRA branch attached), or ``None``.
 
+The effective weight is fixed when the layer is quantized: with ``freeze=False`` (fine-tuning the fake-quant model),
+the master weight trained is the standardised one, and standardisation is not re-applied after each step.
+
 The lookup walks the class's MRO but accepts an adapted ancestor only when the class still uses that ancestor's
 ``forward``: a further subclass with its own ``forward`` gets no adapter by inheritance.
 """
