@@ -17,6 +17,7 @@ from vqsuite.nn.conv import (
     QConvTranspose3d,
     QConvTransposeNd,
 )
+from vqsuite.nn.conv_same import QConv2dSame, SamePadConv2d
 from vqsuite.nn.linear import QLinear, QLinearLowRank, lowrank_factors
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "FLOAT_CONV_TYPES",
     "QConv1d",
     "QConv2d",
+    "QConv2dSame",
     "QConv3d",
     "QConvBase",
     "QConvNd",
@@ -36,4 +38,5 @@ __all__ = [
     "QLinearLowRank",
     "QuantLayer",
     "lowrank_factors",
+    "SamePadConv2d",
 ]

@@ -30,9 +30,10 @@ from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in
     recover_interrupted_save,
     write_json,
 )
-from vqsuite.nn import CONV_TWINS, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import CONV_TWINS, QConv2dSame, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.errors import CheckpointError, first_line, name_repr, read_json_file, short_repr
 from vqsuite.pipelines.folder import contained_file
+from vqsuite.pipelines.layer_adapters import adapter_for
 from vqsuite.pipelines.modules import module_references, replace_module
 from vqsuite.pipelines.schema import FLOAT_DTYPES, validate_checkpoint_meta
 
@@ -48,6 +49,7 @@ LAYER_CLASSES: dict[str, tuple[type[QuantLayer], type[nn.Module]]] = {
     "QLinear": (QLinear, nn.Linear),
     "QLinearLowRank": (QLinearLowRank, nn.Linear),
     **{q.__name__: (q, t) for t, q in CONV_TWINS.items()},
+    "QConv2dSame": (QConv2dSame, nn.Conv2d),  # timm Conv2dSame & co (layer adapters)
 }
 
 
@@ -221,7 +223,8 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
         current = model.get_submodule(name)
     except AttributeError:
         raise CheckpointError(f"layer {name_repr(name)} of the checkpoint does not exist in the model") from None
-    if not isinstance(current, (float_type, cls)):
+    adapter = adapter_for(current)  # an adapted class (MotionLinear, ...) stands for its adapter's base type
+    if not isinstance(current, (float_type, cls)) and not (adapter and issubclass(adapter.base, float_type)):
         raise CheckpointError(
             f"layer {name_repr(name)} is a {type(current).__name__} in the model but a {float_type.__name__} "
             "in the checkpoint"

@@ -1,8 +1,10 @@
 """``quantize_model``: swap every supported layer of any ``nn.Module`` for its quantized twin.
 
 Which float module becomes which quantized one is a small registry (``LAYER_RULES``); a layer is skipped, with
-the reason in the report and a log line, when its type is unsupported, a subclass changes ``forward``, the
-config excludes it, or its shape does not fit the spec (e.g. a group that does not divide K).
+the reason in the report and a log line, when its type is unsupported, a subclass changes ``forward`` (and has no
+layer adapter, :mod:`vqsuite.pipelines.layer_adapters`), the config excludes it, or its shape does not fit the spec
+(e.g. a group that does not divide K). An adapted layer (timm ``StdConv2d``, ``Conv2dSame``, ...) is quantized as
+the plain float layer its adapter gives (effective weight, dynamic padding).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_s
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
 from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
+from vqsuite.pipelines.layer_adapters import LayerAdapter, adapter_for, effective_layer
+from vqsuite.pipelines.report import (
+    OVERRIDES_FORWARD,
+    LayerEntry,
+    QuantReport,
+    matrix_weight_numel,
+    module_nbytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +72,11 @@ def _fitting_spec(
     module: nn.Module, spec: QuantSpec, reason: Callable[[Any, QuantSpec], str | None]
 ) -> QuantSpec | None:
     """``spec`` with smaller integer groups that the layer accepts, or ``None`` (the layer is then skipped)."""
-    if isinstance(module, nn.Linear):
-        k, a = module.in_features, None
-    elif isinstance(module, FLOAT_CONV_TYPES):
-        k, a = _conv_gemm_k(module), module.in_channels
+    geometry = effective_layer(module)  # an adapted layer's shapes are its plain float layer's
+    if isinstance(geometry, nn.Linear):
+        k, a = geometry.in_features, None
+    elif isinstance(geometry, FLOAT_CONV_TYPES):
+        k, a = _conv_gemm_k(geometry), geometry.in_channels
     else:
         return None
     fitted = spec.with_fitting_groups(k, act_features=a)
@@ -94,15 +104,39 @@ def register_layer_rule(
     LAYER_RULES[float_type] = (reason, build)
 
 
+def _adapted_rule(adapter: LayerAdapter, module: nn.Module) -> tuple[Any, str | None]:
+    """The base type's rule applied to the adapter's effective float layer (its builder replaced when the adapter
+    has one), or ``None`` and why this layer cannot be adapted."""
+    why = adapter.reason(module) if adapter.reason is not None else None
+    if why is not None:
+        return None, why
+    if adapter.base not in LAYER_RULES:
+        return None, f"the layer adapter of {type(module).__name__} gives a {adapter.base.__name__}, which has no rule"
+    reason, build = LAYER_RULES[adapter.base]
+    build = adapter.build or build
+    cache: dict[int, nn.Module] = {}
+
+    def effective(m: nn.Module) -> nn.Module:  # computed once (weight standardisation is not free), then reused
+        if id(m) not in cache:
+            cache.clear()
+            cache[id(m)] = adapter.effective(m)
+        return cache[id(m)]
+
+    return (lambda m, spec: reason(effective(m), spec), lambda m, spec: build(effective(m), spec)), None
+
+
 def _rule_for(module: nn.Module) -> tuple[Any, str | None]:
     """The rule for ``module`` and ``None``, or ``None`` and why it is unsupported."""
+    adapter = adapter_for(module)
+    if adapter is not None:
+        return _adapted_rule(adapter, module)
     for base, rule in LAYER_RULES.items():
         if type(module) is base:
             return rule, None
     for base, rule in LAYER_RULES.items():
         if isinstance(module, base):
             if type(module).forward is not base.forward:
-                return None, f"{type(module).__name__} subclasses {base.__name__} but overrides forward"
+                return None, f"{type(module).__name__} subclasses {base.__name__} {OVERRIDES_FORWARD}"
             return rule, None
     return None, f"unsupported layer type {type(module).__name__}"
 
@@ -241,6 +275,9 @@ def quantize_model(
                 swapped[name] = q
                 if name in fallback_notes:
                     how = f"{how}; {fallback_notes[name]}" if how else fallback_notes[name]
+                adapter = adapter_for(module)
+                if adapter is not None:
+                    how = f"{how}; layer adapter: {adapter.note}" if how else f"layer adapter: {adapter.note}"
                 report.layers.append(
                     LayerEntry(name, type(module).__name__, "quantized", how, spec.short(), module.weight.numel())
                 )
@@ -301,9 +338,7 @@ def _svdquant_layers(
     from vqsuite.calibrators.svdquant import SVDQuantOptions, svdquant_group
 
     opts = SVDQuantOptions.from_dict(cfg.options)
-    lowrank = {
-        name: (module, spec) for name, module, spec, _ in targets if isinstance(module, nn.Linear) and spec.rank > 0
-    }
+    lowrank = {name: (module, spec) for name, module, spec, _ in targets if _is_linear(module) and spec.rank > 0}
     if not lowrank:
         return {}
     data_free = "svdquant data-free: lambda=1, rank-r SVD of W (no calibration data)"
@@ -340,7 +375,9 @@ def _svdquant_layers(
     n_shared = sum(len(g) for g in groups if len(g) > 1)
     logger.info("svdquant: %d layer(s) in %d group(s), %d in shared-input groups", len(stats), len(groups), n_shared)
     for group in _progress(groups, "svdquant"):
-        layers = svdquant_group([lowrank[n][0] for n in group], stats[group[0]], lowrank[group[0]][1], opts)
+        # hooks saw the model's own layers; the weights are their adapters' effective ones (same outputs)
+        floats = [effective_layer(lowrank[n][0]) for n in group]
+        layers = svdquant_group(floats, stats[group[0]], lowrank[group[0]][1], opts)
         for name, q in zip(group, layers, strict=True):
             note = q.svdquant_info["summary"]
             if len(group) > 1:
@@ -349,9 +386,25 @@ def _svdquant_layers(
     return out
 
 
+def _is_linear(module: nn.Module) -> bool:
+    """A Linear, or a layer whose adapter makes it one (the layers SVDQuant calibrates)."""
+    adapter = adapter_for(module)
+    return isinstance(module, nn.Linear) if adapter is None else issubclass(adapter.base, nn.Linear)
+
+
 def _log_report(report: QuantReport) -> None:
+    unadapted = report.unadapted_classes
     for e in report.skipped:
-        logger.info("skipped %s (%s): %s", e.name, e.type, e.reason)
+        if e.type not in unadapted:
+            logger.info("skipped %s (%s): %s", e.name, e.type, e.reason)
+    for cls_name, entries in unadapted.items():  # one line per class, not per layer
+        logger.info(
+            "skipped %d layer(s) of class %s (e.g. %s): %s; teach vqsuite its math with register_layer_adapter",
+            len(entries),
+            cls_name,
+            entries[0].name,
+            entries[0].reason,
+        )
     logger.info("%s", report.summary())
     if not report.quantized:
         reasons = sorted({e.reason for e in report.skipped})[:5]

@@ -24,6 +24,11 @@ def module_nbytes(module: nn.Module) -> int:
     return total
 
 
+#: the skip reason of a layer whose class subclasses a supported one, overrides ``forward`` and has no layer adapter
+#: ends with this
+OVERRIDES_FORWARD = "but overrides forward"
+
+
 @dataclass
 class LayerEntry:
     name: str
@@ -52,6 +57,15 @@ class QuantReport:
         return [e for e in self.layers if e.status == "skipped"]
 
     @property
+    def unadapted_classes(self) -> dict[str, list[LayerEntry]]:
+        """Class name -> its skipped layers, for classes that override ``forward`` with no layer adapter."""
+        out: dict[str, list[LayerEntry]] = {}
+        for e in self.skipped:
+            if e.reason.endswith(OVERRIDES_FORWARD):
+                out.setdefault(e.type, []).append(e)
+        return out
+
+    @property
     def quantized_fraction(self) -> float:
         """Share of the model's matrix weights (parameters with >= 2 dims) that were quantized."""
         if self.total_weight_numel == 0:
@@ -63,11 +77,15 @@ class QuantReport:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
 
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.quantized)} layers quantized, {len(self.skipped)} skipped; "
             f"{100 * self.quantized_fraction:.1f}% of matrix weights quantized; "
             f"{self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB ({self.compression:.2f}x)"
         )
+        unadapted = self.unadapted_classes
+        if unadapted:
+            text += "; own forward, no layer adapter: " + ", ".join(f"{c} ({len(v)})" for c, v in unadapted.items())
+        return text
 
     def __str__(self) -> str:
         rows = [("layer", "type", "status", "spec / reason")]

@@ -384,7 +384,7 @@ def quantized_structure(
     then share one ``proj_down``, as after SVDQuant calibration. Returns ``{name: spec}`` of the swapped layers.
     """
     from vqsuite.nn import QConvBase, QLinear, QLinearLowRank
-    from vqsuite.pipelines.modules import LAYER_RULES, module_references, replace_module
+    from vqsuite.pipelines.modules import _rule_for, module_references, replace_module
 
     if rule is None:
         rule, _ = rule_for(model)
@@ -394,13 +394,14 @@ def quantized_structure(
     swapped: dict[str, QuantSpec] = {}
     for name, m in _weight_layers(model):
         spec = cfg.spec_for(name)
-        if spec is None or type(m) not in LAYER_RULES:
+        layer_rule, _ = _rule_for(m) if spec is not None else (None, None)  # plain types and adapted subclasses
+        if layer_rule is None:
             continue
-        reason_fn, build = LAYER_RULES[type(m)]
+        reason_fn, build = layer_rule
         if reason_fn(m, spec) is not None:
             continue
         w = m.weight
-        if isinstance(m, nn.Linear):
+        if type(m) is nn.Linear:
             cls = QLinearLowRank if spec.rank > 0 else QLinear
             q = cls(m.in_features, m.out_features, m.bias is not None, spec, device=w.device, dtype=w.dtype)
         elif isinstance(m, FLOAT_CONV_TYPES):

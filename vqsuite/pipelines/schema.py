@@ -183,6 +183,8 @@ LAYER_ARGS: dict[str, tuple[dict[str, _Arg], frozenset[str]]] = {
     **{f"QConv{n}d": (_conv_args(n, transposed=False), _CONV_REQUIRED) for n in (1, 2, 3)},
     **{f"QConvTranspose{n}d": (_conv_args(n, transposed=True), _CONV_REQUIRED) for n in (1, 2, 3)},
 }
+#: TF-"SAME" convs (timm ``Conv2dSame`` & co) record QConv2d's arguments
+LAYER_ARGS["QConv2dSame"] = LAYER_ARGS["QConv2d"]
 _LAYER_KEYS = frozenset({"class", "args", "spec", "frozen", "weight_dtype"})
 
 
