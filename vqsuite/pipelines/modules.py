@@ -409,7 +409,7 @@ def _log_report(report: QuantReport) -> None:
     if not report.quantized:
         reasons = sorted({e.reason for e in report.skipped})[:5]
         msg = "quantize_model quantized NOTHING: the model is unchanged. " + (
-            f"Reasons: {'; '.join(reasons)}" if reasons else "It has no Linear/Conv2d/ConvTranspose2d layers."
+            f"Reasons: {'; '.join(reasons)}" if reasons else "It has no Linear, ConvNd or ConvTransposeNd layers."
         )
         logger.warning(msg)
         warnings.warn(msg, UserWarning, stacklevel=3)
