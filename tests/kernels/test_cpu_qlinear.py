@@ -257,6 +257,19 @@ def test_frozen_model_end_to_end(preset: str) -> None:
     assert sqnr_db(y, y_ref) >= MIN_SQNR_MODEL_DB
 
 
+@pytest.mark.parametrize("preset", ["w4a16", "w8a8", "w4a4"])
+def test_transposed_view_input(preset: str) -> None:
+    """A batch-1 ``[1, K, M]`` transposed view (a channels-first block feeding a Linear) reshapes to a view whose
+    rows are not contiguous; the packed kernels take it (they used to raise "A must be contiguous")."""
+    model = vqsuite.quantize_model(_tiny_mlp(), preset)
+    x = torch.randn(1, 128, 6).transpose(1, 2)
+    with torch.no_grad():
+        y = model(x)
+        with vk.prefer("reference"):
+            y_ref = model(x)
+    assert sqnr_db(y, y_ref) >= MIN_SQNR_MODEL_DB
+
+
 def test_prefer_reference_forces_the_reference() -> None:
     q = _frozen(get_preset("w4a16").default)
     x = torch.randn(4, 256)
