@@ -202,7 +202,7 @@ def dit() -> tuple[nn.Module, Inputs]:
     )
     inputs = dict(
         hidden_states=torch.randn(B, 4, 8, 8),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
         class_labels=torch.zeros(B, dtype=torch.long),
     )
     return _build("DiTTransformer2DModel", cfg, inputs)
@@ -313,7 +313,7 @@ def allegro() -> tuple[nn.Module, Inputs]:
     inputs = dict(
         hidden_states=torch.randn(B, 4, 2, 8, 8),
         encoder_hidden_states=_tok(B, S_TXT, 32),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
     )
     return _build("AllegroTransformer3DModel", cfg, inputs)
 
@@ -338,7 +338,7 @@ def _cogvideo_inputs() -> dict:
     return dict(
         hidden_states=torch.randn(B, 2, 4, 8, 8),  # [B, F, C, H, W]
         encoder_hidden_states=_tok(B, S_TXT, 32),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
     )
 
 
@@ -430,7 +430,7 @@ def cogview3plus() -> tuple[nn.Module, Inputs]:
     inputs = dict(
         hidden_states=torch.randn(B, 4, 8, 8),
         encoder_hidden_states=_tok(B, S_TXT, 32),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
         **_size_cond(),
     )
     return _build("CogView3PlusTransformer2DModel", cfg, inputs)
@@ -442,7 +442,7 @@ def cogview4() -> tuple[nn.Module, Inputs]:
     inputs = dict(
         hidden_states=torch.randn(B, 4, 8, 8),
         encoder_hidden_states=_tok(B, S_TXT, 32),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
         **_size_cond(),
     )
     return _build("CogView4Transformer2DModel", cfg, inputs)
@@ -458,7 +458,7 @@ def glm_image() -> tuple[nn.Module, Inputs]:
         encoder_hidden_states=_tok(B, S_TXT, 32),
         prior_token_id=torch.randint(0, 16, (B, 16)),
         prior_token_drop=torch.zeros(B, 16, dtype=torch.bool),
-        timestep=torch.full((B,), 500, dtype=torch.long),
+        timestep=_t(B, 500.0),
         **size,
     )
     return _build("GlmImageTransformer2DModel", cfg, inputs)
@@ -571,6 +571,235 @@ def ace_step() -> tuple[nn.Module, Inputs]:
     return _build("AceStepTransformer1DModel", cfg, inputs)
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Hunyuan family (dual-stream blocks, token refiner on the text, masks over text tokens)
+
+
+def _mask(b: int, n: int, valid: int | None = None) -> torch.Tensor:
+    """Attention mask ``[b, n]`` int64: the first ``valid`` tokens (default all) are 1, the rest 0."""
+    m = torch.zeros(b, n, dtype=torch.long)
+    m[:, : n if valid is None else valid] = 1
+    return m
+
+
+HUNYUAN_VIDEO_SMALL = dict(
+    in_channels=4,
+    out_channels=4,
+    num_attention_heads=2,
+    attention_head_dim=16,
+    num_layers=1,
+    num_single_layers=1,
+    num_refiner_layers=1,
+    mlp_ratio=2.0,
+    patch_size=2,
+    patch_size_t=1,
+    text_embed_dim=32,
+    pooled_projection_dim=16,
+    rope_axes_dim=(4, 6, 6),
+)
+
+
+def _hunyuan_video_inputs() -> dict:
+    return dict(
+        hidden_states=torch.randn(B, 4, 2, 8, 8),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+        encoder_attention_mask=_mask(B, S_TXT, S_TXT - 2),
+        pooled_projections=torch.randn(B, 16),
+        guidance=torch.full((B,), 6000.0),
+    )
+
+
+def hunyuan_video() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    return _build("HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO_SMALL, _hunyuan_video_inputs())
+
+
+def hunyuan_video_framepack() -> tuple[nn.Module, Inputs]:
+    """The clean/2x/4x history latents go together (the forward reads all three ropes once any is given)."""
+    torch.manual_seed(0)
+    cfg = dict(HUNYUAN_VIDEO_SMALL, has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True)
+    inputs = dict(
+        _hunyuan_video_inputs(),
+        image_embeds=_tok(B, 4, 16),
+        indices_latents=torch.arange(1, 3),  # 1-D: the rope meshgrids it
+        latents_clean=torch.randn(B, 4, 1, 8, 8),
+        indices_latents_clean=torch.zeros(1, dtype=torch.long),
+        latents_history_2x=torch.randn(B, 4, 2, 8, 8),
+        indices_latents_history_2x=torch.arange(3, 5),
+        latents_history_4x=torch.randn(B, 4, 4, 8, 8),
+        indices_latents_history_4x=torch.arange(5, 9),
+    )
+    return _build("HunyuanVideoFramepackTransformer3DModel", cfg, inputs)
+
+
+def hunyuan_video15() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    cfg = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=32,
+        text_embed_2_dim=16,
+        image_embed_dim=16,
+        rope_axes_dim=(4, 6, 6),
+    )
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, 2, 4, 4),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+        encoder_attention_mask=_mask(B, S_TXT, S_TXT - 2),
+        encoder_hidden_states_2=_tok(B, 4, 16),
+        encoder_attention_mask_2=_mask(B, 4, 3),
+        image_embeds=_tok(B, 4, 16),
+    )
+    return _build("HunyuanVideo15Transformer3DModel", cfg, inputs)
+
+
+def hunyuan_image() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    cfg = dict(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        text_embed_dim=32,
+        rope_axes_dim=(8, 8),
+    )
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, 4, 4),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+        encoder_attention_mask=_mask(B, S_TXT, S_TXT - 2),
+    )
+    return _build("HunyuanImageTransformer2DModel", cfg, inputs)
+
+
+def hunyuan_dit() -> tuple[nn.Module, Inputs]:
+    """The pipeline computes the 2D rope of the 4x4 patch grid; done the same way here."""
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed
+
+    torch.manual_seed(0)
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        patch_size=2,
+        sample_size=8,
+        hidden_size=32,
+        num_layers=2,  # the skip connections pair block i with block num_layers - 1 - i
+        mlp_ratio=2.0,
+        cross_attention_dim=32,
+        cross_attention_dim_t5=16,
+        pooled_projection_dim=16,
+        text_len=S_TXT,
+        text_len_t5=4,
+    )
+    rope = get_2d_rotary_pos_embed(16, ((0, 0), (4, 4)), (4, 4), output_type="pt")
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, 8, 8),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+        text_embedding_mask=_mask(B, S_TXT),
+        encoder_hidden_states_t5=_tok(B, 4, 16),
+        text_embedding_mask_t5=_mask(B, 4),
+        image_meta_size=torch.tensor([[64.0, 64.0, 64.0, 64.0, 0.0, 0.0]] * B),
+        style=torch.zeros(B, dtype=torch.long),
+        image_rotary_emb=rope,
+    )
+    return _build("HunyuanDiT2DModel", cfg, inputs)
+
+
+def hidream_image() -> tuple[nn.Module, Inputs]:
+    """Llama features come stacked per layer ``[n_llama_layers, B, S, C]``, one per double + single block."""
+    torch.manual_seed(0)
+    cfg = dict(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        caption_channels=[16, 32],
+        text_emb_dim=16,
+        num_routed_experts=2,
+        num_activated_experts=1,
+        axes_dims_rope=(4, 6, 6),
+        max_resolution=(8, 8),
+        llama_layers=[0, 1],
+    )
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, 8, 8),
+        timesteps=torch.full((B,), 500, dtype=torch.long),
+        encoder_hidden_states_t5=_tok(B, S_TXT, 16),
+        encoder_hidden_states_llama3=torch.randn(2, B, S_TXT, 32),
+        pooled_embeds=torch.randn(B, 16),
+    )
+    return _build("HiDreamImageTransformer2DModel", cfg, inputs)
+
+
+def dreamlite() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    cfg = dict(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=32,
+        num_layers=1,
+        norm_num_groups=4,
+        cross_attention_dim=32,
+        use_linear_projection=True,
+    )
+    inputs = dict(hidden_states=torch.randn(B, 32, 4, 4), encoder_hidden_states=_tok(B, S_TXT, 32))
+    return _build("DreamLiteTransformer2DModel", cfg, inputs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# JoyImage: Wan-like video blocks; the edit-plus variant takes pre-patchified items with a per-item shape list
+
+JOY_SMALL = dict(
+    patch_size=[1, 2, 2],
+    in_channels=4,
+    hidden_size=32,
+    num_attention_heads=2,
+    text_dim=32,
+    mlp_width_ratio=2.0,
+    num_layers=1,
+    rope_dim_list=[4, 6, 6],
+)
+
+
+def joyimage_edit() -> tuple[nn.Module, Inputs]:
+    torch.manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(B, 4, 1, 8, 8),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+    )
+    return _build("JoyImageEditTransformer3DModel", JOY_SMALL, inputs)
+
+
+def joyimage_edit_plus() -> tuple[nn.Module, Inputs]:
+    """Two items (target + reference), each 1x2x2 patches of [C=4, 1, 2, 2]; the second sample's last patch is pad."""
+    torch.manual_seed(0)
+    inputs = dict(
+        hidden_states=torch.randn(B, 8, 4, 1, 2, 2),
+        timestep=_t(B, 500.0),
+        encoder_hidden_states=_tok(B, S_TXT, 32),
+        encoder_hidden_states_mask=_mask(B, S_TXT, S_TXT - 1),
+        shape_list=[[(1, 2, 2), (1, 2, 2)]] * B,
+    )
+    return _build("JoyImageEditPlusTransformer3DModel", JOY_SMALL, inputs)
+
+
 CASES: dict[str, Builder] = {
     "AceStepTransformer1DModel": ace_step,
     "BriaFibo2Transformer2DModel": bria_fibo2,
@@ -588,11 +817,20 @@ CASES: dict[str, Builder] = {
     "CosmosTransformer3DModel": cosmos,
     "EasyAnimateTransformer3DModel": easyanimate,
     "HeliosTransformer3DModel": helios,
+    "HiDreamImageTransformer2DModel": hidream_image,
+    "HunyuanDiT2DModel": hunyuan_dit,
+    "HunyuanImageTransformer2DModel": hunyuan_image,
+    "HunyuanVideo15Transformer3DModel": hunyuan_video15,
+    "HunyuanVideoFramepackTransformer3DModel": hunyuan_video_framepack,
+    "HunyuanVideoTransformer3DModel": hunyuan_video,
+    "JoyImageEditPlusTransformer3DModel": joyimage_edit_plus,
+    "JoyImageEditTransformer3DModel": joyimage_edit,
     "AuraFlowTransformer2DModel": auraflow,
     "BriaFiboTransformer2DModel": bria_fibo,
     "BriaTransformer2DModel": bria,
     "ChromaTransformer2DModel": chroma,
     "DiTTransformer2DModel": dit,
+    "DreamLiteTransformer2DModel": dreamlite,
     "Flux2Transformer2DModel": flux2,
     "Flux3Transformer2DModel": flux3,
     "FluxTransformer2DModel": flux,
