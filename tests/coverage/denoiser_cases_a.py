@@ -8,9 +8,8 @@ CPU are in :data:`NO_CASE` with the reason.
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from coverage_run import Builder, Inputs
+from torch import nn
 
 B = 1  # batch of every case
 S_TXT = 6  # text tokens of every case
