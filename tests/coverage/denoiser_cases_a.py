@@ -34,11 +34,24 @@ def _ids(rows: int, cols: int, axes: int = 3, first: int = 0) -> torch.Tensor:
     return ids.reshape(rows * cols, axes)
 
 
+#: std of the random values given to zero-initialised weight matrices
+ZERO_INIT_STD = 0.02
+
+
 def _build(cls_name: str, config: dict, inputs: dict) -> tuple[nn.Module, Inputs]:
+    """``diffusers.<cls_name>(**config)`` in eval mode, with its zero-initialised weight matrices made random.
+
+    Zero-initialised output projections and adaLN-zero modulations (ErnieImage's final linear, JoyImage's
+    modulation tables) would make the output 0 or the blocks identities, and hide any quantization error.
+    """
     import diffusers
 
     torch.manual_seed(0)
     model = getattr(diffusers, cls_name)(**config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2 and not p.any():
+                p.normal_(0.0, ZERO_INIT_STD)
     return model.eval(), inputs
 
 
