@@ -174,6 +174,8 @@ def flux2() -> tuple[nn.Module, Inputs]:
 
 
 def flux3() -> tuple[nn.Module, Inputs]:
+    """With an image condition (2x2 tokens on position plane 1) and the flow-map target timestep, so that every
+    branch (image-cond mode blocks, target timestep embedder) runs."""
     torch.manual_seed(0)
     cfg = dict(
         in_channels=16,
@@ -185,6 +187,7 @@ def flux3() -> tuple[nn.Module, Inputs]:
         joint_attention_dim=32,
         timestep_channels=32,
         axes_dims_rope=(4, 4, 4, 4),
+        flow_map=True,
     )
     inputs = dict(
         hidden_states=_tok(B, 16, 16),
@@ -192,6 +195,9 @@ def flux3() -> tuple[nn.Module, Inputs]:
         timestep=_t(B, 0.5),
         img_ids=_ids(4, 4, axes=4),
         txt_ids=torch.zeros(S_TXT, 4),
+        image_cond_hidden_states=_tok(B, 4, 16),
+        image_cond_ids=_ids(2, 2, axes=4, first=1),
+        target_timestep=_t(B, 0.25),
     )
     return _build("Flux3Transformer2DModel", cfg, inputs)
 
