@@ -366,8 +366,29 @@ def cogvideox() -> tuple[nn.Module, Inputs]:
 
 
 def consisid() -> tuple[nn.Module, Inputs]:
+    """With the face branch (local facial extractor + perceiver cross-attention): 3 heads so that its key/value
+    width ``int(inner_dim * 2 / 3)`` is 32, the extractor's output width."""
     torch.manual_seed(0)
-    return _build("ConsisIDTransformer3DModel", COGVIDEO_SMALL, _cogvideo_inputs())
+    cfg = dict(
+        COGVIDEO_SMALL,
+        num_attention_heads=3,
+        is_train_face=True,
+        cross_attn_interval=1,
+        cross_attn_dim_head=16,
+        cross_attn_num_heads=2,
+        LFE_id_dim=16,
+        LFE_vit_dim=16,
+        LFE_depth=2,  # a multiple of LFE_num_scale
+        LFE_dim_head=8,
+        LFE_num_heads=2,
+        LFE_num_id_token=2,
+        LFE_num_querie=4,
+        LFE_output_dim=32,
+        LFE_ff_mult=2,
+        LFE_num_scale=2,
+    )
+    inputs = dict(_cogvideo_inputs(), id_cond=torch.randn(B, 16), id_vit_hidden=[_tok(B, 5, 16) for _ in range(2)])
+    return _build("ConsisIDTransformer3DModel", cfg, inputs)
 
 
 def cosmos() -> tuple[nn.Module, Inputs]:
