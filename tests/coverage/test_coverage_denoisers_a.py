@@ -56,8 +56,8 @@ AUTO_KERNEL_PRESETS: tuple[str, ...] = ("w8a16", "w4a16", "w8a8", "w4a4")
 #: cases run once more with the default kernel dispatch (the CPU family on CPU; the suite pins the reference)
 AUTO_KERNEL_CASES: dict[str, str] = {
     "AceStepTransformer1DModel": (
-        "new, not yet filed: the CPU family's packed int8/int4 GEMMs reject an input that is not contiguous in its "
-        "last dim (AceStep's attention input is a batch-1 view of a transposed [B, C, T])"
+        "regression: the CPU family's packed int8/int4 GEMMs rejected an input not contiguous in its last dim "
+        "(AceStep's attention input is a batch-1 view of a transposed [B, C, T]); fixed in kernels/cpu/qlinear.py"
     ),
 }
 
@@ -103,11 +103,7 @@ def test_denoiser_preset(name: str, preset: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "preset"),
-    [
-        pytest.param(n, p, marks=pytest.mark.xfail(reason=r, strict=False), id=f"{n}-{p}")
-        for n, r in AUTO_KERNEL_CASES.items()
-        for p in AUTO_KERNEL_PRESETS
-    ],
+    [pytest.param(n, p, id=f"{n}-{p}") for n in AUTO_KERNEL_CASES for p in AUTO_KERNEL_PRESETS],
 )
 def test_denoiser_preset_default_kernels(name: str, preset: str) -> None:
     import vqsuite.kernels
