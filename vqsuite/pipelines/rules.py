@@ -418,3 +418,7 @@ def quantized_structure(
             if q.spec == layers[0].spec and q.proj_down.shape == layers[0].proj_down.shape:
                 q.proj_down = layers[0].proj_down
     return swapped
+
+
+# the newer DiTs live in their own module; importing it registers their rules
+from vqsuite.pipelines import rules_dit as _rules_dit  # noqa: E402, F401

@@ -1,0 +1,320 @@
+"""Tiny instances of the newer diffusers DiTs (one or two blocks, width 32-64), built from configs, with the
+keyword arguments of one forward: ``TINY_DITS[class_name]() -> (model, inputs)``. No download."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+Builder = Callable[[], tuple[nn.Module, dict[str, Any]]]
+TINY_DITS: dict[str, Builder] = {}
+
+#: batch, latent side and text length of the forward inputs
+B, SIDE, TXT = 2, 8, 6
+
+
+def _register(fn: Builder) -> Builder:
+    TINY_DITS[fn.__name__.removeprefix("tiny_")] = fn
+    return fn
+
+
+def _g(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _randn(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=_g(seed))
+
+
+def _t() -> torch.Tensor:
+    return torch.tensor([500.0, 900.0])[:B]
+
+
+@_register
+def tiny_SanaTransformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    m = SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=32,
+        mlp_ratio=2.0,
+        sample_size=SIDE,
+        patch_size=1,
+    )
+    inputs = {
+        "hidden_states": _randn(B, 4, SIDE, SIDE),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": _t(),
+    }
+    return m, inputs
+
+
+@_register
+def tiny_Lumina2Transformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    m = Lumina2Transformer2DModel(
+        sample_size=SIDE,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(32, 32, 32),
+        cap_feat_dim=32,
+    )
+    inputs = {
+        "hidden_states": _randn(B, 4, SIDE, SIDE),
+        "timestep": torch.tensor([0.3, 0.7])[:B],
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "encoder_attention_mask": torch.ones(B, TXT, dtype=torch.bool),
+    }
+    return m, inputs
+
+
+@_register
+def tiny_CogView4Transformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import CogView4Transformer2DModel
+
+    torch.manual_seed(0)
+    m = CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        text_embed_dim=32,
+        time_embed_dim=32,
+        condition_dim=8,
+        pos_embed_max_size=16,
+        sample_size=SIDE,
+        rope_axes_dim=(8, 8),
+    )
+    size = torch.tensor([[64.0, 64.0]] * B)
+    inputs = {
+        "hidden_states": _randn(B, 4, SIDE, SIDE),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": _t(),
+        "original_size": size,
+        "target_size": size,
+        "crop_coords": torch.zeros(B, 2),
+    }
+    return m, inputs
+
+
+@_register
+def tiny_AuraFlowTransformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import AuraFlowTransformer2DModel
+
+    torch.manual_seed(0)
+    m = AuraFlowTransformer2DModel(
+        sample_size=SIDE,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        out_channels=4,
+        pos_embed_max_size=64,
+    )
+    inputs = {
+        "hidden_states": _randn(B, 4, SIDE, SIDE),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": _t(),
+    }
+    return m, inputs
+
+
+def _flux_ids(n_axes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    side = SIDE // 2
+    img = torch.zeros(side, side, n_axes)
+    img[..., 1] = torch.arange(side)[:, None]
+    img[..., 2] = torch.arange(side)[None, :]
+    return img.reshape(side * side, n_axes), torch.zeros(TXT, n_axes)
+
+
+@_register
+def tiny_ChromaTransformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import ChromaTransformer2DModel
+
+    torch.manual_seed(0)
+    m = ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        approximator_num_channels=8,
+        approximator_hidden_dim=32,
+        approximator_layers=1,
+    )
+    img_ids, txt_ids = _flux_ids(3)
+    inputs = {
+        "hidden_states": _randn(B, (SIDE // 2) ** 2, 16),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": torch.tensor([0.3, 0.7])[:B],
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+    }
+    return m, inputs
+
+
+@_register
+def tiny_QwenImageTransformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import QwenImageTransformer2DModel
+
+    torch.manual_seed(0)
+    m = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    side = SIDE // 2
+    inputs = {
+        "hidden_states": _randn(B, side * side, 16),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "encoder_hidden_states_mask": torch.ones(B, TXT, dtype=torch.long),
+        "timestep": torch.tensor([0.3, 0.7])[:B],
+        "img_shapes": [[(1, side, side)]] * B,
+    }
+    return m, inputs
+
+
+@_register
+def tiny_WanTransformer3DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    m = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=32,
+        ffn_dim=64,
+        num_layers=2,
+        rope_max_seq_len=32,
+    )
+    inputs = {
+        "hidden_states": _randn(B, 4, 2, SIDE, SIDE),
+        "timestep": _t(),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+    }
+    return m, inputs
+
+
+@_register
+def tiny_LTXVideoTransformer3DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    m = LTXVideoTransformer3DModel(
+        in_channels=8,
+        out_channels=8,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    frames = 2
+    inputs = {
+        "hidden_states": _randn(B, frames * SIDE * SIDE, 8),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": _t(),
+        "encoder_attention_mask": torch.ones(B, TXT, dtype=torch.long),
+        "num_frames": frames,
+        "height": SIDE,
+        "width": SIDE,
+    }
+    return m, inputs
+
+
+@_register
+def tiny_HunyuanDiT2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import HunyuanDiT2DModel
+
+    torch.manual_seed(0)
+    m = HunyuanDiT2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        patch_size=2,
+        sample_size=SIDE,
+        hidden_size=32,
+        num_layers=2,
+        mlp_ratio=2.0,
+        cross_attention_dim=32,
+        cross_attention_dim_t5=32,
+        pooled_projection_dim=32,
+        text_len=TXT,
+        text_len_t5=TXT,
+        use_style_cond_and_image_meta_size=False,
+    )
+    inputs = {
+        "hidden_states": _randn(B, 4, SIDE, SIDE),
+        "timestep": _t(),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "text_embedding_mask": torch.ones(B, TXT, dtype=torch.long),
+        "encoder_hidden_states_t5": _randn(B, TXT, 32, seed=3),
+        "text_embedding_mask_t5": torch.ones(B, TXT, dtype=torch.long),
+    }
+    return m, inputs
+
+
+@_register
+def tiny_Flux2Transformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+    from diffusers import Flux2Transformer2DModel
+
+    torch.manual_seed(0)
+    m = Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    )
+    img_ids, txt_ids = _flux_ids(4)
+    inputs = {
+        "hidden_states": _randn(B, (SIDE // 2) ** 2, 16),
+        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "timestep": torch.tensor([0.3, 0.7])[:B],
+        "img_ids": img_ids,
+        "txt_ids": txt_ids,
+        "guidance": torch.tensor([3.5] * B),
+    }
+    return m, inputs
