@@ -69,11 +69,11 @@ def tiny_Lumina2Transformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
         sample_size=SIDE,
         patch_size=2,
         in_channels=4,
-        hidden_size=32,
+        hidden_size=64,  # k/v of the 2 kv heads are 32 wide: room for a rank-32 branch
         num_layers=2,
         num_refiner_layers=1,
-        num_attention_heads=2,
-        num_kv_heads=1,
+        num_attention_heads=4,
+        num_kv_heads=2,
         multiple_of=16,
         axes_dim_rope=(4, 6, 6),
         axes_lens=(32, 32, 32),
@@ -272,7 +272,7 @@ def tiny_HunyuanDiT2DModel() -> tuple[nn.Module, dict[str, Any]]:
         patch_size=2,
         sample_size=SIDE,
         hidden_size=32,
-        num_layers=2,
+        num_layers=4,  # the fourth block has the long-skip linear
         mlp_ratio=2.0,
         cross_attention_dim=32,
         cross_attention_dim_t5=32,
@@ -318,3 +318,143 @@ def tiny_Flux2Transformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
         "guidance": torch.tensor([3.5] * B),
     }
     return m, inputs
+
+
+# ------------------------------------------------------------------------------ pipelines
+# Text encoders of these pipelines (Gemma2, GLM, UMT5, Qwen2.5-VL) are left out: the pipelines take
+# ``prompt_embeds`` (and masks) instead, which ``pipeline_call_kwargs`` returns. ``w4a4`` needs no calibration run.
+
+#: pixel side of the generated image and the text length of the prompt embeddings
+PIPE_SIDE, PIPE_TXT = 32, 6
+
+
+def _kl_vae(latent_channels: int, block_out_channels: tuple[int, ...] = (8, 16)):
+    """A tiny AutoencoderKL downsampling ``2 ** (len(block_out_channels) - 1)`` times."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    n = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=block_out_channels,
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=8,
+        sample_size=PIPE_SIDE,
+        shift_factor=0.0,  # Lumina2 and CogView4 add it when decoding
+    )
+
+
+def _flow_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler()
+
+
+def _embeds(dim: int = 32, seed: int = 7) -> torch.Tensor:
+    return _randn(1, PIPE_TXT, dim, seed=seed)
+
+
+def pipe_SanaTransformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
+
+    transformer, _ = tiny_SanaTransformer2DModel()
+    torch.manual_seed(0)
+    vae = AutoencoderDC(
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=8,
+        encoder_block_types=("ResBlock", "EfficientViTBlock"),
+        decoder_block_types=("ResBlock", "EfficientViTBlock"),
+        encoder_block_out_channels=(8, 16),
+        decoder_block_out_channels=(8, 16),
+        encoder_layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), (5,)),
+        decoder_qkv_multiscales=((), (5,)),
+        upsample_block_type="interpolate",
+        downsample_block_type="Conv",
+        decoder_norm_types="rms_norm",
+        decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    pipe = SanaPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DPMSolverMultistepScheduler()
+    )
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.long),
+        "guidance_scale": 1.0,
+        "use_resolution_binning": False,
+    }
+    return pipe, call
+
+
+def pipe_Lumina2Transformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import Lumina2Pipeline
+
+    transformer, _ = tiny_Lumina2Transformer2DModel()
+    vae = _kl_vae(4, (8, 8, 8, 8))  # the pipeline assumes an 8x VAE
+    pipe = Lumina2Pipeline(
+        transformer=transformer, scheduler=_flow_scheduler(), vae=vae, text_encoder=None, tokenizer=None
+    )
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.long),
+        "guidance_scale": 1.0,
+    }
+    return pipe, call
+
+
+def pipe_CogView4Transformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import CogView4Pipeline
+
+    transformer, _ = tiny_CogView4Transformer2DModel()
+    pipe = CogView4Pipeline(
+        tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer, scheduler=_flow_scheduler()
+    )
+    return pipe, {"prompt_embeds": _embeds(), "guidance_scale": 1.0}
+
+
+def pipe_AuraFlowTransformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import AuraFlowPipeline
+
+    transformer, _ = tiny_AuraFlowTransformer2DModel()
+    pipe = AuraFlowPipeline(
+        tokenizer=None, text_encoder=None, vae=_kl_vae(4), transformer=transformer, scheduler=_flow_scheduler()
+    )
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.long),
+        "guidance_scale": 1.0,
+    }
+    return pipe, call
+
+
+def pipe_QwenImageTransformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLQwenImage, QwenImagePipeline
+
+    transformer, _ = tiny_QwenImageTransformer2DModel()
+    torch.manual_seed(0)
+    vae = AutoencoderKLQwenImage(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+    )
+    pipe = QwenImagePipeline(
+        scheduler=_flow_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    call = {"prompt_embeds": _embeds(), "prompt_embeds_mask": torch.ones(1, PIPE_TXT, dtype=torch.long)}
+    return pipe, call
+
+
+TINY_DIT_PIPELINES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
+    n.removeprefix("pipe_"): f for n, f in globals().items() if n.startswith("pipe_") and callable(f)
+}
