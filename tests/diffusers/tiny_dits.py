@@ -34,27 +34,28 @@ def _t() -> torch.Tensor:
 
 
 @_register
-def tiny_SanaTransformer2DModel() -> tuple[nn.Module, dict[str, Any]]:
+def tiny_SanaTransformer2DModel(width: int = 32, mlp_ratio: float = 2.0) -> tuple[nn.Module, dict[str, Any]]:
+    """``width`` (a multiple of 8) and ``mlp_ratio`` let a test build one whose shapes defeat a recipe."""
     from diffusers import SanaTransformer2DModel
 
     torch.manual_seed(0)
     m = SanaTransformer2DModel(
         in_channels=4,
         out_channels=4,
-        num_attention_heads=2,
-        attention_head_dim=16,
+        num_attention_heads=width // 8,
+        attention_head_dim=8,
         num_layers=2,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=16,
-        cross_attention_dim=32,
-        caption_channels=32,
-        mlp_ratio=2.0,
+        num_cross_attention_heads=width // 8,
+        cross_attention_head_dim=8,
+        cross_attention_dim=width,
+        caption_channels=width,
+        mlp_ratio=mlp_ratio,
         sample_size=SIDE,
         patch_size=1,
     )
     inputs = {
         "hidden_states": _randn(B, 4, SIDE, SIDE),
-        "encoder_hidden_states": _randn(B, TXT, 32, seed=2),
+        "encoder_hidden_states": _randn(B, TXT, width, seed=2),
         "timestep": _t(),
     }
     return m, inputs
@@ -358,10 +359,10 @@ def _embeds(dim: int = 32, seed: int = 7) -> torch.Tensor:
     return _randn(1, PIPE_TXT, dim, seed=seed)
 
 
-def pipe_SanaTransformer2DModel() -> tuple[Any, dict[str, Any]]:
+def pipe_SanaTransformer2DModel(width: int = 32, mlp_ratio: float = 2.0) -> tuple[Any, dict[str, Any]]:
     from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline
 
-    transformer, _ = tiny_SanaTransformer2DModel()
+    transformer, _ = tiny_SanaTransformer2DModel(width, mlp_ratio)
     torch.manual_seed(0)
     vae = AutoencoderDC(
         in_channels=3,
@@ -385,7 +386,7 @@ def pipe_SanaTransformer2DModel() -> tuple[Any, dict[str, Any]]:
         tokenizer=None, text_encoder=None, vae=vae, transformer=transformer, scheduler=DPMSolverMultistepScheduler()
     )
     call = {
-        "prompt_embeds": _embeds(),
+        "prompt_embeds": _embeds(width),
         "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.long),
         "guidance_scale": 1.0,
         "use_resolution_binning": False,

@@ -23,7 +23,7 @@ from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_s
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
 from vqsuite.nn import QConv2d, QConvTranspose2d, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes
+from vqsuite.pipelines.report import LayerEntry, QuantReport, matrix_weight_numel, module_nbytes, skip_reasons
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def _log_report(report: QuantReport) -> None:
         logger.info("skipped %s (%s): %s", e.name, e.type, e.reason)
     logger.info("%s", report.summary())
     if not report.quantized:
-        reasons = sorted({e.reason for e in report.skipped})[:5]
+        reasons = skip_reasons(report, limit=5)
         msg = "quantize_model quantized NOTHING: the model is unchanged. " + (
             f"Reasons: {'; '.join(reasons)}" if reasons else "It has no Linear/Conv2d/ConvTranspose2d layers."
         )
