@@ -456,6 +456,49 @@ def pipe_QwenImageTransformer2DModel() -> tuple[Any, dict[str, Any]]:
     return pipe, call
 
 
+def pipe_ChromaTransformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import ChromaPipeline
+
+    transformer, _ = tiny_ChromaTransformer2DModel()
+    pipe = ChromaPipeline(
+        scheduler=_flow_scheduler(), vae=_kl_vae(4), text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.bool),  # SDPA takes a bool or float mask
+        "guidance_scale": 1.0,
+    }
+    return pipe, call
+
+
+def pipe_HunyuanDiT2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import DDPMScheduler, HunyuanDiTPipeline
+
+    transformer, _ = tiny_HunyuanDiT2DModel()
+    pipe = HunyuanDiTPipeline(
+        vae=_kl_vae(4, (8, 8, 8, 8)),  # the pipeline's rotary grid assumes an 8x VAE
+        text_encoder=None,
+        tokenizer=None,
+        transformer=transformer,
+        scheduler=DDPMScheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        text_encoder_2=None,
+        tokenizer_2=None,
+    )
+    ones = torch.ones(1, PIPE_TXT, dtype=torch.long)
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": ones,
+        "prompt_embeds_2": _embeds(seed=8),
+        "prompt_attention_mask_2": ones,
+        "guidance_scale": 1.0,
+        "use_resolution_binning": False,
+    }
+    return pipe, call
+
+
 TINY_DIT_PIPELINES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     n.removeprefix("pipe_"): f for n, f in globals().items() if n.startswith("pipe_") and callable(f)
 }
