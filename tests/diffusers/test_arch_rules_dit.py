@@ -178,8 +178,12 @@ def test_dit_rule_shared_inputs_name_existing_layers(name: str) -> None:
 
 
 def _generate(pipe, call: dict) -> torch.Tensor:
+    """One image ``[1, 3, H, W]`` (the first frame of a video pipeline's ``[1, F, 3, H, W]``)."""
     kw = dict(call, num_inference_steps=2, height=PIPE_SIDE, width=PIPE_SIDE, output_type="pt")
-    return pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    out = pipe(**kw, generator=torch.Generator().manual_seed(0))
+    if hasattr(out, "frames"):
+        return out.frames[:, 0]
+    return out.images
 
 
 @pytest.mark.parametrize("name", sorted(TINY_DIT_PIPELINES))

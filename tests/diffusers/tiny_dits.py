@@ -499,6 +499,27 @@ def pipe_HunyuanDiT2DModel() -> tuple[Any, dict[str, Any]]:
     return pipe, call
 
 
+def pipe_WanTransformer3DModel() -> tuple[Any, dict[str, Any]]:
+    """Text-to-video: three frames of 32x32 (the call returns ``.frames`` ``[1, F, 3, H, W]``)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    transformer, _ = tiny_WanTransformer3DModel()
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False],
+        latents_mean=[0.0] * 4,
+        latents_std=[1.0] * 4,
+        scale_factor_temporal=1,
+        scale_factor_spatial=2,
+    )
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=vae, scheduler=_flow_scheduler(), transformer=transformer)
+    return pipe, {"prompt_embeds": _embeds(), "guidance_scale": 1.0, "num_frames": 3}
+
+
 TINY_DIT_PIPELINES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     n.removeprefix("pipe_"): f for n, f in globals().items() if n.startswith("pipe_") and callable(f)
 }
