@@ -520,6 +520,40 @@ def pipe_WanTransformer3DModel() -> tuple[Any, dict[str, Any]]:
     return pipe, {"prompt_embeds": _embeds(), "guidance_scale": 1.0, "num_frames": 3}
 
 
+def pipe_LTXVideoTransformer3DModel() -> tuple[Any, dict[str, Any]]:
+    """Text-to-video: two frames of 32x32 through a one-block LTX VAE (4x spatial patching, no temporal scaling)."""
+    from diffusers import AutoencoderKLLTXVideo, LTXPipeline
+
+    transformer, _ = tiny_LTXVideoTransformer3DModel()
+    torch.manual_seed(0)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=8,
+        block_out_channels=(8,),
+        down_block_types=("LTXVideoDownBlock3D",),
+        decoder_block_out_channels=(8,),
+        layers_per_block=(1, 1),
+        decoder_layers_per_block=(1, 1),
+        spatio_temporal_scaling=(False,),
+        decoder_spatio_temporal_scaling=(False,),
+        decoder_inject_noise=(False, False),
+        downsample_type=("conv",),
+        upsample_residual=(False,),
+        upsample_factor=(1,),
+        patch_size=4,
+        patch_size_t=1,
+    )
+    pipe = LTXPipeline(scheduler=_flow_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer)
+    call = {
+        "prompt_embeds": _embeds(),
+        "prompt_attention_mask": torch.ones(1, PIPE_TXT, dtype=torch.long),
+        "guidance_scale": 1.0,
+        "num_frames": 2,
+    }
+    return pipe, call
+
+
 TINY_DIT_PIPELINES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
     n.removeprefix("pipe_"): f for n, f in globals().items() if n.startswith("pipe_") and callable(f)
 }
