@@ -127,8 +127,8 @@ def _quantize(name: str, preset: str) -> tuple[nn.Module, dict, torch.Tensor]:
     return model, inputs, ref
 
 
-def test_every_dit_rule_has_a_tiny_model_and_expectations() -> None:
-    assert set(EXPECT) == set(TINY_DITS) == set(DIT_RULES)
+def test_every_dit_rule_has_a_tiny_model_pipeline_and_expectations() -> None:
+    assert set(EXPECT) == set(TINY_DITS) == set(DIT_RULES) == set(TINY_DIT_PIPELINES)
 
 
 @pytest.mark.parametrize("preset", PRESETS)

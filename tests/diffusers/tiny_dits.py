@@ -1,5 +1,7 @@
-"""Tiny instances of the newer diffusers DiTs (one or two blocks, width 32-64), built from configs, with the
-keyword arguments of one forward: ``TINY_DITS[class_name]() -> (model, inputs)``. No download."""
+"""Tiny instances of the newer diffusers DiTs (one to four blocks, width 32-64), built from configs, with the
+keyword arguments of one forward: ``TINY_DITS[class_name]() -> (model, inputs)``; and a tiny pipeline around each
+(tiny VAE, no text encoder: the call takes prompt embeddings): ``TINY_DIT_PIPELINES[class_name]() -> (pipe,
+call_kwargs)``. No download."""
 
 from __future__ import annotations
 
@@ -552,6 +554,26 @@ def pipe_LTXVideoTransformer3DModel() -> tuple[Any, dict[str, Any]]:
         "num_frames": 2,
     }
     return pipe, call
+
+
+def pipe_Flux2Transformer2DModel() -> tuple[Any, dict[str, Any]]:
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline
+
+    transformer, _ = tiny_Flux2Transformer2DModel()
+    torch.manual_seed(0)
+    vae = AutoencoderKLFlux2(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        latent_channels=4,  # patchified 2x2 into the transformer's 16 input channels
+        norm_num_groups=8,
+        sample_size=PIPE_SIDE,
+    )
+    pipe = Flux2Pipeline(
+        scheduler=_flow_scheduler(), vae=vae, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    return pipe, {"prompt_embeds": _embeds(), "guidance_scale": 1.0}
 
 
 TINY_DIT_PIPELINES: dict[str, Callable[[], tuple[Any, dict[str, Any]]]] = {
