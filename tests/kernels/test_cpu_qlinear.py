@@ -367,3 +367,16 @@ def test_cached_call_follows_buffer_writes_and_preference() -> None:
             assert q.__dict__["_kernel_call"][1].name == "cpu.qlinear"
             q(x)
             assert q.__dict__["_kernel_call"][1].name == "reference"
+
+
+@pytest.mark.parametrize("fmt", ["int4-g64", "int8-per-channel"])
+def test_strided_input_matches_contiguous(fmt: str) -> None:
+    # a transposed view, as a frozen 1x1 conv (Sana's GLUMBConv) hands its channels-last activations over: the aten
+    # int4pack/int8pack kernels reject a non-contiguous A, and .to(bf16) keeps the strides
+    q = _frozen(WEIGHT_ONLY[fmt])
+    x = torch.randn(256, 7).t()
+    assert not x.is_contiguous()
+    name, y, y_ref = _run_both(q, x)
+    assert name == "cpu.qlinear"
+    assert torch.equal(y, q(x.contiguous()))
+    assert sqnr_db(y, y_ref) >= MIN_SQNR_WEIGHT_ONLY_DB

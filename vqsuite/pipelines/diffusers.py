@@ -27,7 +27,7 @@ from vqsuite.errors import UserError
 from vqsuite.nn import QuantLayer
 from vqsuite.pipelines.io import _is_diffusion_pipeline
 from vqsuite.pipelines.modules import quantize_model
-from vqsuite.pipelines.report import QuantReport, module_nbytes
+from vqsuite.pipelines.report import QuantReport, module_nbytes, skip_reasons
 from vqsuite.pipelines.rules import (
     ArchRule,
     LayerRule,
@@ -455,7 +455,7 @@ def quantize_pipeline(
     stats["quantize_seconds"] = time.perf_counter() - t0
     mrep: QuantReport = den.vqsuite_report
     if not mrep.quantized:  # a silent no-op is the worst outcome: say which denoiser, which rule, and why
-        reasons = sorted({e.reason for e in mrep.skipped})[:3]
+        reasons = skip_reasons(mrep)
         msg = (
             f"quantize_pipeline quantized NOTHING in {type(pipe).__name__}.{den_name} ({type(den).__name__}, rule "
             f"{rule.name}{' (generic fallback)' if generic else ''}): the pipeline is unchanged"

@@ -33,6 +33,7 @@ from vqsuite.pipelines.report import (
     QuantReport,
     matrix_weight_numel,
     module_nbytes,
+    skip_reasons,
 )
 
 logger = logging.getLogger(__name__)
@@ -407,7 +408,7 @@ def _log_report(report: QuantReport) -> None:
         )
     logger.info("%s", report.summary())
     if not report.quantized:
-        reasons = sorted({e.reason for e in report.skipped})[:5]
+        reasons = skip_reasons(report, limit=5)
         msg = "quantize_model quantized NOTHING: the model is unchanged. " + (
             f"Reasons: {'; '.join(reasons)}" if reasons else "It has no Linear, ConvNd or ConvTransposeNd layers."
         )

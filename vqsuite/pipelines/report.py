@@ -117,3 +117,27 @@ def matrix_weight_numel(model: nn.Module) -> int:
 
 def tensor_nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+#: reasons named in a "quantized NOTHING" warning
+MAX_SKIP_REASONS = 3
+
+
+def skip_reasons(report: QuantReport, limit: int = MAX_SKIP_REASONS) -> list[str]:
+    """Why ``report``'s layers were skipped, most telling first: the reasons that defeated the recipe (a group size
+    or rank the shapes do not allow, an unsupported layer) before the rule's and the user's own choices (kept in
+    float, excluded), then by skipped weight; each with its layer count and one example layer."""
+    by_reason: dict[str, list[LayerEntry]] = {}
+    for e in report.skipped:
+        by_reason.setdefault(e.reason, []).append(e)
+
+    def key(item: tuple[str, list[LayerEntry]]) -> tuple[bool, int, str]:
+        reason, entries = item
+        chosen = reason.startswith(("kept in float by override", "excluded by pattern", "not matched by include"))
+        return chosen, -sum(e.weight_numel for e in entries), reason
+
+    out = []
+    for reason, entries in sorted(by_reason.items(), key=key)[:limit]:
+        n = len(entries)
+        out.append(f"{reason} ({n} layer{'s' if n > 1 else ''}, e.g. {entries[0].name})")
+    return out

@@ -13,6 +13,9 @@ final norm and projection), ``transformer_proj_in/out``, ``resblock_shortcut``, 
 PixArt also keeps ``attn_add`` (the cross-attention key/value projections of the text stream) fully 16-bit.
 Smoothing and low rank are skipped for resblocks, so UNet ResBlock convs are quantized without a branch.
 
+The rules of the newer DiTs (Sana, Lumina2, CogView4, AuraFlow, Chroma, Qwen-Image, Wan, LTX-Video, Hunyuan-DiT,
+FLUX.2) live in :mod:`vqsuite.pipelines.rules_dit`, imported at the end of this module to register them.
+
 Nothing here imports diffusers: rules only look at class names and module names.
 """
 
@@ -420,3 +423,7 @@ def quantized_structure(
             if q.spec == layers[0].spec and q.proj_down.shape == layers[0].proj_down.shape:
                 q.proj_down = layers[0].proj_down
     return swapped
+
+
+# the newer DiTs live in their own module; importing it registers their rules
+from vqsuite.pipelines import rules_dit as _rules_dit  # noqa: E402, F401

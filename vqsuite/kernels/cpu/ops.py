@@ -23,13 +23,14 @@ def int4pack_linear_eager(
     x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int, n: int
 ) -> torch.Tensor:
     """The op's body, called directly in eager mode (the ``torch.library`` wrapper costs ~60 us a call here)."""
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE), packed, group, scales_zeros)
+    # the aten kernel needs a contiguous A; .to() keeps strides (a 1x1 conv's channels-last view, a transposed x)
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(KERNEL_DTYPE).contiguous(), packed, group, scales_zeros)
     return y.to(x.dtype)
 
 
 def int8pack_linear_eager(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """The op's body, called directly in eager mode."""
-    return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE), w, scales).to(x.dtype)
+    return torch.ops.aten._weight_int8pack_mm(x.to(KERNEL_DTYPE).contiguous(), w, scales).to(x.dtype)
 
 
 @torch.library.custom_op("vqsuite::int4pack_linear", mutates_args=())
