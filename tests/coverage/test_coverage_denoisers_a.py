@@ -44,12 +44,7 @@ MIN_SQNR_DB: dict[str, float] = {
 }
 
 #: (class, preset or "*") -> why it fails on this branch; delete an entry once its fix is merged
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("HunyuanDiT2DModel", "w4a8-static"): (
-        "no HunyuanDiT rule yet: the text pooler's q/k/v/c_proj weights are read by F.multi_head_attention_forward, "
-        "never called, so static calibration never reaches them"
-    ),
-}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 #: presets whose frozen layers the CPU kernel family runs with packed int8/int4 GEMMs
 AUTO_KERNEL_PRESETS: tuple[str, ...] = ("w8a16", "w4a16", "w8a8", "w4a4")
