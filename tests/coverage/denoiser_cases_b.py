@@ -1,7 +1,613 @@
-"""Small-config builders of diffusers denoiser classes (see denoiser_cases.py)."""
+"""Small-config builders of diffusers denoiser classes K–Z (see denoiser_cases.py).
+
+Each builder seeds itself, builds the class from a config written here (1–2 blocks, width 32–64, a few tokens,
+1–2 video frames; nothing downloaded) and returns ``(model.eval(), inputs)``, ``inputs`` being the keyword
+arguments of one forward. A class that cannot be built small or run on CPU is in :data:`NO_CASE` with the reason.
+"""
 
 from __future__ import annotations
 
-from coverage_run import Builder
+from typing import Any
 
-CASES: dict[str, Builder] = {}
+import torch
+from coverage_run import Builder
+from torch import nn
+
+#: text tokens of every case's prompt
+TXT = 8
+
+
+def _tok(b: int, n: int, d: int) -> torch.Tensor:
+    """Random tokens ``[b, n, d]`` float32."""
+    return torch.randn(b, n, d)
+
+
+def _t(v: float = 500.0, b: int = 1) -> torch.Tensor:
+    """A timestep ``[b]`` float32."""
+    return torch.full((b,), v)
+
+
+def _ids(frames: int, h: int, w: int) -> torch.Tensor:
+    """Flux-style image position ids ``[frames*h*w, 3]``: (frame, row, column) of each token."""
+    f, y, x = torch.meshgrid(torch.arange(frames), torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.stack([f, y, x], dim=-1).reshape(-1, 3).float()
+
+
+def _diffusers() -> Any:
+    import diffusers
+
+    return diffusers
+
+
+def _built(model: nn.Module, inputs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    return model.eval(), inputs
+
+
+# --- UNets ---------------------------------------------------------------------------------------------------
+
+
+def unet_1d() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNet1DModel(
+        sample_size=16,
+        in_channels=14,
+        out_channels=14,
+        extra_in_channels=8,
+        time_embedding_dim=8,
+        block_out_channels=(32, 32, 64),
+        time_embedding_type="fourier",
+        mid_block_type="UNetMidBlock1D",
+        down_block_types=("DownBlock1DNoSkip", "DownBlock1D", "AttnDownBlock1D"),
+        up_block_types=("AttnUpBlock1D", "UpBlock1D", "UpBlock1DNoSkip"),
+    )
+    return _built(m, {"sample": torch.randn(1, 14, 32), "timestep": _t(10.0)})
+
+
+def unet_2d() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=16,
+    )
+    return _built(m, {"sample": torch.randn(1, 3, 16, 16), "timestep": _t(10.0)})
+
+
+def unet_2d_condition() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNet2DConditionModel(
+        sample_size=16,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    inputs = {"sample": torch.randn(1, 4, 16, 16), "timestep": _t(10.0), "encoder_hidden_states": _tok(1, TXT, 32)}
+    return _built(m, inputs)
+
+
+def unet_3d_condition() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNet3DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+        up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+    )
+    inputs = {"sample": torch.randn(1, 4, 2, 16, 16), "timestep": _t(10.0), "encoder_hidden_states": _tok(1, TXT, 32)}
+    return _built(m, inputs)
+
+
+def unet_motion() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNetMotionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+        up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+        cross_attention_dim=32,
+        num_attention_heads=4,
+        motion_num_attention_heads=4,
+    )
+    # the prompt comes once per frame: [batch * frames, tokens, dim]
+    inputs = {"sample": torch.randn(1, 4, 2, 16, 16), "timestep": _t(10.0), "encoder_hidden_states": _tok(2, TXT, 32)}
+    return _built(m, inputs)
+
+
+def unet_spatio_temporal() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNetSpatioTemporalConditionModel(
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+        up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        cross_attention_dim=32,
+        num_attention_heads=(2, 4),
+        addition_time_embed_dim=32,
+        projection_class_embeddings_input_dim=3 * 32,
+        num_frames=2,
+    )
+    inputs = {
+        "sample": torch.randn(1, 2, 4, 16, 16),
+        "timestep": _t(10.0),
+        "encoder_hidden_states": _tok(1, 1, 32),
+        "added_time_ids": torch.tensor([[6.0, 127.0, 0.02]]),
+    }
+    return _built(m, inputs)
+
+
+def unet_controlnet_xs() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().UNetControlNetXSModel(
+        sample_size=16,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        cross_attention_dim=32,
+        num_attention_heads=2,
+        upcast_attention=False,
+        ctrl_block_out_channels=(8, 16),
+        ctrl_num_attention_heads=2,
+        ctrl_max_norm_num_groups=4,
+        ctrl_conditioning_embedding_out_channels=(8, 8),
+    )
+    inputs = {
+        "sample": torch.randn(1, 4, 16, 16),
+        "timestep": _t(10.0),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "controlnet_cond": torch.randn(1, 3, 32, 32),
+    }
+    return _built(m, inputs)
+
+
+# --- classic 2D/3D transformers ------------------------------------------------------------------------------
+
+
+def transformer_2d() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().Transformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=32, norm_num_groups=32, cross_attention_dim=32
+    )
+    return _built(m, {"hidden_states": torch.randn(1, 32, 4, 4), "encoder_hidden_states": _tok(1, TXT, 32)})
+
+
+def transformer_temporal() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().TransformerTemporalModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=32, norm_num_groups=32
+    )
+    return _built(m, {"hidden_states": torch.randn(2, 32, 4, 4), "num_frames": 2})
+
+
+def pixart() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=32,
+        out_channels=8,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    return _built(m, inputs)
+
+
+def latte() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().LatteTransformer3DModel(
+        sample_size=8,
+        num_layers=1,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        caption_channels=32,
+        in_channels=4,
+        cross_attention_dim=32,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        video_length=2,
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": _tok(1, TXT, 32), "timestep": _t()}
+    return _built(m, inputs)
+
+
+def sd3() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=16,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "pooled_projections": torch.randn(1, 64),
+        "timestep": _t(),
+    }
+    return _built(m, inputs)
+
+
+# --- Sana family ---------------------------------------------------------------------------------------------
+
+
+def sana() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().SanaTransformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=4,
+        attention_head_dim=8,
+        num_layers=2,
+        num_cross_attention_heads=4,
+        cross_attention_head_dim=8,
+        cross_attention_dim=32,
+        caption_channels=32,
+        sample_size=8,
+        patch_size=1,
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "encoder_hidden_states": _tok(1, TXT, 32), "timestep": _t()}
+    return _built(m, inputs)
+
+
+def sana_video() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().SanaVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=16,
+        cross_attention_dim=32,
+        caption_channels=32,
+        sample_size=8,
+        patch_size=(1, 2, 2),
+        rope_max_seq_len=32,
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 2, 8, 8), "encoder_hidden_states": _tok(1, TXT, 32), "timestep": _t()}
+    return _built(m, inputs)
+
+
+# --- Lumina --------------------------------------------------------------------------------------------------
+
+
+def lumina2() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=1,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=16,
+        axes_dim_rope=(4, 6, 6),
+        axes_lens=(32, 32, 32),
+        cap_feat_dim=32,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8),
+        "timestep": _t(0.5),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "encoder_attention_mask": torch.ones(1, TXT, dtype=torch.bool),
+    }
+    return _built(m, inputs)
+
+
+def lumina_next() -> tuple[nn.Module, dict]:
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    torch.manual_seed(0)
+    m = _diffusers().LuminaNextDiT2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        num_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=16,
+        cross_attention_dim=32,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8),
+        "timestep": _t(0.5),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "encoder_mask": torch.ones(1, TXT),
+        "image_rotary_emb": get_2d_rotary_pos_embed_lumina(16, 16, 16),
+        "cross_attention_kwargs": {},
+    }
+    return _built(m, inputs)
+
+
+# --- video DiTs ----------------------------------------------------------------------------------------------
+
+
+def _wan_kwargs() -> dict[str, Any]:
+    return {
+        "patch_size": (1, 2, 2),
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "text_dim": 32,
+        "freq_dim": 32,
+        "ffn_dim": 64,
+        "num_layers": 2,
+        "rope_max_seq_len": 32,
+    }
+
+
+def _wan_inputs() -> dict[str, Any]:
+    return {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": _t(), "encoder_hidden_states": _tok(1, TXT, 32)}
+
+
+def wan() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    return _built(_diffusers().WanTransformer3DModel(**_wan_kwargs()), _wan_inputs())
+
+
+def wan_vace() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().WanVACETransformer3DModel(**_wan_kwargs(), vace_layers=[0], vace_in_channels=8)
+    inputs = {**_wan_inputs(), "control_hidden_states": torch.randn(1, 8, 2, 8, 8)}
+    return _built(m, inputs)
+
+
+def skyreels_v2() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    return _built(_diffusers().SkyReelsV2Transformer3DModel(**_wan_kwargs()), _wan_inputs())
+
+
+def ltx_video() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        cross_attention_dim=32,
+        num_layers=2,
+        caption_channels=32,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 2 * 4 * 4, 4),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(),
+        "encoder_attention_mask": torch.ones(1, TXT),
+        "num_frames": 2,
+        "height": 4,
+        "width": 4,
+    }
+    return _built(m, inputs)
+
+
+def mochi() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().MochiTransformer3DModel(
+        patch_size=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        pooled_projection_dim=32,
+        in_channels=4,
+        text_embed_dim=32,
+        time_embed_dim=8,
+        max_sequence_length=TXT,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 2, 8, 8),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(),
+        "encoder_attention_mask": torch.ones(1, TXT),
+    }
+    return _built(m, inputs)
+
+
+# --- MMDiT / Flux-like image models --------------------------------------------------------------------------
+
+
+def qwen_image() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "encoder_hidden_states_mask": torch.ones(1, TXT),
+        "timestep": _t(0.5),
+        "img_shapes": [(1, 4, 4)],
+    }
+    return _built(m, inputs)
+
+
+def longcat_image() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().LongCatImageTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 6, 6],
+    )
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(0.5),
+        "img_ids": _ids(1, 4, 4),
+        "txt_ids": torch.zeros(TXT, 3),
+    }
+    return _built(m, inputs)
+
+
+def ovis_image() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().OvisImageTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        out_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+    )
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(0.5),
+        "img_ids": _ids(1, 4, 4),
+        "txt_ids": torch.zeros(TXT, 3),
+    }
+    return _built(m, inputs)
+
+
+def prx() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().PRXTransformer2DModel(
+        in_channels=4,
+        patch_size=2,
+        context_in_dim=32,
+        hidden_size=32,
+        mlp_ratio=2.0,
+        num_heads=2,
+        depth=2,
+        axes_dim=[8, 8],
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 8, 8), "timestep": _t(0.5), "encoder_hidden_states": _tok(1, TXT, 32)}
+    return _built(m, inputs)
+
+
+def z_image() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().ZImageTransformer2DModel(
+        in_channels=4,
+        dim=32,
+        n_layers=1,
+        n_refiner_layers=1,
+        n_heads=2,
+        n_kv_heads=2,
+        cap_feat_dim=32,
+        axes_dims=[4, 6, 6],
+        axes_lens=[64, 64, 64],
+    )
+    inputs = {"x": [torch.randn(4, 1, 8, 8)], "t": _t(0.5), "cap_feats": [torch.randn(TXT, 32)]}
+    return _built(m, inputs)
+
+
+# --- audio ---------------------------------------------------------------------------------------------------
+
+
+def stable_audio() -> tuple[nn.Module, dict]:
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    torch.manual_seed(0)
+    m = _diffusers().StableAudioDiTModel(
+        sample_size=8,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        num_key_value_attention_heads=1,
+        out_channels=4,
+        cross_attention_dim=32,
+        time_proj_dim=32,
+        global_states_input_dim=32,
+        cross_attention_input_dim=32,
+    )
+    length = 8
+    rotary = get_1d_rotary_pos_embed(16 // 2, length + 1, use_real=True, repeat_interleave_real=False)
+    inputs = {
+        "hidden_states": torch.randn(1, 4, length),
+        "timestep": _t(),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "global_hidden_states": _tok(1, 1, 32),
+        "rotary_embedding": rotary,
+    }
+    return _built(m, inputs)
+
+
+CASES: dict[str, Builder] = {
+    "LTXVideoTransformer3DModel": ltx_video,
+    "LatteTransformer3DModel": latte,
+    "LongCatImageTransformer2DModel": longcat_image,
+    "Lumina2Transformer2DModel": lumina2,
+    "LuminaNextDiT2DModel": lumina_next,
+    "MochiTransformer3DModel": mochi,
+    "OvisImageTransformer2DModel": ovis_image,
+    "PRXTransformer2DModel": prx,
+    "PixArtTransformer2DModel": pixart,
+    "QwenImageTransformer2DModel": qwen_image,
+    "SD3Transformer2DModel": sd3,
+    "SanaTransformer2DModel": sana,
+    "SanaVideoTransformer3DModel": sana_video,
+    "SkyReelsV2Transformer3DModel": skyreels_v2,
+    "StableAudioDiTModel": stable_audio,
+    "Transformer2DModel": transformer_2d,
+    "TransformerTemporalModel": transformer_temporal,
+    "UNet1DModel": unet_1d,
+    "UNet2DConditionModel": unet_2d_condition,
+    "UNet2DModel": unet_2d,
+    "UNet3DConditionModel": unet_3d_condition,
+    "UNetControlNetXSModel": unet_controlnet_xs,
+    "UNetMotionModel": unet_motion,
+    "UNetSpatioTemporalConditionModel": unet_spatio_temporal,
+    "WanTransformer3DModel": wan,
+    "WanVACETransformer3DModel": wan_vace,
+    "ZImageTransformer2DModel": z_image,
+}
+
+#: classes without a case, and why
+NO_CASE: dict[str, str] = {}
