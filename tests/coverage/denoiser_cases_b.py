@@ -579,7 +579,155 @@ def stable_audio() -> tuple[nn.Module, dict]:
     return _built(m, inputs)
 
 
+# --- Kandinsky 5/6 (channels-last video latents [B, T, H, W, C]) ----------------------------------------------
+
+
+def kandinsky5() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().Kandinsky5Transformer3DModel(
+        in_visual_dim=4,
+        in_text_dim=32,
+        in_text_dim2=32,
+        time_dim=32,
+        out_visual_dim=4,
+        patch_size=(1, 2, 2),
+        model_dim=32,
+        ff_dim=64,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(4, 6, 6),
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 2, 8, 8, 4),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(),
+        "pooled_projections": torch.randn(1, 32),
+        "visual_rope_pos": [torch.arange(2), torch.arange(4), torch.arange(4)],
+        "text_rope_pos": torch.arange(TXT),
+    }
+    return _built(m, inputs)
+
+
+def kandinsky6() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().Kandinsky6Transformer3DModel(
+        in_visual_dim=4,
+        out_visual_dim=4,
+        in_text_dim=32,
+        in_text_dim2=32,
+        time_dim=32,
+        patch_size=(1, 2, 2),
+        model_dim=32,
+        ff_dim=64,
+        num_text_blocks=1,
+        num_visual_blocks=1,
+        axes_dims=(4, 6, 6),
+        visual_cond=False,
+        in_audio_dim=4,
+        out_audio_dim=4,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 2, 8, 8, 4),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "pooled_projections": torch.randn(1, 32),
+        "timestep": _t(),
+        "audio_hidden_states": _tok(1, 6, 4),
+    }
+    return _built(m, inputs)
+
+
+def kandinsky6_sr() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    # input channels: noisy latent (4) + anchor latent (4) + anchor mask (1); NABLA needs an 8x8 token grid
+    m = _diffusers().Kandinsky6SRTransformer3DModel(
+        in_visual_dim=4,
+        out_visual_dim=4,
+        time_dim=32,
+        patch_size=(1, 1, 1),
+        model_dim=32,
+        ff_dim=64,
+        num_visual_blocks=2,
+        axes_dims=(4, 6, 6),
+    )
+    return _built(m, {"hidden_states": torch.randn(1, 1, 8, 8, 9), "timestep": _t()})
+
+
+def krea2() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().Krea2Transformer2DModel(
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        timestep_embed_dim=32,
+        text_hidden_dim=32,
+        num_text_layers=2,
+        text_num_attention_heads=2,
+        text_num_key_value_heads=2,
+        text_intermediate_size=64,
+        num_layerwise_text_blocks=1,
+        num_refiner_text_blocks=1,
+        axes_dims_rope=(4, 6, 6),
+    )
+    # text rows of the rotary coordinates are zero, image rows hold (frame, row, column)
+    position_ids = torch.cat([torch.zeros(TXT, 3), _ids(1, 4, 4)]).long()
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "encoder_hidden_states": torch.randn(1, TXT, 2, 32),
+        "timestep": _t(0.5),
+        "position_ids": position_ids,
+    }
+    return _built(m, inputs)
+
+
+def minimax_music3() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().MiniMaxMusic3Transformer1DModel(
+        in_channels=4,
+        condition_dim=8,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        ff_inner_dim=64,
+        rotary_dim=8,
+        fourier_embedding_dim=16,
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 16), "timestep": _t(0.5), "encoder_hidden_states": _tok(1, 16, 8)}
+    return _built(m, inputs)
+
+
+def stable_audio3() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().StableAudio3DiTModel(
+        io_channels=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        cond_token_dim=32,
+        global_cond_dim=32,
+        local_add_cond_dim=8,
+        timestep_features_dim=16,
+        ff_mult=2.0,
+        num_memory_tokens=2,
+    )
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 16),
+        "timestep": _t(0.5),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "global_hidden_states": torch.randn(1, 32),
+    }
+    return _built(m, inputs)
+
+
 CASES: dict[str, Builder] = {
+    "Krea2Transformer2DModel": krea2,
+    "MiniMaxMusic3Transformer1DModel": minimax_music3,
+    "StableAudio3DiTModel": stable_audio3,
+    "Kandinsky5Transformer3DModel": kandinsky5,
+    "Kandinsky6SRTransformer3DModel": kandinsky6_sr,
+    "Kandinsky6Transformer3DModel": kandinsky6,
     "LTXVideoTransformer3DModel": ltx_video,
     "LatteTransformer3DModel": latte,
     "LongCatImageTransformer2DModel": longcat_image,
