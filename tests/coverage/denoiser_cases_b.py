@@ -721,7 +721,163 @@ def stable_audio3() -> tuple[nn.Module, dict]:
     return _built(m, inputs)
 
 
+def minimax_h3() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    # head_dim 16 rotates 2 * 3 * rope_freq_dim = 12 of its channels
+    m = _diffusers().MiniMaxH3Transformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        hidden_size=32,
+        num_layers=2,
+        num_refiner_layers=1,
+        ffn_dim=64,
+        in_channels=4,
+        audio_in_channels=4,
+        patch_size=(1, 2, 2),
+        text_dim=32,
+        freq_dim=32,
+        time_embed_hidden_dim=32,
+        time_embed_dim=16,
+        rope_freq_dim=2,
+    )
+    # one packed sequence: text rows, then video rows (1 frame of 2x4 patches), then audio rows
+    n_txt, n_vid, n_aud = 4, 8, 4
+    seq = n_txt + n_vid + n_aud
+    tags = torch.tensor([1] * n_txt + [0] * n_vid + [2] * n_aud)
+    position_ids = torch.zeros(seq, 3, dtype=torch.long)
+    position_ids[:n_txt, 0] = torch.arange(n_txt)
+    position_ids[n_txt : n_txt + n_vid] = _ids(1, 2, 4).long()
+    position_ids[n_txt + n_vid :, 0] = torch.arange(n_aud)
+    inputs = {
+        "hidden_states": _tok(1, n_vid, 4 * 2 * 2),
+        "audio_hidden_states": _tok(1, n_aud, 4),
+        "encoder_hidden_states": _tok(1, n_txt, 32),
+        "timestep": torch.tensor([0.5]),
+        "timestep_indices": torch.zeros(seq, dtype=torch.long),
+        "token_tags": tags,
+        "position_ids": position_ids,
+        "video_indices": torch.arange(n_txt, n_txt + n_vid),
+        "audio_indices": torch.arange(n_txt + n_vid, seq),
+        "text_indices": torch.arange(n_txt),
+    }
+    return _built(m, inputs)
+
+
+def omnigen() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    head_dim = 16
+    factors = [1.0] * (head_dim // 2)
+    m = _diffusers().OmniGenTransformer2DModel(
+        in_channels=4,
+        patch_size=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        num_layers=2,
+        vocab_size=64,
+        pad_token_id=0,
+        max_position_embeddings=64,
+        original_max_position_embeddings=32,
+        rope_scaling={"short_factor": factors, "long_factor": factors},
+        pos_embed_max_size=16,
+        time_step_dim=32,
+    )
+    # no multimodal prompt: the sequence is the time token and the 4x4 latent patches
+    inputs = {
+        "hidden_states": torch.randn(1, 4, 8, 8),
+        "timestep": _t(0.5),
+        "input_ids": None,
+        "input_img_latents": [],
+        "input_image_sizes": {},
+        "attention_mask": None,
+        "position_ids": torch.arange(1 + 16)[None],
+    }
+    return _built(m, inputs)
+
+
+def motif_video() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().MotifVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=1,
+        num_single_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        text_embed_dim=32,
+        rope_axes_dim=(4, 6, 6),
+    )
+    inputs = {"hidden_states": torch.randn(1, 4, 2, 8, 8), "timestep": _t(), "encoder_hidden_states": _tok(1, TXT, 32)}
+    return _built(m, inputs)
+
+
+def nucleus_moe_image() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    # block 0 dense, block 1 a 4-expert MoE
+    m = _diffusers().NucleusMoEImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        mlp_ratio=2.0,
+        dense_moe_strategy="leave_first_block_dense",
+        num_experts=4,
+        moe_intermediate_dim=32,
+        capacity_factors=2.0,  # each expert takes ceil(2 * tokens / 4) tokens; more than all tokens fails topk
+    )
+    # the packed expert weights are torch.empty (a checkpoint fills them): give them values
+    for name, p in m.named_parameters():
+        if name.endswith(("gate_up_proj", "down_proj")) and p.dim() == 3:
+            nn.init.normal_(p, std=p.shape[1] ** -0.5)
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "img_shapes": [(1, 4, 4)],
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "encoder_hidden_states_mask": torch.ones(1, TXT, dtype=torch.bool),
+        "timestep": _t(0.5),
+    }
+    return _built(m, inputs)
+
+
+def qwen_image21() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().QwenImage21Transformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        out_channels=16,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        context_in_dim=32,
+        mlp_ratio=2,
+        axes_dims_rope=(4, 6, 6),
+    )
+    # no condition image: the joint sequence is the prompt then the target's 4 slots (each a 2x2 group of the 4x4
+    # latent tokens); the output is the whole joint sequence [1, TXT + 16, 16]
+    img_mask = torch.tensor([[False] * TXT + [True] * 4])
+    inputs = {
+        "hidden_states": _tok(1, 16, 16),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(0.5),
+        "img_shapes": [[(1, 4, 4)]],
+        "img_mask": img_mask,
+    }
+    return _built(m, inputs)
+
+
 CASES: dict[str, Builder] = {
+    "MotifVideoTransformer3DModel": motif_video,
+    "NucleusMoEImageTransformer2DModel": nucleus_moe_image,
+    "QwenImage21Transformer2DModel": qwen_image21,
+    "MiniMaxH3Transformer3DModel": minimax_h3,
+    "OmniGenTransformer2DModel": omnigen,
     "Krea2Transformer2DModel": krea2,
     "MiniMaxMusic3Transformer1DModel": minimax_music3,
     "StableAudio3DiTModel": stable_audio3,
