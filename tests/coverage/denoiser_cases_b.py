@@ -872,7 +872,115 @@ def qwen_image21() -> tuple[nn.Module, dict]:
     return _built(m, inputs)
 
 
+def _ltx2_kwargs() -> dict[str, Any]:
+    return {
+        "in_channels": 4,
+        "out_channels": 4,
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "cross_attention_dim": 32,
+        "audio_in_channels": 4,
+        "audio_out_channels": 4,
+        "audio_num_attention_heads": 2,
+        "audio_attention_head_dim": 16,
+        "audio_cross_attention_dim": 32,
+        "num_layers": 2,
+        "caption_channels": 32,
+    }
+
+
+def ltx2_video() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().LTX2VideoTransformer3DModel(**_ltx2_kwargs())
+    inputs = {
+        "hidden_states": _tok(1, 2 * 4 * 4, 4),
+        "audio_hidden_states": _tok(1, 4, 4),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "audio_encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": _t(),
+        "num_frames": 2,
+        "height": 4,
+        "width": 4,
+        "audio_num_frames": 4,
+    }
+    return _built(m, inputs)
+
+
+def sana_wm_ltx2_refiner() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    m = _diffusers().SanaWMLTX2RefinerTransformer3DModel(**_ltx2_kwargs())
+    n = 2 * 4 * 4
+    rotary = m.build_rotary_emb_for_absolute_positions(1, [0, 1], 4, 4, torch.device("cpu"), 24.0)
+    inputs = {
+        "hidden_states": _tok(1, n, 4),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "timestep": torch.full((1, n), 500.0),
+        "video_rotary_emb": rotary,
+    }
+    return _built(m, inputs)
+
+
+def sana_wm() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    # block 0 runs the GDN linear recurrence, block 1 (softmax_every_n=2) softmax attention
+    m = _diffusers().SanaWMTransformer3DModel(
+        in_channels=4,
+        num_layers=2,
+        hidden_size=32,
+        num_attention_heads=2,
+        softmax_every_n=2,
+        linear_head_dim=16,
+        chunk_plucker_channels=8,
+        chunk_plucker_post_attn_blocks=2,
+        image_size=8,
+        caption_channels=32,
+        mlp_ratio=2.0,
+        mixed_precision="fp32",
+    )
+    frames = 2
+    inputs = {
+        "hidden_states": torch.randn(1, 4, frames, 4, 4),
+        "timestep": torch.full((1, 1, frames), 500.0),
+        "encoder_hidden_states": _tok(1, TXT, 32)[:, None],
+        "encoder_attention_mask": torch.ones(1, TXT),
+    }
+    return _built(m, inputs)
+
+
+def wan_animate() -> tuple[nn.Module, dict]:
+    torch.manual_seed(0)
+    # the motion encoder maps 8x8 face crops through one residual block to a 4x4 map, then a 4x4 conv to a vector
+    m = _diffusers().WanAnimateTransformer3DModel(
+        **{**_wan_kwargs(), "in_channels": 2 * 4 + 4},
+        latent_channels=4,
+        image_dim=32,
+        motion_encoder_channel_sizes={"4": 16, "8": 16},
+        motion_encoder_size=8,
+        motion_style_dim=32,
+        motion_dim=8,
+        motion_encoder_dim=32,
+        face_encoder_hidden_dim=32,
+        face_encoder_num_heads=2,
+        inject_face_latents_blocks=2,
+        motion_encoder_batch_size=4,
+    )
+    # latent frames: the reference frame + 1 video frame; the pose and the 4 face frames cover the video frame
+    inputs = {
+        "hidden_states": torch.randn(1, 2 * 4 + 4, 2, 8, 8),
+        "timestep": _t(),
+        "encoder_hidden_states": _tok(1, TXT, 32),
+        "encoder_hidden_states_image": _tok(1, 4, 32),
+        "pose_hidden_states": torch.randn(1, 4, 1, 8, 8),
+        "face_pixel_values": torch.randn(1, 3, 4, 8, 8),
+    }
+    return _built(m, inputs)
+
+
 CASES: dict[str, Builder] = {
+    "WanAnimateTransformer3DModel": wan_animate,
+    "SanaWMTransformer3DModel": sana_wm,
+    "LTX2VideoTransformer3DModel": ltx2_video,
+    "SanaWMLTX2RefinerTransformer3DModel": sana_wm_ltx2_refiner,
     "MotifVideoTransformer3DModel": motif_video,
     "NucleusMoEImageTransformer2DModel": nucleus_moe_image,
     "QwenImage21Transformer2DModel": qwen_image21,
