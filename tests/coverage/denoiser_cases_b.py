@@ -976,7 +976,61 @@ def wan_animate() -> tuple[nn.Module, dict]:
     return _built(m, inputs)
 
 
+def wan_animate2() -> tuple[nn.Module, dict]:
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    torch.manual_seed(0)
+    m = (
+        _diffusers()
+        .WanAnimate2Transformer3DModel(
+            patch_size=(1, 2, 2),
+            text_len=TXT,
+            in_dim=4 + 4,
+            dim=32,
+            ffn_dim=64,
+            freq_dim=32,
+            text_dim=32,
+            out_dim=4,
+            num_heads=2,
+            num_layers=2,
+            use_img_emb=False,
+        )
+        .eval()
+    )
+    # the denoising step ("cached") attends to the reference tokens' K/V, which a reference pass ("extract") stores
+    # first: run it once here in float; the case's forward is the denoising step. Latents are [C, F, H, W] per sample;
+    # the 64x64-pixel, 4-frame video is 2 latent frames of 4x4 patches.
+    cache = WanAnimate2KVCache(2)
+    ref_grid = torch.tensor([[1, 4, 4]])
+    prompt = [torch.randn(TXT, 32)]
+    with torch.no_grad():
+        m(
+            hidden_states=[torch.randn(4, 1, 8, 8)],
+            timestep=_t(),
+            encoder_hidden_states=prompt,
+            condition_latents=[torch.randn(4, 1, 8, 8)],
+            kv_cache=cache,
+            kv_cache_mode="extract",
+            seq_len=16,
+            offset_grid_sizes=ref_grid,
+        )
+    inputs = {
+        "hidden_states": [torch.randn(4, 2, 8, 8)],
+        "timestep": _t(),
+        "encoder_hidden_states": prompt,
+        "condition_latents": [torch.randn(4, 2, 8, 8)],
+        "kv_cache": cache,
+        "kv_cache_mode": "cached",
+        "seq_len": 32,
+        "reference_grid_sizes": ref_grid,
+        "origin_len": 4,
+        "origin_area": [64, 64],
+    }
+    return _built(m, inputs)
+
+
 CASES: dict[str, Builder] = {
+    "WanAnimate2Transformer3DModel": wan_animate2,
     "WanAnimateTransformer3DModel": wan_animate,
     "SanaWMTransformer3DModel": sana_wm,
     "LTX2VideoTransformer3DModel": ltx2_video,
