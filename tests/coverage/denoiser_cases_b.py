@@ -39,7 +39,20 @@ def _diffusers() -> Any:
     return diffusers
 
 
+#: std of the values given to zero-initialised linear layers
+ZERO_INIT_STD = 0.02
+
+
 def _built(model: nn.Module, inputs: dict[str, Any]) -> tuple[nn.Module, dict[str, Any]]:
+    """``(model.eval(), inputs)`` after giving small random weights to the linear layers a fresh model zero-initialises
+    (adaLN modulations, output heads, gates): a trained checkpoint has none, and with them the blocks behind a zero
+    gate would contribute nothing, so their quantization could not change the output."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.Linear) and module.weight.numel() and not module.weight.any():
+                module.weight.normal_(std=ZERO_INIT_STD)
+                if module.bias is not None and not module.bias.any():
+                    module.bias.normal_(std=ZERO_INIT_STD)
     return model.eval(), inputs
 
 
@@ -826,7 +839,7 @@ def nucleus_moe_image() -> tuple[nn.Module, dict]:
         num_attention_heads=2,
         joint_attention_dim=32,
         axes_dims_rope=(4, 6, 6),
-        mlp_ratio=2.0,
+        mlp_ratio=6.0,  # the dense block's FFN width rounds down to a multiple of 128: 32 * 6 * 2/3 = 128
         dense_moe_strategy="leave_first_block_dense",
         num_experts=4,
         moe_intermediate_dim=32,
