@@ -1088,5 +1088,5 @@ CASES: dict[str, Builder] = {
     "ZImageTransformer2DModel": z_image,
 }
 
-#: classes without a case, and why
+#: classes without a case, and why (none: every K–Z class of diffusers 0.42.1 builds small and runs on CPU)
 NO_CASE: dict[str, str] = {}
