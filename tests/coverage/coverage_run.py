@@ -15,7 +15,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -35,6 +35,10 @@ GENERIC_PRESETS: tuple[str, ...] = (
     "w4a8-static",
     "svdquant-int4",
 )
+
+#: SVDQuant search trimmed for coverage runs (a 3-point smoothing grid, one low-rank pass): the path is under test
+#: (calibrate, pack, low-rank forward), not the search; the full search costs ~140 SVDs per layer group
+FAST_SVDQUANT_OPTIONS: tuple[tuple[str, Any], ...] = (("num_grids", 2), ("lowrank_iters", 1))
 
 Inputs = tuple | dict
 Builder = Callable[[], tuple[nn.Module, Inputs]]
@@ -102,13 +106,17 @@ def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
     return 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def run_case(name: str, build: Builder, preset: str, *, denoiser: bool = False, seed: int = 0) -> CaseResult:
+def run_case(
+    name: str, build: Builder, preset: str, *, denoiser: bool = False, seed: int = 0, fast_svdquant: bool = True
+) -> CaseResult:
     """Build, run in float, quantize with ``preset``, run again; never raises (errors go in the result).
 
     ``denoiser=True`` folds the model's diffusers architecture rule into the preset (``denoiser_config``), as
-    ``quantize_pipeline`` does. Calibrating presets (static scales, SVDQuant) calibrate on the case's own input.
+    ``quantize_pipeline`` does. Calibrating presets (static scales, SVDQuant) calibrate on the case's own input;
+    ``fast_svdquant`` trims SVDQuant's search to :data:`FAST_SVDQUANT_OPTIONS` (``False``: the preset's own).
     """
     from vqsuite import quantize_model
+    from vqsuite.config import resolve_config
     from vqsuite.pipelines.rules import denoiser_config
 
     t0 = time.perf_counter()
@@ -117,7 +125,10 @@ def run_case(name: str, build: Builder, preset: str, *, denoiser: bool = False, 
         model, inputs = build()
         model.eval()
         ref = forward(model, inputs)
-        config = denoiser_config(model, preset) if denoiser else preset
+        config = resolve_config(preset)
+        if fast_svdquant and config.method == "svdquant":
+            config = replace(config, method_options=dict(config.method_options) | dict(FAST_SVDQUANT_OPTIONS))
+        config = denoiser_config(model, config) if denoiser else config
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             logging.disable(logging.WARNING)
