@@ -158,3 +158,15 @@ def test_shared_input_tracking_ignores_empty_batches() -> None:
         b(x)
         c(x)
     assert tracker.groups(["a", "b", "c"]) == [["a"], ["b", "c"]]
+
+
+def test_quantize_model_skips_a_layer_with_an_empty_weight() -> None:
+    """``Linear(K, 0)`` (a width rounded down to zero) is a valid float layer: it is skipped and reported, the rest
+    is quantized, and the model still runs."""
+    model = nn.Sequential(nn.Linear(64, 0), nn.Linear(64, 64))
+    vqsuite.quantize_model(model, "w8a8")
+    entries = {e.name: e for e in model.vqsuite_report.layers}
+    assert entries["0"].status == "skipped" and "empty weight" in entries["0"].reason
+    assert entries["1"].status == "quantized" and isinstance(model[1], QLinear)
+    x = torch.randn(3, 64)
+    assert model[0](x).shape == (3, 0) and model[1](x).shape == (3, 64)

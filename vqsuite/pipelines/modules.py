@@ -233,6 +233,8 @@ def quantize_model(
         numel = module.weight.numel()
         tname = type(module).__name__
         rule, why = _rule_for(module)
+        if rule is not None and numel == 0:  # Linear(K, 0) and the like: a valid layer with nothing to quantize
+            rule, why = None, f"empty weight {tuple(module.weight.shape)}: nothing to quantize"
         if rule is None:
             report.layers.append(LayerEntry(name, tname, "skipped", why, weight_numel=numel))
             continue
