@@ -20,33 +20,250 @@ NUM_CLASSES = 10
 #: input sides tried by :func:`smallest_input`, smallest first
 PROBE_SIDES: tuple[int, ...] = (32, 48, 64, 96, 112, 128, 160, 192, 224, 256, 288)
 
-#: family (timm model module) -> its model with the fewest parameters
-TIMM_FAMILIES: dict[str, str] = {}
+#: family (timm model module) -> its model with the fewest parameters (the count is the full model's)
+TIMM_FAMILIES: dict[str, str] = {
+    "beit": "beit_base_patch16_224",  # 85.77 M params
+    "byoanet": "halonet_h1",  # 7.59 M params
+    "byobnet": "test_byobnet",  # 0.20 M params
+    "cait": "cait_xxs24_224",  # 11.77 M params
+    "coat": "coat_tiny",  # 5.35 M params
+    "convit": "convit_tiny",  # 5.52 M params
+    "convmixer": "convmixer_768_32",  # 20.35 M params
+    "convnext": "test_convnext",  # 0.21 M params
+    "cpubone": "cpubone_nano",  # 4.93 M params
+    "crossvit": "crossvit_tiny_240",  # 6.73 M params
+    "csatv2": "csatv2",  # 10.72 M params
+    "cspnet": "cs3darknet_focus_s",  # 2.77 M params
+    "cspnext": "cspnext_tiny",  # 2.35 M params
+    "davit": "davit_tiny",  # 27.60 M params
+    "deepseek_vit": "deepseek_vit_412m",  # 411.85 M params
+    "deit": "deit_tiny_patch16_224",  # 5.53 M params
+    "densenet": "densenet121",  # 6.96 M params
+    "dla": "dla46x_c",  # 0.81 M params
+    "dpn": "dpn48b",  # 8.30 M params
+    "edgenext": "edgenext_xx_small",  # 1.16 M params
+    "efficientformer": "efficientformer_l1",  # 11.40 M params
+    "efficientformer_v2": "efficientformerv2_s0",  # 3.25 M params
+    "efficientnet": "test_efficientnet",  # 0.10 M params
+    "efficientvim": "efficientvim_m1",  # 5.73 M params
+    "efficientvit_mit": "efficientvit_b0",  # 2.14 M params
+    "efficientvit_msra": "efficientvit_m0",  # 2.16 M params
+    "eva": "vit_tiny_patch16_dinov3_qkvb",  # 5.49 M params
+    "fasternet": "fasternet_t0",  # 2.64 M params
+    "fastvit": "fastvit_t8",  # 3.26 M params
+    "focalnet": "focalnet_tiny_srf",  # 27.67 M params
+    "gcvit": "gcvit_xxtiny",  # 11.49 M params
+    "gemma4_vit": "gemma4_vit_167m_enc",  # 167.36 M params
+    "ghostnet": "ghostnet_050",  # 1.32 M params
+    "hardcorenas": "hardcorenas_b",  # 3.91 M params
+    "hgnet": "hgnetv2_b0",  # 3.97 M params
+    "hiera": "hiera_tiny_224",  # 27.15 M params
+    "hieradet_sam2": "sam2_hiera_tiny",  # 26.86 M params
+    "hrnet": "hrnet_w18_small",  # 11.16 M params
+    "iformer": "iformer_t",  # 2.63 M params
+    "inception_next": "inception_next_atto",  # 3.21 M params
+    "inception_resnet_v2": "inception_resnet_v2",  # 54.32 M params
+    "inception_v3": "inception_v3",  # 21.81 M params
+    "inception_v4": "inception_v4",  # 41.16 M params
+    "lcnetv2": "lcnetv2_small",  # 2.86 M params
+    "levit": "levit_128s",  # 7.01 M params
+    "lowformer": "lowformer_b0",  # 12.52 M params
+    "mambaout": "test_mambaout",  # 0.19 M params
+    "maxxvit": "test_coatnet",  # 0.45 M params
+    "metaformer": "poolformerv2_s12",  # 11.38 M params
+    "mlp_mixer": "gmlp_ti16_224",  # 5.74 M params
+    "mobilenetv3": "lcnet_035",  # 0.38 M params
+    "mobilenetv5": "mobilenetv5_base",  # 80.62 M params
+    "mobilevit": "mobilevit_xxs",  # 0.95 M params
+    "mvitv2": "mvitv2_tiny",  # 23.41 M params
+    "naflexvit": "naflexvit_base_patch16_parfac_gap",  # 85.70 M params
+    "nasnet": "nasnetalarge",  # 84.76 M params
+    "nest": "nest_tiny",  # 16.68 M params
+    "nextvit": "nextvit_small",  # 30.75 M params
+    "nfnet": "test_nfnet",  # 0.19 M params
+    "pit": "pit_ti_224",  # 4.59 M params
+    "pnasnet": "pnasnet5large",  # 81.78 M params
+    "pvt_v2": "pvt_v2_b0",  # 3.41 M params
+    "qwen3_vit": "qwen3_vit_88m",  # 87.42 M params
+    "rdnet": "rdnet_tiny",  # 22.83 M params
+    "regnet": "regnetx_002",  # 2.32 M params
+    "repghost": "repghostnet_050",  # 1.05 M params
+    "repvit": "repvit_m1",  # 4.72 M params
+    "res2net": "res2next50",  # 22.64 M params
+    "resnest": "resnest14d",  # 8.58 M params
+    "resnet": "test_resnet",  # 0.37 M params
+    "resnetv2": "resnetv2_18",  # 11.18 M params
+    "rexnet": "rexnet_100",  # 3.53 M params
+    "selecsls": "selecsls42",  # 29.09 M params
+    "senet": "legacy_seresnet18",  # 11.27 M params
+    "sequencer": "sequencer2d_s",  # 27.27 M params
+    "shvit": "shvit_s1",  # 6.01 M params
+    "sknet": "skresnet18",  # 11.45 M params
+    "starnet": "starnet_s050",  # 0.42 M params
+    "swiftformer": "swiftformer_xs",  # 3.04 M params
+    "swin_transformer": "swin_tiny_patch4_window7_224",  # 27.53 M params
+    "swin_transformer_v2": "swinv2_tiny_window8_256",  # 27.59 M params
+}
+#: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts; ``depth=1`` shrinks
+#: the transformers whose smallest model has over 30 M parameters (one block keeps every layer type)
+_INPUTS: dict[str, tuple[dict, int]] = {
+    "beit_base_patch16_224": ({"img_size": 32}, 32),
+    "halonet_h1": ({"img_size": 256}, 256),
+    "test_byobnet": ({"img_size": 32}, 32),
+    "cait_xxs24_224": ({"img_size": 32}, 32),
+    "coat_tiny": ({"img_size": 32}, 32),
+    "convit_tiny": ({"img_size": 32}, 32),
+    "convmixer_768_32": ({}, 32),
+    "test_convnext": ({}, 32),
+    "cpubone_nano": ({}, 32),
+    "crossvit_tiny_240": ({}, 32),
+    "csatv2": ({}, 64),
+    "cs3darknet_focus_s": ({}, 32),
+    "cspnext_tiny": ({}, 32),
+    "davit_tiny": ({}, 32),
+    "deepseek_vit_412m": ({"depth": 1, "img_size": 224}, 224),
+    "deit_tiny_patch16_224": ({"img_size": 32}, 32),
+    "densenet121": ({}, 32),
+    "dla46x_c": ({}, 32),
+    "dpn48b": ({}, 32),
+    "edgenext_xx_small": ({}, 32),
+    "efficientformer_l1": ({"img_size": 224}, 224),
+    "efficientformerv2_s0": ({"img_size": 32}, 32),
+    "test_efficientnet": ({}, 32),
+    "efficientvim_m1": ({}, 32),
+    "efficientvit_b0": ({}, 32),
+    "efficientvit_m0": ({"img_size": 32}, 32),
+    "vit_tiny_patch16_dinov3_qkvb": ({"img_size": 32}, 32),
+    "fasternet_t0": ({}, 32),
+    "fastvit_t8": ({}, 32),
+    "focalnet_tiny_srf": ({}, 32),
+    "gcvit_xxtiny": ({"img_size": 32}, 32),
+    "gemma4_vit_167m_enc": ({"depth": 1, "img_size": 96}, 96),
+    "ghostnet_050": ({}, 32),
+    "hardcorenas_b": ({}, 32),
+    "hgnetv2_b0": ({}, 32),
+    "hiera_tiny_224": ({"img_size": 32}, 32),
+    "sam2_hiera_tiny": ({}, 32),
+    "hrnet_w18_small": ({}, 32),
+    "iformer_t": ({}, 32),
+    "inception_next_atto": ({}, 32),
+    "inception_resnet_v2": ({}, 96),
+    "inception_v3": ({}, 96),
+    "inception_v4": ({}, 96),
+    "lcnetv2_small": ({}, 32),
+    "levit_128s": ({"img_size": 32}, 32),
+    "lowformer_b0": ({}, 32),
+    "test_mambaout": ({}, 32),
+    "test_coatnet": ({"img_size": 32}, 32),
+    "poolformerv2_s12": ({}, 32),
+    "gmlp_ti16_224": ({"img_size": 32}, 32),
+    "lcnet_035": ({}, 32),
+    "mobilenetv5_base": ({}, 32),
+    "mobilevit_xxs": ({"img_size": 32}, 32),
+    "mvitv2_tiny": ({"img_size": 32}, 32),
+    "naflexvit_base_patch16_parfac_gap": ({"depth": 1, "img_size": 32}, 32),
+    "nasnetalarge": ({}, 32),
+    "nest_tiny": ({"img_size": 32}, 32),
+    "nextvit_small": ({}, 32),
+    "test_nfnet": ({}, 32),
+    "pit_ti_224": ({"img_size": 32}, 32),
+    "pnasnet5large": ({}, 32),
+    "pvt_v2_b0": ({}, 32),
+    "qwen3_vit_88m": ({"depth": 1, "img_size": 32}, 32),
+    "rdnet_tiny": ({}, 32),
+    "regnetx_002": ({}, 32),
+    "repghostnet_050": ({}, 32),
+    "repvit_m1": ({"img_size": 32}, 32),
+    "res2next50": ({}, 32),
+    "resnest14d": ({}, 32),
+    "test_resnet": ({}, 32),
+    "resnetv2_18": ({}, 32),
+    "rexnet_100": ({}, 32),
+    "selecsls42": ({}, 32),
+    "legacy_seresnet18": ({}, 32),
+    "sequencer2d_s": ({"img_size": 32}, 32),
+    "shvit_s1": ({}, 32),
+    "skresnet18": ({}, 32),
+    "starnet_s050": ({}, 32),
+    "swiftformer_xs": ({"img_size": 32}, 32),
+    "swin_tiny_patch4_window7_224": ({"img_size": 32}, 32),
+    "swinv2_tiny_window8_256": ({"img_size": 32}, 32),
+}
 
-#: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts
-_INPUTS: dict[str, tuple[dict, int]] = {}
+#: families run by tests/coverage/test_coverage_timm.py with every preset: the ones the issue names, then cheap ones
+#: (small models at a 32-pixel input) spanning plain/hierarchical ViTs, conv-attention hybrids, MLP-mixers and CNNs
+REPRESENTATIVE: tuple[str, ...] = (
+    "vision_transformer",
+    "convnext",
+    "efficientnet",
+    "resnet",
+    "regnet",
+    "nfnet",
+    "swin_transformer",
+    "mobilenetv3",
+    "levit",
+    "maxxvit",
+    "byobnet",
+    "mambaout",
+    "deit",
+    "eva",
+    "pit",
+    "cspnet",
+    "pvt_v2",
+    "efficientformer_v2",
+    "efficientvit_mit",
+    "efficientvit_msra",
+    "rexnet",
+    "edgenext",
+    "inception_next",
+    "iformer",
+    "fasternet",
+    "starnet",
+    "dla",
+    "ghostnet",
+    "repghost",
+    "hgnet",
+    "cspnext",
+    "lcnetv2",
+)
 
-#: families run by tests/coverage/test_coverage_timm.py: transformers, CNNs, hybrids, MLP-mixers, the named ones
-REPRESENTATIVE: tuple[str, ...] = ()
+
+#: model -> fewer blocks per stage, for the test's time budget (``timm_case(name, shallow=True)``): SVDQuant
+#: calibrates every Linear group, so deep transformers dominate; one block per stage keeps every layer type
+SHALLOW: dict[str, dict] = {
+    "swin_tiny_patch4_window7_224": {"depths": (1, 1, 1, 1)},
+    "levit_128s": {"depth": (1, 1, 1)},
+    "deit_tiny_patch16_224": {"depth": 1},
+    "vit_tiny_patch16_dinov3_qkvb": {"depth": 1},
+    "pit_ti_224": {"depth": (1, 1, 1)},
+    "pvt_v2_b0": {"depths": (1, 1, 1, 1)},
+    "efficientformerv2_s0": {"depths": (1, 1, 1, 1)},
+    "efficientvit_b0": {"depths": (1, 1, 1, 1, 1)},
+    "efficientvit_m0": {"depth": (1, 1, 1)},
+    "edgenext_xx_small": {"depths": (1, 1, 1, 1)},
+}
 
 
-def build_timm(model_name: str) -> tuple[nn.Module, tuple[torch.Tensor]]:
+def build_timm(model_name: str, *, shallow: bool = False) -> tuple[nn.Module, tuple[torch.Tensor]]:
     """``timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES)`` in eval mode and one input
-    ``x: [1, C, S, S]`` float32 (``C`` from the model's ``pretrained_cfg``, ``S`` from :data:`_INPUTS`)."""
+    ``x: [1, C, S, S]`` float32 (``C`` from the model's ``pretrained_cfg``, ``S`` from :data:`_INPUTS`);
+    ``shallow=True`` adds the model's :data:`SHALLOW` kwargs."""
     import timm
 
     kwargs, side = _INPUTS.get(model_name, ({}, 0))
+    if shallow:
+        kwargs = {**kwargs, **SHALLOW.get(model_name, {})}
     model = timm.create_model(model_name, pretrained=False, num_classes=NUM_CLASSES, **kwargs).eval()
     chans, *default_hw = model.pretrained_cfg.get("input_size", (3, 224, 224))
     side = side or default_hw[-1]
     return model, (torch.randn(1, chans, side, side),)
 
 
-def timm_case(model_name: str) -> Builder:
-    """A builder ``() -> (model, (x,))`` for :func:`coverage_run.run_case`."""
+def timm_case(model_name: str, *, shallow: bool = False) -> Builder:
+    """A builder ``() -> (model, (x,))`` for :func:`coverage_run.run_case` (see :func:`build_timm`)."""
 
     def build() -> tuple[nn.Module, tuple[torch.Tensor]]:
-        return build_timm(model_name)
+        return build_timm(model_name, shallow=shallow)
 
     build.__name__ = f"build_{model_name}"
     return build
