@@ -179,7 +179,9 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu = platform.processor() or platform.machine()
     print(
-        f"\n{len(rows)} runs in {time.perf_counter() - t0:.0f} s; {datetime.date.today()}, {cpu}, "
+        f"\n{len(rows)} runs"
+        + ("" if args.load else f" in {time.perf_counter() - t0:.0f} s")
+        + f"; {datetime.date.today()}, {cpu}, "
         f"torch {torch.__version__}, timm {timm.__version__}, diffusers {diffusers.__version__}, "
         f"{args.threads} thread(s)"
     )

@@ -103,8 +103,18 @@ TIMM_FAMILIES: dict[str, str] = {
     "swiftformer": "swiftformer_xs",  # 3.04 M params
     "swin_transformer": "swin_tiny_patch4_window7_224",  # 27.53 M params
     "swin_transformer_v2": "swinv2_tiny_window8_256",  # 27.59 M params
-}
-#: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts; ``depth=1`` shrinks
+    "swin_transformer_v2_cr": "swinv2_cr_tiny_224",  # 27.57 M params
+    "tiny_vit": "tiny_vit_5m_224",  # 5.07 M params
+    "tnt": "tnt_s_legacy_patch16_224",  # 23.37 M params
+    "tresnet": "tresnet_m",  # 29.36 M params
+    "twins": "twins_svt_small",  # 23.55 M params
+    "vgg": "vgg11",  # 128.81 M params
+    "visformer": "visformer_tiny",  # 9.94 M params
+    "vision_transformer": "test_vit",  # 0.31 M params
+    "vision_transformer_hybrid": "vit_tiny_r_s16_p8_224",  # 6.15 M params
+    "vision_transformer_relpos": "test_vit_relpos",  # 0.75 M params
+    "vision_transformer_sam": "samvit_base_patch16_224",  # 85.70 M params
+}  #: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts; ``depth=1`` shrinks
 #: the transformers whose smallest model has over 30 M parameters (one block keeps every layer type)
 _INPUTS: dict[str, tuple[dict, int]] = {
     "beit_base_patch16_224": ({"img_size": 32}, 32),
@@ -188,6 +198,17 @@ _INPUTS: dict[str, tuple[dict, int]] = {
     "swiftformer_xs": ({"img_size": 32}, 32),
     "swin_tiny_patch4_window7_224": ({"img_size": 32}, 32),
     "swinv2_tiny_window8_256": ({"img_size": 32}, 32),
+    "swinv2_cr_tiny_224": ({"img_size": 32}, 32),
+    "tiny_vit_5m_224": ({}, 32),
+    "tnt_s_legacy_patch16_224": ({"img_size": 32}, 32),
+    "tresnet_m": ({}, 32),
+    "twins_svt_small": ({"img_size": 32}, 32),
+    "vgg11": ({}, 32),
+    "visformer_tiny": ({"img_size": 32}, 32),
+    "test_vit": ({"img_size": 32}, 32),
+    "vit_tiny_r_s16_p8_224": ({"img_size": 32}, 32),
+    "test_vit_relpos": ({"img_size": 32}, 32),
+    "samvit_base_patch16_224": ({"depth": 1, "img_size": 32}, 32),
 }
 
 #: families run by tests/coverage/test_coverage_timm.py with every preset: the ones the issue names, then cheap ones
