@@ -114,10 +114,18 @@ TIMM_FAMILIES: dict[str, str] = {
     "vision_transformer_hybrid": "vit_tiny_r_s16_p8_224",  # 6.15 M params
     "vision_transformer_relpos": "test_vit_relpos",  # 0.75 M params
     "vision_transformer_sam": "samvit_base_patch16_224",  # 85.70 M params
-}  #: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts; ``depth=1`` shrinks
+    "vitamin": "vitamin_small_224",  # 21.88 M params
+    "volo": "volo_d1_224",  # 25.87 M params
+    "vovnet": "ese_vovnet19b_slim_dw",  # 1.39 M params
+    "xception": "legacy_xception",  # 20.83 M params
+    "xception_aligned": "xception41p",  # 24.88 M params
+    "xcit": "xcit_nano_12_p8_224",  # 2.92 M params
+}
+
+#: model -> (extra ``create_model`` kwargs, input side): the smallest input the model accepts; ``depth=1`` shrinks
 #: the transformers whose smallest model has over 30 M parameters (one block keeps every layer type)
 _INPUTS: dict[str, tuple[dict, int]] = {
-    "beit_base_patch16_224": ({"img_size": 32}, 32),
+    "beit_base_patch16_224": ({"depth": 1, "img_size": 32}, 32),
     "halonet_h1": ({"img_size": 256}, 256),
     "test_byobnet": ({"img_size": 32}, 32),
     "cait_xxs24_224": ({"img_size": 32}, 32),
@@ -209,6 +217,12 @@ _INPUTS: dict[str, tuple[dict, int]] = {
     "vit_tiny_r_s16_p8_224": ({"img_size": 32}, 32),
     "test_vit_relpos": ({"img_size": 32}, 32),
     "samvit_base_patch16_224": ({"depth": 1, "img_size": 32}, 32),
+    "vitamin_small_224": ({"img_size": 32}, 32),
+    "volo_d1_224": ({"img_size": 32}, 32),
+    "ese_vovnet19b_slim_dw": ({}, 32),
+    "legacy_xception": ({}, 32),
+    "xception41p": ({}, 32),
+    "xcit_nano_12_p8_224": ({"img_size": 32}, 32),
 }
 
 #: families run by tests/coverage/test_coverage_timm.py with every preset: the ones the issue names, then cheap ones
