@@ -29,7 +29,11 @@ SUPPORTED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.ConvTra
 QUICK: tuple[str, ...] = ("vision_transformer", "convnext", "efficientnet", "resnet")
 
 #: (family, preset or "*") -> why it fails on this branch; delete an entry once its fix is merged
-KNOWN_FAILURES: dict[tuple[str, str], str] = {}
+KNOWN_FAILURES: dict[tuple[str, str], str] = {
+    # lcnet_035: no conv has K divisible by MXFP4's fixed block of 32; the only candidate left is the head, a
+    # timm.layers.Linear (overrides forward), skipped until subclasses with their own forward are handled
+    ("mobilenetv3", "mxfp4"): "timm.layers.Linear head skipped (subclass overrides forward; fix on another branch)",
+}
 
 
 @functools.cache
