@@ -33,6 +33,9 @@ KNOWN_FAILURES: dict[tuple[str, str], str] = {
     # lcnet_035: no conv has K divisible by MXFP4's fixed block of 32; the only candidate left is the head, a
     # timm.layers.Linear (overrides forward), skipped until subclasses with their own forward are handled
     ("mobilenetv3", "mxfp4"): "timm.layers.Linear head skipped (subclass overrides forward; fix on another branch)",
+    # NOT one of the fixes under way: EVA's attention calls F.linear(x, self.qkv.weight, qkv_bias) itself, so the
+    # qkv module's forward never runs and static calibration raises instead of leaving the layer float
+    ("eva", "w4a8-static"): "UserError: calibration data never reached blocks.0.attn.qkv (no fix under way yet)",
 }
 
 
