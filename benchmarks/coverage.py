@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     if args.load:
         rows = [json.loads(line) for path in args.load for line in path.read_text().splitlines() if line.strip()]
-        rows = [r for r in rows if r["preset"] in args.presets]
+        # the last run of an (architecture, preset) wins (a rerun after an interrupted run)
+        rows = list({(r["kind"], r["arch"], r["preset"]): r for r in rows if r["preset"] in args.presets}.values())
     else:
         rows = run(args)
     print(report(rows, args.presets, args.markdown))
