@@ -84,6 +84,9 @@ from vqsuite.kernels.operands import QLinearOperands, as_operands, try_operands
 INT4PACK_GROUPS: tuple[int, ...] = (256, 128, 64, 32)
 #: ``_convert_weight_to_int4pack_for_cpu`` needs N divisible by this
 INT4PACK_N_MULTIPLE = 16
+#: ``_weight_int8pack_mm`` needs K divisible by this: with K = 1..7 it segfaults (torch 2.14, AVX2), with
+#: K = 9, 10, 12, 20, 28 it returns wrong values (measured 2026-12-03; K = 8, 16, 24, 32, 40, 48 are exact)
+INT8PACK_K_MULTIPLE = 8
 X_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 #: weight kernel -> (M, N·K): ``auto`` leaves a call with at least M rows of x on a layer of at most N·K weights to
 #: the reference (per-call dequantize + fp32 ``F.linear``), measured faster there on the AVX2 EPYC (BENCHMARKS.md
@@ -149,6 +152,8 @@ def plan_for(
             return f"weight_group_size={g}: int4pack takes groups of {INT4PACK_GROUPS}"
         weight_kernel, group = "int4pack", g4
     elif g == k:
+        if k % INT8PACK_K_MULTIPLE:
+            return f"K={k} is not a multiple of {INT8PACK_K_MULTIPLE} (int8pack crashes or miscomputes there)"
         weight_kernel, group = "int8pack", None
     else:
         return f"weight={ops.weight} with groups of {g}: int8pack takes per-channel scales only"
