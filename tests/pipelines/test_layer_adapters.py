@@ -249,6 +249,11 @@ def test_diffusers_layers_round_trip(tmp_path: Path) -> None:
     loaded = vqsuite.load_quantized(tmp_path / "m", model=build())  # MotionLinear is no nn.Linear: the adapter says
     with torch.no_grad():
         assert torch.equal(loaded(x), out)
+        # Wan-Animate calls its MotionLinears with channel_dim= (positional or keyword): the quantized layers take it,
+        # before and after a save/load
+        for model in (q, loaded):
+            assert torch.equal(model[0](x, channel_dim=1), model[0](x))
+            assert torch.equal(model[1](model[0](x), 1), out)
 
 
 # ------------------------------------------------------------------------------- unknown classes, registry

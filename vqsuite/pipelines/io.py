@@ -33,7 +33,7 @@ from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in
 from vqsuite.nn import CONV_TWINS, QConv2dSame, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.errors import CheckpointError, first_line, name_repr, read_json_file, short_repr
 from vqsuite.pipelines.folder import contained_file
-from vqsuite.pipelines.layer_adapters import adapter_for
+from vqsuite.pipelines.layer_adapters import accept_extra_args, adapter_for
 from vqsuite.pipelines.modules import module_references, replace_module
 from vqsuite.pipelines.schema import FLOAT_DTYPES, validate_checkpoint_meta
 
@@ -239,6 +239,7 @@ def _rebuild_layer(model: nn.Module, name: str, entry: dict[str, Any], refs: dic
         raise CheckpointError(f"layer {name_repr(name)}: invalid entry in checkpoint ({first_line(e)})") from None
     q.layer_name = name
     q.train(current.training)
+    accept_extra_args(q, adapter)
     if entry.get("frozen", True):
         q.freeze_empty("meta")
     replace_module(model, refs, current, q)

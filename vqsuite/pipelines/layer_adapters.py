@@ -47,6 +47,9 @@ class LayerAdapter:
         note: what the adapter does, for the report (``"weight standardised once"``).
         build: ``fn(effective layer, spec) -> quantized layer`` instead of the base rule's builder, or ``None``.
         reason: ``fn(module) -> why this instance cannot be adapted, or None``; ``None`` = always adaptable.
+        extra_args: parameters of the adapted class's ``forward`` after the input that do not change the effective
+            layer's math (``MotionLinear``'s ``channel_dim``, which only its excluded activation reads); the quantized
+            layer accepts and drops them (:func:`accept_extra_args`), so callers keep calling it as before.
     """
 
     class_name: str
@@ -55,6 +58,7 @@ class LayerAdapter:
     note: str
     build: Callable[[Any, QuantSpec], QuantLayer] | None = None
     reason: Callable[[Any], str | None] | None = None
+    extra_args: tuple[str, ...] = ()
 
 
 #: qualified class name -> adapter
@@ -83,6 +87,21 @@ def adapter_for(module: nn.Module) -> LayerAdapter | None:
         if adapter is not None:
             return adapter if getattr(cls, "forward", None) is getattr(anc, "forward", None) else None
     return None
+
+
+def accept_extra_args(qlayer: nn.Module, adapter: LayerAdapter | None) -> nn.Module:
+    """Let ``qlayer`` (which replaces a layer of ``adapter``'s class) be called with that class's extra forward
+    arguments (``adapter.extra_args``, positional after the input or by keyword): a forward pre-hook drops them.
+    Applied by ``quantize_model`` and ``load_quantized``; returns ``qlayer``."""
+    if adapter is None or not adapter.extra_args:
+        return qlayer
+    names = frozenset(adapter.extra_args)
+
+    def drop_extra(_mod: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        return args[:1], {k: v for k, v in kwargs.items() if k not in names}
+
+    qlayer.register_forward_pre_hook(drop_extra, with_kwargs=True)
+    return qlayer
 
 
 def effective_layer(module: nn.Module) -> nn.Module:
@@ -211,6 +230,7 @@ def _register_builtin() -> None:
             "weight * scale folded once",
             None,
             _motion_linear_reason,
+            extra_args=("channel_dim",),
         )
     )
 

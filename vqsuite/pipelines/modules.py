@@ -26,7 +26,7 @@ from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_s
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
 from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
-from vqsuite.pipelines.layer_adapters import LayerAdapter, adapter_for, effective_layer
+from vqsuite.pipelines.layer_adapters import LayerAdapter, accept_extra_args, adapter_for, effective_layer
 from vqsuite.pipelines.report import (
     OVERRIDES_FORWARD,
     LayerEntry,
@@ -123,7 +123,10 @@ def _adapted_rule(adapter: LayerAdapter, module: nn.Module) -> tuple[Any, str | 
             cache[id(m)] = adapter.effective(m)
         return cache[id(m)]
 
-    return (lambda m, spec: reason(effective(m), spec), lambda m, spec: build(effective(m), spec)), None
+    def build_adapted(m: nn.Module, spec: QuantSpec) -> QuantLayer:
+        return accept_extra_args(build(effective(m), spec), adapter)
+
+    return (lambda m, spec: reason(effective(m), spec), build_adapted), None
 
 
 def _rule_for(module: nn.Module) -> tuple[Any, str | None]:
