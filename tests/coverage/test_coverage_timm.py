@@ -30,12 +30,12 @@ QUICK: tuple[str, ...] = ("vision_transformer", "convnext", "efficientnet", "res
 
 #: (family, preset or "*") -> why it fails on this branch; delete an entry once its fix is merged
 KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    # lcnet_035: no conv has K divisible by MXFP4's fixed block of 32; the only candidate left is the head, a
-    # timm.layers.Linear (overrides forward), skipped until subclasses with their own forward are handled
-    ("mobilenetv3", "mxfp4"): "timm.layers.Linear head skipped (subclass overrides forward; fix on another branch)",
-    # NOT one of the fixes under way: EVA's attention calls F.linear(x, self.qkv.weight, qkv_bias) itself, so the
+    # EVA's attention calls F.linear(x, self.qkv.weight, qkv_bias) itself, so the
     # qkv module's forward never runs and static calibration raises instead of leaving the layer float
-    ("eva", "w4a8-static"): "UserError: calibration data never reached blocks.0.attn.qkv (no fix under way yet)",
+    (
+        "eva",
+        "w4a8-static",
+    ): "UserError: calibration data never reached blocks.0.attn.qkv (EVA reads qkv.weight; issue 18 note)",
 }
 
 
