@@ -446,7 +446,7 @@ def _svdquant_layers(
     ):
         run_calibration_data(model, calib_data)
     out: dict[str, tuple[QuantLayer | None, str]] = {}
-    missing = [name for name in lowrank if name not in stats]
+    missing = [name for name in lowrank if name not in stats and lowrank[name][1].rank > 0]
     if missing:
         logger.warning(
             "calibration data never reached %d low-rank layer(s) (e.g. %r); they get the data-free init",
@@ -454,6 +454,13 @@ def _svdquant_layers(
             missing[0],
         )
         out.update({name: (None, data_free) for name in missing})
+    missing_rank0 = [name for name in lowrank if name not in stats and lowrank[name][1].rank == 0]
+    if missing_rank0:  # no branch to initialise: the ordinary rule quantizes them (RTN)
+        logger.warning(
+            "calibration data never reached %d rank-0 layer(s) (e.g. %r); they get plain round-to-nearest",
+            len(missing_rank0),
+            missing_rank0[0],
+        )
     groups: list[list[str]] = []
     for group in tracker.groups([name for name in lowrank if name in stats]):
         # only layers with the same recipe, dtype and device can share λ and a proj_down Parameter
