@@ -122,7 +122,7 @@ def test_quantize_model_groups_qkv_and_passes_options(tmp_path: Path) -> None:
     assert "shares" not in reasons["attn.out"]
     # the 10-wide head is narrower than the rank: rank 0, still SVDQuant-calibrated (smoothing search, GPTQ)
     assert model.vqsuite_report.skipped == [] and model.head.rank == 0 and model.head.svdquant_info["gptq"]
-    assert "rank 0: layer narrower than the rank (min(N, K) = 10)" in reasons["head"]
+    assert "rank 32 -> 0: layer narrower than the rank (min(N, K) = 10)" in reasons["head"]
     # the shared Parameter is stored once and re-tied on load
     x = _calib()[0]
     vqsuite.save_quantized(model, tmp_path / "ck")
@@ -165,7 +165,7 @@ def test_without_calib_data_svdquant_falls_back_and_warns(caplog: pytest.LogCapt
     assert torch.equal(model.attn.q.smooth, torch.ones(C))
     rows = {e.name: e.reason for e in model.vqsuite_report.quantized}
     # the head, narrower than the rank, has no branch to initialise: plain RTN at rank 0
-    assert rows.pop("head").startswith("rank 0: layer narrower than the rank") and type(model.head) is QLinear
+    assert rows.pop("head").startswith("rank 32 -> 0: layer narrower than the rank") and type(model.head) is QLinear
     assert all("data-free" in reason for reason in rows.values())
 
 

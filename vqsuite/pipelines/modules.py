@@ -25,6 +25,7 @@ from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import UserError
+from vqsuite.formats import get_format
 from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.layer_adapters import LayerAdapter, adapter_for, effective_layer
 from vqsuite.pipelines.report import (
@@ -93,6 +94,20 @@ def _fitting_spec(
     return fitted if fitted is not None and reason(module, fitted[0]) is None else None
 
 
+def _block_note(module: nn.Module, spec: QuantSpec) -> str:
+    """Why the group fallback cannot help when a block format's block does not divide its length ("" otherwise)."""
+    geometry = _gemm_geometry(module)
+    if geometry is None:
+        return ""
+    _, k, a = geometry
+    blocks = set()
+    for fmt_name, length in ((spec.weight, k), (spec.act, k if a is None else a)):
+        block = None if fmt_name is None else get_format(fmt_name).block_size
+        if block is not None and length % block != 0:
+            blocks.add(f"{fmt_name} blocks of {block}")
+    return f" ({' and '.join(sorted(blocks))} are fixed by the format: no group fallback)" if blocks else ""
+
+
 #: the smallest low-rank branch a narrow Linear falls back to; below it the layer is quantized with rank 0. Measured
 #: on the trained zoo model fmnist-vit (svdquant-int4, 32 calibration images, output SQNR on 64 held-out ones, mean
 #: over 6 blocks): rank 4 is the smallest rank that gains >= 3 dB over rank 0 on every layer role (qkv +4.1, proj
@@ -120,8 +135,7 @@ def _narrow_rank_fallback(n: int, k: int, act: int | None, spec: QuantSpec) -> t
     if act is not None or spec.rank < min(n, k):
         return None
     r = _useful_rank(spec.rank, n, k)
-    why = f"layer narrower than the rank (min(N, K) = {min(n, k)})"
-    return r, f"rank {spec.rank} -> {r} ({why})" if r else f"rank 0: {why}"
+    return r, f"rank {spec.rank} -> {r}: layer narrower than the rank (min(N, K) = {min(n, k)})"
 
 
 #: rank fallbacks, tried in order while the spec has a low-rank branch: (N, K, act_features or None for a Linear,
@@ -326,6 +340,8 @@ def quantize_model(
                 logger.info("%s: %s; using %s", name, why, fitted[0].short())
                 notes.append(f"group fallback ({why})" + (": " + ", ".join(fitted[1]) if fitted[1] else ""))
                 spec, why = fitted[0], None
+        if why is not None and group_fallback:
+            why += _block_note(module, spec)
         if notes and why is None:
             fallback_notes[name] = "; ".join(notes)
         if why is not None:
