@@ -17,6 +17,7 @@ from vqsuite.calibrators.svdquant import sqnr_db
 from vqsuite.config import QuantConfig, get_preset
 from vqsuite.nn import QConv2d, QLinear, QLinearLowRank
 from vqsuite.pipelines.modules import MIN_FALLBACK_RANK
+from vqsuite.pipelines.report import LayerEntry
 
 #: a small timm ResNet-18 (random init) must have at least this fraction of its matrix weights quantized
 MIN_QUANTIZED_FRACTION = 0.9
@@ -33,7 +34,7 @@ def _svdq(preset: str = "svdquant-int4") -> QuantConfig:
     return get_preset(preset).with_overrides(method_options={"fast": True})
 
 
-def _rows(model: nn.Module) -> dict[str, vqsuite.pipelines.report.LayerEntry]:
+def _rows(model: nn.Module) -> dict[str, LayerEntry]:
     return {e.name: e for e in model.vqsuite_report.layers}
 
 
