@@ -58,6 +58,22 @@ def _check_group(value: int | None, field_name: str) -> None:
 
 #: smallest group a layer falls back to when the recipe's group does not divide its reduction length
 MIN_FALLBACK_GROUP = 16
+#: the 8-bit weight format a 4-bit-packed one falls back to on an odd reduction length (two codes per byte need an
+#: even K; such layers, depthwise 3x3 or RGB stems, are tiny, so the byte per weight costs little)
+ODD_K_WEIGHT_FORMATS: dict[str, str] = {
+    "int2": "int8",
+    "int3": "int8",
+    "int4": "int8",
+    "int4_asym": "int8_asym",
+    "fp4_e2m1": "fp8_e4m3",
+}
+
+
+def _halved_group(group: int, length: int) -> int | None:
+    """``group`` halved until it divides ``length``, not below :data:`MIN_FALLBACK_GROUP`; ``None`` if none does."""
+    while group > MIN_FALLBACK_GROUP and length % group != 0 and group % 2 == 0:
+        group //= 2
+    return group if length % group == 0 else None
 
 
 @dataclass(frozen=True)
@@ -204,12 +220,56 @@ class QuantSpec:
                 continue
             if get_format(fmt_name).block_size is not None:
                 return None
-            while g > MIN_FALLBACK_GROUP and length % g != 0 and g % 2 == 0:
-                g //= 2
-            if length % g != 0:
+            g = _halved_group(g, length)
+            if g is None:
                 return None
             spec = spec.replace(**{attr: g})
         return spec if spec.incompatibility(in_features, act_features=act_features) is None else None
+
+    def with_fallbacks(
+        self, in_features: int, *, act_features: int | None = None
+    ) -> tuple[QuantSpec, tuple[str, ...]] | None:
+        """The nearest spec a layer of GEMM reduction length ``in_features`` (activation channels ``act_features``)
+        accepts, with one note per change, or ``None`` when there is none. Steps, each only where needed:
+
+        1. an integer group that does not divide its length is halved, down to :data:`MIN_FALLBACK_GROUP`
+           (K = 288: g64 -> g32), as :meth:`with_fitting_groups` does;
+        2. when no halved group divides (K = 9, 25, 27, 147), weights get one scale per output channel and
+           activations one per token (over the channels);
+        3. a weight format packed two codes per byte (INT4, INT3, INT2, FP4) on an odd K takes the 8-bit format of
+           its family (:data:`ODD_K_WEIGHT_FORMATS`: INT4 -> INT8): the frozen storage needs an even K.
+
+        Block formats (NVFP4 16, MXFP4 32) are the block: a block that does not divide gives ``None``.
+        """
+        if self.incompatibility(in_features, act_features=act_features) is None:
+            return self, ()
+        a = in_features if act_features is None else act_features
+        spec, notes = self, []
+        for attr, length, fmt_name, used, per_row in (
+            ("weight_group_size", in_features, self.weight, self.weight is not None, {}),
+            ("act_group_size", a, self.act, self.act_mode == "dynamic_per_group", {"act_mode": "dynamic_per_token"}),
+        ):
+            g = getattr(spec, attr)
+            if not used or g is None or length % g == 0:
+                continue
+            if get_format(fmt_name).block_size is not None:
+                return None
+            halved = _halved_group(g, length)
+            if halved is not None:
+                spec = spec.replace(**{attr: halved})
+                notes.append(f"{attr} {g} -> {halved}")
+            else:
+                spec = spec.replace(**{attr: None}, **per_row)
+                notes.append(f"{attr} {g} -> " + ("per token" if per_row else "per channel") + f" ({length=})")
+        if spec.weight is not None and get_format(spec.weight).storage_bits == 4 and in_features % 2 != 0:
+            wide = ODD_K_WEIGHT_FORMATS.get(spec.weight)
+            if wide is None or spec.weight_group_size is not None:
+                return None
+            notes.append(f"weight {spec.weight} -> {wide} (4-bit packing needs an even K, got {in_features})")
+            spec = spec.replace(weight=wide)
+        if spec.incompatibility(in_features, act_features=act_features) is not None:
+            return None
+        return spec, tuple(notes)
 
     def validate_for(self, in_features: int, **kw: Any) -> None:
         reason = self.incompatibility(in_features, **kw)

@@ -120,8 +120,9 @@ def test_quantize_model_groups_qkv_and_passes_options(tmp_path: Path) -> None:
     reasons = {e.name: e.reason for e in model.vqsuite_report.quantized}
     assert "shares lambda and proj_down with attn.k, attn.v" in reasons["attn.q"]
     assert "shares" not in reasons["attn.out"]
-    skipped = {e.name: e.reason for e in model.vqsuite_report.skipped}
-    assert skipped["head"] == "rank=32 exceeds min(in_features, out_features)=10"
+    # the 10-wide head is narrower than the rank: rank 0, still SVDQuant-calibrated (smoothing search, GPTQ)
+    assert model.vqsuite_report.skipped == [] and model.head.rank == 0 and model.head.svdquant_info["gptq"]
+    assert "rank 32 -> 0: layer narrower than the rank (min(N, K) = 10)" in reasons["head"]
     # the shared Parameter is stored once and re-tied on load
     x = _calib()[0]
     vqsuite.save_quantized(model, tmp_path / "ck")
@@ -162,7 +163,10 @@ def test_without_calib_data_svdquant_falls_back_and_warns(caplog: pytest.LogCapt
         model = vqsuite.quantize_model(Net().eval(), "svdquant-int4")
     assert "without calib_data" in caplog.text and "data-free" in caplog.text
     assert torch.equal(model.attn.q.smooth, torch.ones(C))
-    assert all("data-free" in e.reason for e in model.vqsuite_report.quantized)
+    rows = {e.name: e.reason for e in model.vqsuite_report.quantized}
+    # the head, narrower than the rank, has no branch to initialise: plain RTN at rank 0
+    assert rows.pop("head").startswith("rank 32 -> 0: layer narrower than the rank") and type(model.head) is QLinear
+    assert all("data-free" in reason for reason in rows.values())
 
 
 def test_layers_the_data_never_reaches_fall_back(caplog: pytest.LogCaptureFixture) -> None:

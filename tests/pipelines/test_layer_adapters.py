@@ -318,7 +318,7 @@ def test_svdquant_calibrates_adapted_linears() -> None:
     """SVDQuant's capture hooks sit on the model's own (adapted) layers; its weights are the effective ones."""
     from timm.layers import Linear
 
-    model = nn.Sequential(Linear(64, 64), nn.GELU(), Linear(64, 32)).eval()
+    model = nn.Sequential(Linear(64, 64), nn.GELU(), Linear(64, 48)).eval()  # both wider than rank 32
     x = torch.randn(48, 64)
     with torch.no_grad():
         ref = model(x)

@@ -112,10 +112,12 @@ def test_real_model_outputs_finite_and_error_ordered(name: str, real_models: dic
 
 
 def test_mobilenet_report_lists_depthwise_skips_with_reasons(real_models: dict[str, nn.Module]) -> None:
+    """Without the group fallback (on by default: tests/pipelines/test_quantize_fallbacks.py) depthwise convs
+    (K = 9) stay float and the report says why."""
     float_model = real_models["mobilenet_v2"]
     float_numel = {n: m.weight.numel() for n, m in float_model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     total = sum(p.numel() for p in float_model.parameters() if p.ndim >= 2)
-    model = vqsuite.quantize_model(copy.deepcopy(float_model), "w4a16")
+    model = vqsuite.quantize_model(copy.deepcopy(float_model), "w4a16", group_fallback=False)
     report = model.vqsuite_report
     depthwise = [n for n, m in float_model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert len(depthwise) == 17
@@ -142,10 +144,17 @@ def test_mobilenet_w8a8_quantizes_depthwise_per_channel(real_models: dict[str, n
 
 
 def test_vit_w4a4_reports_the_patch_embedding(real_models: dict[str, nn.Module]) -> None:
+    """The RGB patch embedding's 3 activation channels take no group of 64: per-token activations instead (the group
+    fallback), or a skip with the reason when the fallback is off."""
     model = _quantize_quietly(copy.deepcopy(real_models["vit_tiny"]), "w4a4")
+    assert model.vqsuite_report.skipped == []
+    (row,) = [e for e in model.vqsuite_report.quantized if e.name == "patch_embed.proj"]
+    assert row.spec == "W:int4/g64 A:int4/tok", row.spec
+    assert "act_group_size=64 must divide the activation channels 3" in row.reason and "per token" in row.reason
+    assert isinstance(model.get_submodule("blocks.0.attn.qkv"), QLinear)
+    model = _quantize_quietly(copy.deepcopy(real_models["vit_tiny"]), "w4a4", group_fallback=False)
     reasons = {e.name: e.reason for e in model.vqsuite_report.skipped}
     assert reasons == {"patch_embed.proj": "act_group_size=64 must divide the activation channels 3"}
-    assert isinstance(model.get_submodule("blocks.0.attn.qkv"), QLinear)
 
 
 # ---------------------------------------------------------------------------- small models

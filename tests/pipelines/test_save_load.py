@@ -107,7 +107,8 @@ def test_layer_classes_are_restored(tmp_path: Path) -> None:
     loaded = vqsuite.load_quantized(tmp_path / "ck", model=_net())
     assert type(loaded.conv) is QConv2d and type(loaded.up) is QConvTranspose2d
     assert type(loaded.fc1) is QLinearLowRank and loaded.fc1.rank == 8
-    assert type(loaded.dw) is nn.Conv2d  # skipped by the 4-bit spec: saved and loaded as float
+    # K = 9 takes no 4-bit group nor 4-bit packing: the group fallback gives it per-channel INT8, restored as such
+    assert type(loaded.dw) is QConv2d and loaded.dw.spec.short() == "W:int8/ch A:int8/tok"
     assert isinstance(loaded.fc1.proj_down, nn.Parameter)
 
 
