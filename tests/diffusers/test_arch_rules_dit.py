@@ -214,15 +214,16 @@ def test_dit_pipeline_quantizes_with_its_rule_and_generates(name: str) -> None:
 
 
 def test_dit_pipeline_that_quantizes_nothing_names_the_shape_limit() -> None:
-    # width 24 with mlp_ratio 1: every linear and 1x1 conv reads 24 features, which no INT4 group of the recipe
-    # (64, or a smaller power of two) divides; the warning must put that first, before the rule's own 16-bit layers
+    # width 24 with mlp_ratio 1: every linear and 1x1 conv reads 24 features, which NVFP4's fixed block of 16 does
+    # not divide (integer recipes fall back to per-channel groups there; a block format cannot); the warning must put
+    # that first, before the rule's own 16-bit layers
     pipe, _ = pipe_SanaTransformer2DModel(width=24, mlp_ratio=1.0)
     with pytest.warns(UserWarning, match=r"quantize_pipeline quantized NOTHING in SanaPipeline\.transformer") as rec:
-        vqsuite.quantize_pipeline(pipe, "w4a4")
+        vqsuite.quantize_pipeline(pipe, "nvfp4")
     msgs = [str(w.message) for w in rec if "quantized NOTHING" in str(w.message)]
     msg = next(m for m in msgs if m.startswith("quantize_pipeline"))
     assert "SanaTransformer2DModel, rule SanaTransformer2DModel" in msg and "(generic fallback)" not in msg
-    assert msg.split("reasons: ", 1)[1].startswith("weight_group_size=64 must divide in_features=24"), msg
+    assert msg.split("reasons: ", 1)[1].startswith("weight_group_size=16 must divide in_features=24"), msg
     model_msg = next(m for m in msgs if m.startswith("quantize_model"))
-    assert model_msg.split("Reasons: ", 1)[1].startswith("weight_group_size=64 must divide in_features=24"), model_msg
+    assert model_msg.split("Reasons: ", 1)[1].startswith("weight_group_size=16 must divide in_features=24"), model_msg
     assert not pipe.vqsuite_report.components["transformer"].module_report.quantized

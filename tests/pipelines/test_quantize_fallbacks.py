@@ -279,3 +279,17 @@ def test_rtn_narrow_head_without_calibration_is_a_plain_qlinear() -> None:
     _quietly(model, "svdquant-int4")  # logs that the rank-32 layer gets the data-free branch
     assert type(model[1]) is QLinear and model[1].spec.rank == 0 and isinstance(model[0], QLinearLowRank)
     assert _rows(model)["1"].reason == "rank 32 -> 0: layer narrower than the rank (min(N, K) = 10)"
+
+
+def test_quantized_structure_applies_the_fallbacks() -> None:
+    """The meta-device memory accounting swaps the layers the fallbacks let ``quantize_model`` quantize, with their
+    fallback specs (stem per-channel, depthwise, narrow Linear ranks)."""
+    from vqsuite.pipelines.rules import quantized_structure
+
+    torch.manual_seed(0)
+    model = _Tiny().eval()
+    _quietly(model, _svdq(), calib_data=[torch.randn(8, 3, 8, 8) for _ in range(2)])
+    with torch.device("meta"):
+        meta = _Tiny()
+    swapped = quantized_structure(meta, _svdq(), apply_rule=False)
+    assert swapped == {e.name: model.get_submodule(e.name).spec for e in model.vqsuite_report.quantized}

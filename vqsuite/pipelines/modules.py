@@ -247,6 +247,34 @@ def replace_module(model: nn.Module, refs: dict[int, list[str]], old: nn.Module,
         _set_submodule(model, name, new)
 
 
+def layer_spec(
+    module: nn.Module,
+    spec: QuantSpec,
+    reason: Callable[[Any, QuantSpec], str | None],
+    *,
+    rank_fallback: bool = True,
+    group_fallback: bool = True,
+    name: str = "",
+) -> tuple[QuantSpec, str | None, list[str]]:
+    """The spec ``module`` is quantized with after the rank and group fallbacks: ``(spec, why skipped or None,
+    fallback notes)``. One function for ``quantize_model`` and the meta-device ``quantized_structure``."""
+    notes: list[str] = []
+    if rank_fallback:
+        spec, note = _rank_fallback(module, spec)
+        if note is not None:
+            notes.append(note)
+    why = reason(module, spec)
+    if why is not None and group_fallback:
+        fitted = _fitting_spec(module, spec, reason)
+        if fitted is not None:
+            logger.info("%s: %s; using %s", name or type(module).__name__, why, fitted[0].short())
+            notes.append(f"group fallback ({why})" + (": " + ", ".join(fitted[1]) if fitted[1] else ""))
+            spec, why = fitted[0], None
+    if why is not None and group_fallback:
+        why += _block_note(module, spec)
+    return spec, why, notes
+
+
 def quantize_model(
     model: nn.Module,
     config: str | QuantConfig | QuantSpec | dict = "w8a8",
@@ -332,22 +360,12 @@ def quantize_model(
         if spec is None:
             report.layers.append(LayerEntry(name, tname, "skipped", origin, weight_numel=numel))
             continue
-        notes: list[str] = []
-        if rank_fallback:
-            spec, note = _rank_fallback(module, spec)
-            if note is not None:
-                notes.append(note)
-                if spec.rank == 0 and _is_linear(module):
-                    rank0_linears.add(name)
-        why = rule[0](module, spec)
-        if why is not None and group_fallback:
-            fitted = _fitting_spec(module, spec, rule[0])
-            if fitted is not None:
-                logger.info("%s: %s; using %s", name, why, fitted[0].short())
-                notes.append(f"group fallback ({why})" + (": " + ", ".join(fitted[1]) if fitted[1] else ""))
-                spec, why = fitted[0], None
-        if why is not None and group_fallback:
-            why += _block_note(module, spec)
+        recipe_rank = spec.rank
+        spec, why, notes = layer_spec(
+            module, spec, rule[0], rank_fallback=rank_fallback, group_fallback=group_fallback, name=name
+        )
+        if recipe_rank > 0 and spec.rank == 0 and _is_linear(module):
+            rank0_linears.add(name)
         if notes and why is None:
             fallback_notes[name] = "; ".join(notes)
         if why is not None:

@@ -387,7 +387,7 @@ def quantized_structure(
     then share one ``proj_down``, as after SVDQuant calibration. Returns ``{name: spec}`` of the swapped layers.
     """
     from vqsuite.nn import QConvBase, QLinear, QLinearLowRank
-    from vqsuite.pipelines.modules import _rule_for, module_references, replace_module
+    from vqsuite.pipelines.modules import _rule_for, layer_spec, module_references, replace_module
 
     if rule is None:
         rule, _ = rule_for(model)
@@ -401,7 +401,8 @@ def quantized_structure(
         if layer_rule is None:
             continue
         reason_fn, build = layer_rule
-        if reason_fn(m, spec) is not None:
+        spec, why, _ = layer_spec(m, spec, reason_fn, name=name)  # the fallbacks quantize_model applies
+        if why is not None:
             continue
         w = m.weight
         if type(m) is nn.Linear:
