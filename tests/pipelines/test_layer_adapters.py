@@ -254,6 +254,10 @@ def test_diffusers_layers_round_trip(tmp_path: Path) -> None:
         for model in (q, loaded):
             assert torch.equal(model[0](x, channel_dim=1), model[0](x))
             assert torch.equal(model[1](model[0](x), 1), out)
+    # SVDQuant builds its layers itself (calibrated branch): they take channel_dim= too
+    svdq = vqsuite.quantize_model(build(), "svdquant-int4", calib_data=[torch.randn(8, 64)])
+    with torch.no_grad():
+        assert torch.equal(svdq[0](x, channel_dim=1), svdq[0](x))
 
 
 # ------------------------------------------------------------------------------- unknown classes, registry

@@ -199,10 +199,7 @@ def _adapted_rule(adapter: LayerAdapter, module: nn.Module) -> tuple[Any, str | 
             cache[id(m)] = adapter.effective(m)
         return cache[id(m)]
 
-    def build_adapted(m: nn.Module, spec: QuantSpec) -> QuantLayer:
-        return accept_extra_args(build(effective(m), spec), adapter)
-
-    return (lambda m, spec: reason(effective(m), spec), build_adapted), None
+    return (lambda m, spec: reason(effective(m), spec), lambda m, spec: build(effective(m), spec)), None
 
 
 def _rule_for(module: nn.Module) -> tuple[Any, str | None]:
@@ -390,6 +387,7 @@ def quantize_model(
                 if q is None:
                     q = rule[1](module, spec)
                 q.layer_name = name
+                accept_extra_args(q, adapter_for(module))  # callers keep passing the adapted class's extra args
                 replace_module(model, refs, module, q)  # a reused layer is swapped everywhere it is used
                 swapped[name] = q
                 if name in fallback_notes:

@@ -387,6 +387,7 @@ def quantized_structure(
     then share one ``proj_down``, as after SVDQuant calibration. Returns ``{name: spec}`` of the swapped layers.
     """
     from vqsuite.nn import QConvBase, QLinear, QLinearLowRank
+    from vqsuite.pipelines.layer_adapters import accept_extra_args, adapter_for
     from vqsuite.pipelines.modules import _rule_for, layer_spec, module_references, replace_module
 
     if rule is None:
@@ -415,6 +416,7 @@ def quantized_structure(
             q = build(m, spec)
         q.layer_name = name
         q.freeze_empty(w.device)
+        accept_extra_args(q, adapter_for(m))
         replace_module(model, refs, m, q)
         swapped[name] = spec
     for group in groups:
