@@ -72,8 +72,11 @@ def _convt_reason(module: nn.Module, spec: QuantSpec) -> str | None:
 
 def _gemm_geometry(module: nn.Module) -> tuple[int, int, int | None] | None:
     """``(N, K, act_features)`` of the layer's GEMM (``act_features`` ``None`` for a Linear, the input channels of a
-    conv), from the plain float layer an adapted layer is quantized as; ``None`` for another layer type."""
-    geometry = effective_layer(module)
+    conv), from the plain float layer an adapted layer is quantized as; ``None`` for another layer type.
+
+    A Linear/conv subclass has its effective layer's shapes already: only other adapted types (``MotionLinear``)
+    are asked for their effective layer, so shape checks never recompute a standardised weight."""
+    geometry = module if isinstance(module, (nn.Linear, *FLOAT_CONV_TYPES)) else effective_layer(module)
     if isinstance(geometry, nn.Linear):
         return geometry.out_features, geometry.in_features, None
     if isinstance(geometry, FLOAT_CONV_TYPES):

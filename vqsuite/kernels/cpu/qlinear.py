@@ -243,7 +243,7 @@ def qlinear(x: torch.Tensor, ops, *, capability: str | None = None) -> torch.Ten
     packed = ops.packed if ops.packed is not None else pack(ops, capability=capability)
     n, k = ops.gemm_shape
     dt = x.dtype
-    x2 = x.reshape(-1, k).contiguous()  # a [1, K, M] transposed view reshapes to a view; the kernels need rows
+    x2 = x.reshape(-1, k)  # may be a strided view ([1, K, M] transposed): the ops make their A contiguous
     xs = x2 / ops.smooth.to(dt) if ops.smooth is not None else x2
     if plan.act_route == "int_mm":
         codes, sa, _ = reference.act_quant_lowrank_reference(
