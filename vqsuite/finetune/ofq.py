@@ -84,7 +84,8 @@ def statsq_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``Q(W) = s · (round(z) + 0.5) / n`` with the STE ``W + (Q(W) - W).detach()``; ``w: [N, ...]``."""
     n = 2 ** (bits - 1)
     q = statsq_scale(w) * (statsq_codes(w, bits) + 0.5) / n
-    return ste(w, q)
+    # no STE arithmetic without a gradient: the value is then exactly Q(W), what freeze_qat stores (int*_midrise)
+    return ste(w, q) if torch.is_grad_enabled() else q
 
 
 def cga_boundary_mask(w: torch.Tensor, bits: int, boundary: float = CGA_BOUNDARY) -> torch.Tensor:
@@ -261,7 +262,9 @@ class QATAttention(nn.Module):
         ``x: [B, N, C]``."""
         b, n, _ = x.shape
         if self.qkr:
-            kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
+            # X̂ · W_qkᵀ per head as one [H·C, C] linear (what the frozen model's QLinear computes): [B, H, N, C]
+            h, c = self.num_heads, x.shape[-1]
+            kk = self.k_q(F.linear(x, self.qk_weight().reshape(h * c, c)).reshape(b, n, h, c).transpose(1, 2))
             logits = torch.einsum("bnc,bhmc->bhnm", x, kk) * self.scale
             v = F.linear(x, self.v_wq(self.v_weight), self.v_bias)
             return logits, v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
