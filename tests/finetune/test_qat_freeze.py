@@ -126,26 +126,28 @@ def test_lsq_forward_value_is_the_same_with_and_without_gradients() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ end to end
-def _trained(method: str, bits: int = 4) -> tuple[nn.Module, nn.Module]:
+def _trained(method: str, bits: int = 4, qkr: bool | None = None) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     model = _vit()
     float_model = copy.deepcopy(model)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    ofq(model, bits, (x, y), steps=2, batch_size=8, method=method, log_every=0)
+    ofq(model, bits, (x, y), steps=2, batch_size=8, method=method, qkr=qkr, log_every=0)
     return model, float_model
 
 
-@pytest.mark.parametrize("method", ["ofq", "lsq"])
-def test_frozen_vit_equals_qat_eval_and_round_trips(method: str, tmp_path) -> None:  # noqa: ANN001
-    qat, float_model = _trained(method)
+@pytest.mark.parametrize(
+    ("method", "qkr"), [("ofq", True), ("lsq", False), ("lsq", True)], ids=["ofq", "lsq", "lsq-qkr"]
+)
+def test_frozen_vit_equals_qat_eval_and_round_trips(method: str, qkr: bool, tmp_path) -> None:  # noqa: ANN001
+    qat, float_model = _trained(method, qkr=qkr)
     x = torch.randn(6, 3, 32, 32)
     with torch.no_grad():
         ref = qat(x)
     frozen = freeze_qat(copy.deepcopy(qat), kernel="reference")
-    auto = freeze_qat(copy.deepcopy(qat))
+    auto = vqsuite.freeze(copy.deepcopy(qat))  # the library's freeze takes a QAT model too (kernel "auto")
     assert not any(isinstance(m, (QATLinear, QATAttention, LSQActQuantizer, StatsQ)) for m in frozen.modules())
     attn = frozen.blocks[0].attn
-    assert isinstance(attn, FrozenQATAttention) and attn.qkr == (method == "ofq")
+    assert isinstance(attn, FrozenQATAttention) and attn.qkr == qkr
     assert isinstance(frozen.blocks[0].mlp.fc1, ActQuantLinear) and isinstance(frozen.head.linear, QLinear)
     assert isinstance(frozen.patch_embed.proj, ActQuantConv2d) and isinstance(frozen.patch_embed.proj.conv, QConv2d)
     assert frozen.blocks[0].mlp.fc2.act_quant.qn == 0  # fc2's input quantizer stays unsigned

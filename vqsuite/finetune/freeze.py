@@ -68,6 +68,7 @@ __all__ = [
     "LSQActQuant",
     "QAT_METHOD",
     "freeze_qat",
+    "is_qat_model",
     "lsq_weight_format",
     "restore_qat",
 ]
@@ -331,6 +332,11 @@ def _set(model: nn.Module, name: str, new: nn.Module) -> None:
 _QAT_TYPES = (QATLinear, QATConv2d, QATAttention, LSQActQuantizer, LSQWeightQuantizer, StatsQ)
 
 
+def is_qat_model(model: nn.Module) -> bool:
+    """Whether ``model`` still holds QAT modules (:func:`~vqsuite.finetune.ofq.prepare_qat`'s) to freeze."""
+    return any(isinstance(m, _QAT_TYPES) for m in model.modules())
+
+
 @torch.no_grad()
 def freeze_qat(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
     """Turn a QAT model (after :func:`~vqsuite.finetune.ofq` / :func:`~vqsuite.finetune.ofq.prepare_qat` and at
@@ -344,7 +350,7 @@ def freeze_qat(model: nn.Module, *, kernel: str = "auto") -> nn.Module:
     from vqsuite.pipelines.report import module_nbytes
 
     qat = getattr(model, "vqsuite_qat", None)
-    if not isinstance(qat, dict) or not any(isinstance(m, _QAT_TYPES) for m in model.modules()):
+    if not isinstance(qat, dict) or not is_qat_model(model):
         raise UserError("freeze_qat needs a QAT model (vqsuite.finetune.ofq / prepare_qat); this one has no QAT layers")
     QuantSpec(kernel=kernel)  # validates the name
     bytes_before = module_nbytes(model)

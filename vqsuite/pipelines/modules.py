@@ -565,7 +565,13 @@ def _log_report(report: QuantReport) -> None:
 
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
-    """Freeze every quantized layer of ``model`` (pack weights, drop float masters); returns ``model``."""
+    """Freeze every quantized layer of ``model`` (pack weights, drop float masters); returns ``model``. A QAT model
+    (:func:`vqsuite.finetune.ofq`) is frozen by :func:`vqsuite.finetune.freeze_qat` first."""
+    if isinstance(getattr(model, "vqsuite_qat", None), dict):
+        from vqsuite.finetune.freeze import freeze_qat, is_qat_model
+
+        if is_qat_model(model):
+            freeze_qat(model)
     for m in model.modules():
         if isinstance(m, QuantLayer):
             m.freeze()
