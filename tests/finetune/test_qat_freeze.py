@@ -222,3 +222,27 @@ def test_refusals() -> None:
     model = prepare_qat(_vit(), 4, "lsq")  # never run: its LSQ steps are not learned
     with pytest.raises(UserError, match="never"):
         freeze_qat(model)
+
+
+def test_an_old_ofq_output_folder_still_loads_and_freezes(tmp_path) -> None:  # noqa: ANN001
+    """Folders of earlier ``vqsuite finetune --method ofq`` (QAT state dict + qat_config.json) keep loading."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from vqsuite.cli import finetune as ft_cli
+
+    torch.manual_seed(0)
+    qat = prepare_qat(timm.create_model("test_vit", pretrained=False), 4, "ofq").eval()
+    x = torch.randn(2, 3, *qat.patch_embed.img_size)
+    with torch.no_grad():
+        ref = qat(x)  # initialises the LSQ steps
+    state = {k: v.contiguous() for k, v in qat.state_dict().items() if ".tracker." not in k}
+    save_file(state, str(tmp_path / ft_cli.QAT_WEIGHTS))
+    cfg = {"format": ft_cli.QAT_FORMAT, "version": ft_cli.QAT_FORMAT_VERSION, "bits": 4, "method": "ofq", "qkr": True,
+           "source": {"library": "timm", "name": "test_vit"}}  # fmt: skip
+    (tmp_path / ft_cli.QAT_CONFIG).write_text(json.dumps(cfg))
+    loaded = ft_cli.load_finetuned(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+        assert torch.equal(freeze_qat(loaded, kernel="reference")(x), ref)
