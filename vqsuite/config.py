@@ -21,8 +21,9 @@ CONFIG_VERSION = 1
 ActMode = Literal["none", "dynamic_per_token", "dynamic_per_group", "static"]
 KernelPreference = Literal["auto", "triton", "reference"]
 #: how layer state is computed: plain round-to-nearest, SVDQuant (smoothing + low-rank + quantized residual), or
-#: ViT PTQ (RTN weights plus PTQ4ViT / RepQ-ViT activation quantizers, :mod:`vqsuite.calibrators.vit_ptq`)
-METHODS: tuple[str, ...] = ("rtn", "svdquant", "vit-ptq")
+#: ViT PTQ (RTN weights plus PTQ4ViT / RepQ-ViT activation quantizers, :mod:`vqsuite.calibrators.vit_ptq`), or a
+#: QAT model frozen by :func:`vqsuite.finetune.freeze_qat` (recorded in checkpoints; not a ``quantize_model`` recipe)
+METHODS: tuple[str, ...] = ("rtn", "svdquant", "vit-ptq", "qat")
 ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
 KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
 #: how static activation scales follow the denoising step (see :mod:`vqsuite.nn.steps`)
@@ -119,6 +120,8 @@ class QuantSpec:
     def __post_init__(self) -> None:
         _check_format(self.weight, "weight")
         _check_format(self.act, "act")
+        if self.act is not None and get_format(self.act).offset:
+            raise ConfigError(f"act={self.act!r} is a mid-rise weight format (no zero level); not for activations")
         _check_group(self.weight_group_size, "weight_group_size")
         _check_group(self.act_group_size, "act_group_size")
         if self.act_mode not in ACT_MODES:

@@ -1,6 +1,7 @@
 """``vqsuite finetune``: OFQ on the shipped fmnist-vit and on a timm ViT with an image folder (top-1 recorded and
-reproduced from the saved QAT weights, exact checkpoint/resume through the CLI), QALoRA plumbing into a pipeline
-folder that ``vqsuite generate`` runs, and bad input (exit 2, one line, nothing written)."""
+reproduced from the saved quantized checkpoint of the frozen QAT model, exact checkpoint/resume through the CLI),
+QALoRA plumbing into a pipeline folder that ``vqsuite generate`` runs, and bad input (exit 2, one line, nothing
+written)."""
 
 from __future__ import annotations
 
@@ -41,28 +42,26 @@ def test_ofq_fmnist_vit_writes_record_and_a_reloadable_model(tmp_path: Path, cap
     out = tmp_path / "ofq"
     assert main(_ofq(out)) == 0
     stdout = capsys.readouterr().out
-    assert "top-1 (n=40 held out)" in stdout and "load_finetuned" in stdout
+    assert "top-1 (n=40 held out)" in stdout and "load_quantized" in stdout
     rec = json.loads((out / ft_cli.MANIFEST).read_text())
     assert (rec["method"], rec["bits"], rec["steps"], rec["cga_steps"]) == ("ofq", 2, 2, 1)
     assert rec["top1"]["n"] == 40 and 0 <= rec["top1"]["qat"] <= 100 and 0 <= rec["top1"]["fp"] <= 100
+    assert 0 <= rec["top1"]["frozen"] <= 100 and rec["bytes"]["frozen"] < rec["bytes"]["fp"] / 4
     assert rec["wall_s"] > 0 and rec["loss_first"] > 0
     assert 0 <= rec["oscillation"]["total"]["oscillating_fraction"] <= 1
     assert any(k.endswith("w_qk") for k in rec["oscillation"]["layers"])  # QKR applied to timm Attention
     assert not any(".tracker." in k for k in _qat_tensors(out))
-    # the saved QAT model reproduces the recorded top-1 on the same held-out images
+    # the folder is a quantized checkpoint of the frozen model: it reproduces the recorded top-1 on the same images
+    import vqsuite
     from vqsuite.zoo.datasets import fashion_mnist
     from vqsuite.zoo.vit import vit_preprocess
 
-    model = ft_cli.load_finetuned(out)
     x, y = fashion_mnist("test")
-    with torch.no_grad():
-        pred = model(vit_preprocess(x[:40])).argmax(-1)
-    assert 100.0 * float((pred == y[:40]).float().mean()) == pytest.approx(rec["top1"]["qat"], abs=1e-9)
-    # an OFQ model is not a vqsuite checkpoint (QAT layers are not QuantLayers): the command says so, honestly
-    import vqsuite
-
-    with pytest.raises(ValueError, match="no quantized layers"):
-        vqsuite.save_quantized(model, tmp_path / "as-checkpoint")
+    for model in (ft_cli.load_finetuned(out), vqsuite.load_quantized(out)):
+        assert model.vqsuite_config.method == "qat"
+        with torch.no_grad():
+            pred = model(vit_preprocess(x[:40])).argmax(-1)
+        assert 100.0 * float((pred == y[:40]).float().mean()) == pytest.approx(rec["top1"]["frozen"], abs=1e-9)
 
 
 @needs_fashion
@@ -141,12 +140,13 @@ def test_ofq_timm_vit_with_weights_and_image_folder(tmp_path: Path, capsys: pyte
     rec = json.loads((out / ft_cli.MANIFEST).read_text())
     assert rec["top1"]["n"] == 2  # min(--eval-n, 12 // 5) held-out images of the folder
     assert "2 classes, 10 train / 2 held out" in rec["data"]
-    assert json.loads((out / ft_cli.QAT_CONFIG).read_text())["source"] == {"library": "timm", "name": "test_vit"}
+    meta = json.loads((out / "vqsuite_config.json").read_text())
+    assert meta["model_source"] == {"library": "timm", "name": "test_vit", "kwargs": {}}
     model = ft_cli.load_finetuned(out)
     ref = _qat_tensors(out)
+    assert model.state_dict().keys() == ref.keys()
     for k, v in model.state_dict().items():
-        if ".tracker." not in k:
-            assert torch.equal(v, ref[k]), k
+        assert torch.equal(v, ref[k]), k
 
 
 # ------------------------------------------------------------------------------------------------ qalora

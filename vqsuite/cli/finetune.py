@@ -1,8 +1,10 @@
-"""``vqsuite finetune --method {ofq,qalora} SOURCE --out DIR``: quantization-aware fine-tuning from the shell.
+"""``vqsuite finetune --method {ofq,lsq,qalora} SOURCE --out DIR``: quantization-aware fine-tuning from the shell.
 
 ``--method ofq`` trains a vision transformer (a built-in classifier such as ``fmnist-vit``, or ``timm:<name>`` with
 ``--weights``) with OFQ (:func:`vqsuite.finetune.ofq`: StatsQ, query-key reparameterization, KD from the float
-model, optional CGA), then measures top-1 of the float and the QAT model on held-out images. ``--method qalora``
+model, optional CGA; ``--method lsq``: the LSQ baseline), freezes the result into packed quantized layers
+(:func:`vqsuite.finetune.freeze_qat`) and measures top-1 of the float, the QAT and the frozen model on held-out
+images. ``--method qalora``
 fine-tunes a diffusion pipeline (a built-in pipeline, ``mini-sd`` or ``mini-pixart``, or a local diffusers folder) with
 QALoRA/EfficientDM (:func:`vqsuite.finetune.qalora`) and saves it as a quantized pipeline folder that
 ``vqsuite generate DIR`` runs.
@@ -10,8 +12,10 @@ QALoRA/EfficientDM (:func:`vqsuite.finetune.qalora`) and saves it as a quantized
 Output folder (written beside the target and renamed into place; ``--force`` replaces an earlier finetune output)::
 
     finetune.json            method, settings, steps, wall time, the method's record (top-1, oscillations / losses)
-    ofq:    model.safetensors + qat_config.json   the QAT model's state dict (float master weights, LSQ steps) and
-                                                  how to rebuild it: :func:`load_finetuned`
+    ofq/lsq: a quantized checkpoint folder (model.safetensors + vqsuite_config.json, as ``vqsuite.save_quantized``
+             writes) holding the frozen QAT model: ``vqsuite.load_quantized(DIR)`` (or :func:`load_finetuned`);
+             report.json. Folders of earlier versions (the QAT state dict + qat_config.json) still load with
+             :func:`load_finetuned`.
     qalora: a quantized pipeline folder (vqsuite_pipeline.json, model_index.json, components), as ``vqsuite quantize``
 """
 
@@ -32,10 +36,12 @@ from vqsuite.cli.sources import REPORT_JSON, Source, is_builtin_pipeline, resolv
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("ofq", "qalora")
+METHODS = ("ofq", "lsq", "qalora")
+#: the QAT methods (vision transformers), run by the same command path
+QAT_METHODS = ("ofq", "lsq")
 #: the record of every finetune output folder (also what marks the folder as replaceable with --force)
 MANIFEST = "finetune.json"
-#: OFQ: the QAT model's state dict and how to rebuild the architecture
+#: OFQ folders of earlier versions: the QAT model's state dict and how to rebuild the architecture (read only)
 QAT_WEIGHTS = "model.safetensors"
 QAT_CONFIG = "qat_config.json"
 QAT_FORMAT = "vqsuite-ofq-qat"
@@ -47,8 +53,8 @@ OFQ_LEGACY_CHECKPOINT = "ofq.pt"
 #: QALoRA's pointer to its newest checkpoint inside --checkpoint-dir (vqsuite.finetune.qalora.CKPT_LATEST)
 QALORA_CHECKPOINT_POINTER = "latest.json"
 OFQ_BITS = (2, 4)
-DEFAULT_STEPS = {"ofq": 1000, "qalora": 200}
-DEFAULT_BATCH = {"ofq": 64, "qalora": 2}
+DEFAULT_STEPS = {"ofq": 1000, "lsq": 1000, "qalora": 200}
+DEFAULT_BATCH = {"ofq": 64, "lsq": 64, "qalora": 2}
 DEFAULT_EVAL_N = 1000
 DEFAULT_QALORA_CONFIG = "w4a4"
 MAX_STEPS = 1_000_000
@@ -72,7 +78,9 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     f.add_argument("source", metavar="SOURCE", nargs="?", help="ofq: a built-in classifier (fmnist-vit) or "
                    "timm:<name>; qalora: a built-in pipeline (mini-sd, mini-pixart) or a diffusers pipeline "
                    "folder")  # fmt: skip
-    f.add_argument("--method", required=True, choices=METHODS, help="ofq (vision transformers) or qalora (pipelines)")
+    f.add_argument(
+        "--method", required=True, choices=METHODS, help="ofq or lsq (QAT of vision transformers) or qalora (pipelines)"
+    )
     f.add_argument("--out", required=True, help="folder to write (refused if it exists and is not empty)")
     f.add_argument("--force", "--overwrite", dest="force", action="store_true",
                    help="replace an earlier vqsuite output folder at --out")  # fmt: skip
@@ -162,7 +170,7 @@ def _validate_common(args: argparse.Namespace) -> None:
 
 def _source_arg(args: argparse.Namespace) -> str:
     if not args.source:
-        what = "a built-in classifier (fmnist-vit) or timm:<name>" if args.method == "ofq" else (
+        what = "a built-in classifier (fmnist-vit) or timm:<name>" if args.method in QAT_METHODS else (
             "a built-in pipeline (mini-sd, mini-pixart) or a diffusers pipeline folder")  # fmt: skip
         raise CLIError(f"SOURCE is missing: {what}")
     return args.source
@@ -176,10 +184,10 @@ def _ofq_options(args: argparse.Namespace) -> dict[str, Any]:
     lr = 5e-4 if args.lr is None else args.lr
     opts = {
         "bits": 4 if args.bits is None else args.bits,
-        "method": "ofq",
-        "steps": args.steps or DEFAULT_STEPS["ofq"],
+        "method": args.method,
+        "steps": args.steps or DEFAULT_STEPS[args.method],
         "cga_steps": args.cga_steps or 0,
-        "batch_size": args.batch_size or DEFAULT_BATCH["ofq"],
+        "batch_size": args.batch_size or DEFAULT_BATCH[args.method],
         "lr": lr,
         "cga_lr": lr / 10 if args.cga_lr is None else args.cga_lr,
         "seed": args.seed,
@@ -193,7 +201,7 @@ def _validate_ofq(args: argparse.Namespace, src: Source) -> dict[str, Any]:
     """Every OFQ check that needs no model or data; returns the options."""
     wrong = _given(args, _QALORA_ONLY)
     if wrong:
-        raise CLIError(f"{wrong[0]} applies to --method qalora, not to ofq")
+        raise CLIError(f"{wrong[0]} applies to --method qalora, not to {args.method}")
     kind = _kind(src)
     if kind == "pipeline":
         raise CLIError(f"{src.arg} is a diffusion pipeline; ofq fine-tunes vision transformers (use --method qalora)")
@@ -206,6 +214,8 @@ def _validate_ofq(args: argparse.Namespace, src: Source) -> dict[str, Any]:
         raise CLIError(f"ofq fine-tunes timm vision transformers; {src.arg!r} is not a timm:<name> model")
     check_int(args.bits, "--bits", *OFQ_BITS)
     check_int(args.cga_steps, "--cga-steps", 0, MAX_STEPS)
+    if args.method == "lsq" and args.cga_steps:
+        raise CLIError("--cga-steps applies to --method ofq (CGA anneals StatsQ weights), not to lsq")
     check_int(args.eval_n, "--eval-n", 1, 1_000_000)
     check_float(args.lr, "--lr", 1e-12, 10.0)
     check_float(args.cga_lr, "--cga-lr", 1e-12, 10.0)
@@ -334,9 +344,20 @@ def _strip_trackers(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
-    """The QAT model saved by ``vqsuite finetune --method ofq`` (eval mode): rebuilt from its source, prepared
-    for QAT with the recorded bits, and loaded (strict, except the oscillation trackers, which are not saved)."""
+    """The model saved by ``vqsuite finetune --method ofq|lsq`` (eval mode).
+
+    A folder of this version is a quantized checkpoint (the frozen QAT model): :func:`vqsuite.load_quantized`
+    rebuilds it from its recorded source. A folder of earlier versions (``qat_config.json`` + the QAT state dict) is
+    rebuilt from its source, prepared for QAT with the recorded bits, and loaded (strict, except the oscillation
+    trackers, which are not saved): the QAT model, which :func:`vqsuite.finetune.freeze_qat` can then freeze."""
     import re
+
+    from vqsuite.pipelines.io import CONFIG_NAME
+
+    if (Path(path) / CONFIG_NAME).is_file() and not (Path(path) / QAT_CONFIG).is_file():
+        import vqsuite
+
+        return vqsuite.load_quantized(path, device=device).eval()
 
     from safetensors.torch import load_file
 
@@ -347,7 +368,10 @@ def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
     path = Path(path)
     cfg_file = path / QAT_CONFIG
     if not cfg_file.is_file():
-        raise FileNotFoundError(f"{path} holds no {QAT_CONFIG}; not a folder written by vqsuite finetune --method ofq")
+        raise FileNotFoundError(
+            f"{path} holds neither {CONFIG_NAME} nor {QAT_CONFIG}; not a folder written by "
+            "vqsuite finetune --method ofq"
+        )
     cfg = read_json(cfg_file, "OFQ model config")
     if not isinstance(cfg, dict) or cfg.get("format") != QAT_FORMAT:
         raise CheckpointError(f"{cfg_file} is not a {QAT_FORMAT} config")
@@ -392,9 +416,10 @@ def load_finetuned(path: str | Path, device: str = "cpu") -> Any:
 
 
 def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, Any]) -> int:
+    import vqsuite
     from vqsuite.cli.progress import bar
     from vqsuite.cli.sources import pick_device
-    from vqsuite.finetune import ofq
+    from vqsuite.finetune import freeze_qat, ofq
     from vqsuite.pipelines.io import atomic_folder, write_json
 
     device = pick_device(args.device)
@@ -411,7 +436,7 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
         from vqsuite.cli.models import build_model
 
         model = build_model(src.arg, args.weights)
-        source = {"library": "timm", "name": src.arg.partition(":")[2]}
+        source = {"library": "timm", "name": src.arg.partition(":")[2], "kwargs": {}}
     if not any(hasattr(m, "qkv") for m in model.modules()):
         logger.warning("%s has no attention with a fused qkv: OFQ's QKR does not apply, only its Linear layers "
                        "get %d bits", src.arg, opts["bits"])  # fmt: skip
@@ -435,7 +460,8 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
     top1_fp = _top1(teacher, eval_x, eval_y, progress=progress, **eval_kw)
     total = opts["steps"] + opts["cga_steps"]
     ck = _checkpoint_file(args)
-    pbar = bar(total, f"ofq W{opts['bits']}A{opts['bits']}", unit="step", disable=not progress)
+    label = f"{opts['method']} W{opts['bits']}A{opts['bits']}"
+    pbar = bar(total, label, unit="step", disable=not progress)
     if args.resume and ck is not None:  # the bar starts where the checkpoint left off (checked by _validate_ofq)
         from vqsuite.finetune.ofq import read_ofq_checkpoint_meta
 
@@ -454,11 +480,15 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
         pbar.close()
     seconds = time.perf_counter() - t0
     top1_qat = _top1(model, eval_x, eval_y, progress=progress, **eval_kw)
+    fp_bytes = vqsuite.module_nbytes(teacher)
+    freeze_qat(model)
+    top1_frozen = _top1(model, eval_x, eval_y, progress=progress, **eval_kw)
+    frozen_bytes = vqsuite.module_nbytes(model)
     rec = model.vqsuite_ofq
     osc = rec["oscillation"]
     history = rec["history"]
     record = {
-        "method": "ofq",
+        "method": opts["method"],
         "source": src.arg,
         "weights": str(Path(args.weights).expanduser().resolve()) if args.weights else None,
         "data": data_desc,
@@ -471,40 +501,30 @@ def _run_ofq(args: argparse.Namespace, src: Source, out: Path, opts: dict[str, A
         "wall_s": round(rec["wall_s"], 3),
         "command_s": round(seconds, 3),
         "device": str(device),
-        "top1": {"fp": top1_fp, "qat": top1_qat, "n": len(eval_y)},
+        "top1": {"fp": top1_fp, "qat": top1_qat, "frozen": top1_frozen, "n": len(eval_y)},
+        "bytes": {"fp": fp_bytes, "frozen": frozen_bytes, "formats": model.vqsuite_qat_frozen["formats"]},
         "loss_first": history[0]["loss"] if history else None,
         "loss_last": history[-1]["loss"] if history else None,
         "oscillation": {"total": osc.get("total"), "layers": {k: v for k, v in osc.items() if k != "total"}},
-        "saved": {"weights": QAT_WEIGHTS, "config": QAT_CONFIG, "loader": "vqsuite.cli.finetune.load_finetuned",
-                  "format": "QAT state dict (float master weights + quantizer steps), not a vqsuite checkpoint"},
+        "saved": {"format": "vqsuite quantized checkpoint (frozen QAT model)", "loader": "vqsuite.load_quantized"},
     }  # fmt: skip
-    qat_cfg = {
-        "format": QAT_FORMAT,
-        "version": QAT_FORMAT_VERSION,
-        "source": source,
-        "bits": opts["bits"],
-        "method": "ofq",
-        "qkr": model.vqsuite_qat["qkr"],
-    }
-    from safetensors.torch import save_file
-
+    info = {"kind": "model", "model": src.arg, "weights": record["weights"], "preset": None, "finetune": opts["method"],
+            "seconds": round(seconds, 3), "vqsuite_version": vqsuite.__version__}  # fmt: skip
     with atomic_folder(out) as tmp:
-        save_file(_strip_trackers(model.state_dict()), str(tmp / QAT_WEIGHTS), metadata={"format": "pt"})
-        write_json(tmp / QAT_CONFIG, qat_cfg)
+        vqsuite.save_quantized(model, tmp, model_source=source)
         write_json(tmp / MANIFEST, record)
+        (tmp / REPORT_JSON).write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
     total_osc = osc.get("total") or {}
-    print(f"ofq W{opts['bits']}A{opts['bits']} on {src.arg}: {len(history)} steps ({opts['steps']} + "
+    print(f"{label} on {src.arg}: {len(history)} steps ({opts['steps']} + "
           f"{opts['cga_steps']} CGA) in {rec['wall_s']:.1f} s on {device}; data {data_desc}")  # fmt: skip
     if history:
         print(f"loss {history[0]['loss']:.4f} -> {history[-1]['loss']:.4f}")
-    print(f"top-1 (n={len(eval_y)} held out): FP {top1_fp:.2f}%  QAT {top1_qat:.2f}%")
+    print(f"top-1 (n={len(eval_y)} held out): FP {top1_fp:.2f}%  QAT {top1_qat:.2f}%  frozen {top1_frozen:.2f}%")
     if total_osc:
         print(f"oscillating weights: {100 * total_osc['oscillating_fraction']:.3f}% "
               f"(flip EMA mean {total_osc['flip_ema_mean']:.2e})")  # fmt: skip
-    print(
-        f"saved the QAT state dict to {out / QAT_WEIGHTS} (+ {QAT_CONFIG}, {MANIFEST}); OFQ's QAT layers are "
-        "not vqsuite checkpoint layers: load it with vqsuite.cli.finetune.load_finetuned, not load_quantized"
-    )
+    print(f"saved the frozen model ({', '.join(model.vqsuite_qat_frozen['formats'])}; {frozen_bytes} bytes, FP32 "
+          f"{fp_bytes}) to {out}: a quantized checkpoint, vqsuite.load_quantized({str(out)!r})")  # fmt: skip
     return 0
 
 
@@ -675,7 +695,7 @@ def _run_qalora(args: argparse.Namespace, src: Source, out: Path, prompts: list[
 def run(args: argparse.Namespace) -> int:
     src = resolve(_source_arg(args))
     _validate_common(args)
-    if args.method == "ofq":
+    if args.method in QAT_METHODS:
         opts = _validate_ofq(args, src)
         out = _check_out(args, src)
         return _run_ofq(args, src, out, opts)

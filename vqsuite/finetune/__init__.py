@@ -1,8 +1,9 @@
 """Quantization-aware fine-tuning: EfficientDM QALoRA for diffusion denoisers, OFQ for vision transformers (StatsQ,
-QKR, CGA) and LSQ quantizers."""
+QKR, CGA) and LSQ quantizers; :func:`freeze_qat` turns an OFQ/LSQ QAT model into packed quantized layers."""
 
 from __future__ import annotations
 
+from vqsuite.finetune.freeze import freeze_qat, restore_qat
 from vqsuite.finetune.lsq import LSQActQuantizer, LSQWeightQuantizer, TimestepLSQActQuantizer
 from vqsuite.finetune.ofq import (
     CGA,
@@ -32,6 +33,7 @@ __all__ = [
     "TimestepLSQActQuantizer",
     "attach_adapters",
     "cga_boundary_mask",
+    "freeze_qat",
     "kd_loss",
     "merge_adapters",
     "ofq",
@@ -39,6 +41,7 @@ __all__ = [
     "prepare_qat",
     "qalora",
     "qalora_mse",
+    "restore_qat",
     "statsq_codes",
     "statsq_quantize",
     "unfreeze_layer",

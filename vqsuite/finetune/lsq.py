@@ -25,8 +25,9 @@ def round_pass(x: torch.Tensor) -> torch.Tensor:
 
 
 def grad_scale(x: torch.Tensor, g: float) -> torch.Tensor:
-    """Forward ``x``, backward ``g · grad``."""
-    return (x - x * g).detach() + x * g
+    """Forward exactly ``x`` (``x + 0``), backward ``g · grad``."""
+    xg = x * g
+    return x.detach() + (xg - xg.detach())
 
 
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
@@ -37,7 +38,14 @@ def qrange(bits: int, signed: bool) -> tuple[int, int]:
 
 
 def lsq_quantize(x: torch.Tensor, step: torch.Tensor, qn: int, qp: int, g: float) -> torch.Tensor:
-    """LSQ fake-quantization of ``x`` with ``step`` broadcastable to ``x``."""
+    """LSQ fake-quantization of ``x`` with ``step`` broadcastable to ``x``.
+
+    Without a gradient to carry (``no_grad``, or neither input requires one) the value is computed plainly as
+    ``round(clamp(x / step, qn, qp)) · step``: exactly what a frozen model stores and runs
+    (:mod:`vqsuite.finetune.freeze`), with no straight-through arithmetic in it.
+    """
+    if not (torch.is_grad_enabled() and (x.requires_grad or step.requires_grad)):
+        return torch.round(torch.clamp(x / step, qn, qp)) * step
     s = grad_scale(step, g)
     return round_pass(torch.clamp(x / s, qn, qp)) * s
 

@@ -16,7 +16,9 @@ Pieces:
   (safetensors + JSON, :mod:`vqsuite.finetune.checkpoint`: loading a checkpoint never runs code).
 
 ``method="lsq"`` gives the LSQ baseline (learnable per-row weight steps, no QKR, no CGA). The patch embedding and
-the classifier head(s) are W8A8 LSQ in both.
+the classifier head(s) are W8A8 LSQ in both. A trained QAT model becomes packed quantized layers (a checkpoint
+``vqsuite.save_quantized`` writes) with :func:`vqsuite.finetune.freeze_qat`; without gradients the quantizers
+compute their values plainly (no straight-through arithmetic), so the frozen model reproduces them bit for bit.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ def statsq_quantize(w: torch.Tensor, bits: int) -> torch.Tensor:
     """``Q(W) = s · (round(z) + 0.5) / n`` with the STE ``W + (Q(W) - W).detach()``; ``w: [N, ...]``."""
     n = 2 ** (bits - 1)
     q = statsq_scale(w) * (statsq_codes(w, bits) + 0.5) / n
-    return ste(w, q)
+    # no STE arithmetic without a gradient: the value is then exactly Q(W), what freeze_qat stores (int*_midrise)
+    return ste(w, q) if torch.is_grad_enabled() else q
 
 
 def cga_boundary_mask(w: torch.Tensor, bits: int, boundary: float = CGA_BOUNDARY) -> torch.Tensor:
@@ -152,18 +155,21 @@ class StatsQ(nn.Module):
 
 
 class LSQWeight(LSQWeightQuantizer):
-    """:class:`LSQWeightQuantizer` with an oscillation tracker (the LSQ baseline's and the 8-bit layers' weights)."""
+    """:class:`LSQWeightQuantizer` with an oscillation tracker (the LSQ baseline's and the 8-bit layers' weights).
 
-    def __init__(self, bits: int, shape: tuple[int, ...]) -> None:
-        super().__init__(bits, shape[0])
+    One step per row of the tensor it quantizes: ``shape[0]`` rows, or ``rows`` when the weight is quantized in
+    another view than it is stored (QKR's ``W_qk: [H, C, C]`` as ``[H·C, C]``); the tracker follows ``shape``."""
+
+    def __init__(self, bits: int, shape: tuple[int, ...], rows: int | None = None) -> None:
+        super().__init__(bits, shape[0] if rows is None else rows)
         self.tracker = OscillationTracker(tuple(shape))
 
 
-def _weight_quantizer(kind: str, bits: int, shape: tuple[int, ...]) -> nn.Module:
+def _weight_quantizer(kind: str, bits: int, shape: tuple[int, ...], rows: int | None = None) -> nn.Module:
     if kind == "statsq":
         return StatsQ(bits, shape)
     if kind == "lsq":
-        return LSQWeight(bits, shape)
+        return LSQWeight(bits, shape, rows)
     raise ConfigError(f"weight quantizer {kind=} must be 'statsq' or 'lsq'")
 
 
@@ -238,7 +244,8 @@ class QATAttention(nn.Module):
             wk = w[hd : 2 * hd].reshape(self.num_heads, self.head_dim, c)
             # W_qk^h[c, e] = Σ_d W_q^h[d, c] W_k^h[d, e]; q/k biases are dropped as in the official code
             self.w_qk = nn.Parameter(torch.einsum("hdc,hde->hce", wq.double(), wk.double()).to(w.dtype))
-            self.qk_wq = _weight_quantizer(weight_quant, bits, tuple(self.w_qk.shape))
+            # quantized per row of each head (the [H·C, C] view): LSQ learns H·C steps
+            self.qk_wq = _weight_quantizer(weight_quant, bits, tuple(self.w_qk.shape), rows=self.num_heads * c)
             self.k_q = LSQActQuantizer(bits, None, signed=True)
             self.v_weight = nn.Parameter(w[2 * hd :].clone())
             self.v_bias = None if qkv.bias is None else nn.Parameter(qkv.bias.detach()[2 * hd :].clone())
@@ -261,7 +268,9 @@ class QATAttention(nn.Module):
         ``x: [B, N, C]``."""
         b, n, _ = x.shape
         if self.qkr:
-            kk = self.k_q(torch.einsum("bnc,hec->bhne", x, self.qk_weight()))  # X̂ · W_qkᵀ per head: [B, H, N, C]
+            # X̂ · W_qkᵀ per head as one [H·C, C] linear (what the frozen model's QLinear computes): [B, H, N, C]
+            h, c = self.num_heads, x.shape[-1]
+            kk = self.k_q(F.linear(x, self.qk_weight().reshape(h * c, c)).reshape(b, n, h, c).transpose(1, 2))
             logits = torch.einsum("bnc,bhmc->bhnm", x, kk) * self.scale
             v = F.linear(x, self.v_wq(self.v_weight), self.v_bias)
             return logits, v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
@@ -443,7 +452,7 @@ def quantized_weights(model: nn.Module) -> dict[str, tuple[nn.Parameter, nn.Modu
 
 
 def _codes(p: torch.Tensor, q: nn.Module) -> torch.Tensor:
-    if p.ndim == 3 and isinstance(q, StatsQ):  # W_qk: rows of each head
+    if p.ndim == 3:  # W_qk: rows of each head
         return q.codes(p.reshape(-1, p.shape[-1])).reshape(p.shape)
     return q.codes(p)
 

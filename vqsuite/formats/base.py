@@ -32,6 +32,9 @@ class Format:
         scale_kind: how the per-group scale is stored: ``"float"`` (a float dtype chosen by the caller),
             ``"e4m3"`` (FP8 E4M3, NVFP4) or ``"e8m0"`` (power of two, MXFP4).
         tensor_scale: whether a per-tensor FP32 scale sits on top of the block scales (NVFP4).
+        offset: integer formats whose levels sit between the integers: code ``q`` means ``(q + offset) · scale``
+            (mid-rise grids, ``0.5``; :mod:`vqsuite.formats.midrise`); kernels that compute ``q · scale`` decline
+            a format whose offset is not 0.
     """
 
     name: str
@@ -44,6 +47,7 @@ class Format:
     scale_kind: ScaleKind = "float"
     tensor_scale: bool = False
     description: str = ""
+    offset: float = 0.0
 
     @property
     def storage_bits(self) -> int:

@@ -202,12 +202,15 @@ def _build_model(meta: dict[str, Any]) -> nn.Module:
 def _restore_method_modules(model: nn.Module, config: QuantConfig | None, path: Path) -> Callable[[], None]:
     """Modules a method adds beside the quantized layers (``vit-ptq``: activation quantizer wrappers), put back on
     the float model before its state is loaded; returns an undo for a failed load."""
-    if config is None or config.method != "vit-ptq":
+    if config is None or config.method not in ("vit-ptq", "qat"):
         return lambda: None
-    from vqsuite.calibrators.vit_ptq import restore_vit_ptq
+    if config.method == "qat":  # a frozen QAT model: activation quantizers and QAT attention around the layers
+        from vqsuite.finetune.freeze import restore_qat as restore
+    else:
+        from vqsuite.calibrators.vit_ptq import restore_vit_ptq as restore
 
     try:
-        return restore_vit_ptq(model, config.options)
+        return restore(model, config.options)
     except ValueError as e:
         raise CheckpointError(f"{path}: {e}") from None
 

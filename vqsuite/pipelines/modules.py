@@ -24,7 +24,7 @@ from vqsuite.calibrators.data import CalibData, run_calibration_data
 from vqsuite.calibrators.ranges import search_weight_qtensor
 from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_scales, step_tracker_of
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
-from vqsuite.errors import UserError
+from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import get_format
 from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.layer_adapters import LayerAdapter, accept_extra_args, adapter_for, effective_layer
@@ -321,6 +321,8 @@ def quantize_model(
     cfg = resolve_config(config)
     if exclude:
         cfg = cfg.with_overrides(exclude=tuple(cfg.exclude) + tuple(exclude))
+    if cfg.method == "qat":
+        raise ConfigError("method='qat' describes a frozen QAT model (vqsuite.finetune.freeze_qat), not a recipe")
     if cfg.method == "vit-ptq":  # RepQ LayerNorm folding and ViT activation quantizers go in on the float model
         from vqsuite.calibrators.vit_ptq import prepare_vit_ptq
 
@@ -563,7 +565,13 @@ def _log_report(report: QuantReport) -> None:
 
 @torch.no_grad()
 def freeze(model: nn.Module) -> nn.Module:
-    """Freeze every quantized layer of ``model`` (pack weights, drop float masters); returns ``model``."""
+    """Freeze every quantized layer of ``model`` (pack weights, drop float masters); returns ``model``. A QAT model
+    (:func:`vqsuite.finetune.ofq`) is frozen by :func:`vqsuite.finetune.freeze_qat` first."""
+    if isinstance(getattr(model, "vqsuite_qat", None), dict):
+        from vqsuite.finetune.freeze import freeze_qat, is_qat_model
+
+        if is_qat_model(model):
+            freeze_qat(model)
     for m in model.modules():
         if isinstance(m, QuantLayer):
             m.freeze()

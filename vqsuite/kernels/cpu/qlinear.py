@@ -134,8 +134,8 @@ def plan_for(
     which demands a fast kernel."""
     n, k = ops.gemm_shape
     fmt = get_format(ops.weight)
-    if fmt.kind != "int" or fmt.asymmetric:
-        return f"weight={ops.weight}: only symmetric integer weights (zero-point forms differ from the kernel's)"
+    if fmt.kind != "int" or fmt.asymmetric or fmt.offset:
+        return f"weight={ops.weight}: only symmetric integer weights (zero-point and mid-rise forms differ)"
     if ops.wtscale is not None or not ops.wscales.dtype.is_floating_point:
         return "weight scales are not plain float scales"
     g = ops.weight_group_size or k
