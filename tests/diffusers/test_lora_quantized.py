@@ -276,3 +276,25 @@ def test_lora_for_a_missing_layer_is_refused_by_name(qpipe) -> None:
         pipe.load_lora_weights(sd, adapter_name="bad")
     assert not getattr(pipe.unet, "peft_config", {})
     assert torch.equal(generate(pipe, "sd15"), base)
+
+
+def test_flux_lora_on_quantized_linears() -> None:
+    """FLUX's loader (which widens Control LoRAs from the base weights) on a w8a8 transformer: side branches."""
+    pipe = quantize("flux", "w8a8", num_calib_prompts=1, num_inference_steps=1, calib_batch_size=1)
+    base = generate(pipe, "flux")
+    g = torch.Generator().manual_seed(4)
+    sd = {}
+    for n, m in pipe.transformer.named_modules():
+        if isinstance(m, QLinear) and ".attn." in n:
+            sd[f"transformer.{n}.lora_A.weight"] = torch.randn(4, m.in_features, generator=g) * 0.1
+            sd[f"transformer.{n}.lora_B.weight"] = torch.randn(m.out_features, 4, generator=g) * 0.1
+    pipe.load_lora_weights(sd, adapter_name="f")
+    wrapped = [m for m in pipe.transformer.modules() if isinstance(m, LoraQLinear)]
+    assert len(wrapped) == len(sd) // 2
+    assert (generate(pipe, "flux") - base).abs().max() > 1e-4
+    name = next(k for k in sd if k.endswith("lora_A.weight"))
+    sd[name] = torch.zeros(4, sd[name].shape[1] + 8)  # a Control-LoRA widening of a quantized layer's input
+    with pytest.raises(UserError, match="widening"):
+        pipe.load_lora_weights(sd, adapter_name="wide")
+    pipe.unload_lora_weights()
+    assert torch.equal(generate(pipe, "flux"), base)

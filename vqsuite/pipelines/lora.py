@@ -258,6 +258,39 @@ def _is_quantized(module: Any) -> bool:
     return isinstance(module, nn.Module) and any(isinstance(m, QuantLayer) for m in module.modules())
 
 
+def _expand_skipping_quantized(original: Any) -> Any:
+    """FLUX-style loaders widen a LoRA's ``lora_A`` to the base weight's input width (Control LoRAs), reading
+    ``{module}.weight`` from the state dict, which a quantized layer does not have (``qweight``). Entries on quantized
+    layers pass through unchanged when they fit and are refused by name when they would need the widening (a packed
+    weight cannot grow); the rest go to diffusers' own function."""
+
+    @functools.wraps(original)
+    def expand(transformer: nn.Module, lora_state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = f"{getattr(original.__self__, 'transformer_name', 'transformer')}."
+        modules = dict(transformer.named_modules())
+        kept: dict[str, torch.Tensor] = {}
+        rest: dict[str, torch.Tensor] = {}
+        for key, value in lora_state_dict.items():
+            module = modules.get(key.removeprefix(prefix).split(".lora_")[0])
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            if not isinstance(base, QuantLayer):
+                rest[key] = value
+                continue
+            width = getattr(base, "in_features", getattr(base, "in_channels", None))
+            if key.endswith(".lora_A.weight") and value.shape[1] != width:
+                raise UserError(
+                    f"LoRA {key}: lora_A has {value.shape[1]} input features, the quantized layer {width}; widening "
+                    "a quantized layer's input (Control LoRA) is not supported"
+                )
+            kept[key] = value
+        out = original(transformer=transformer, lora_state_dict=rest) if rest else {}
+        out.update(kept)
+        return out
+
+    expand._vqsuite_lora = True
+    return expand
+
+
 def attach_lora_support(pipe: Any) -> Any:
     """Make ``pipe.load_lora_weights`` (and each quantized component's ``load_lora_adapter``) accept LoRAs on the
     quantized layers. Called by :func:`vqsuite.quantize_pipeline` and the pipeline loader; idempotent."""
@@ -266,6 +299,9 @@ def attach_lora_support(pipe: Any) -> Any:
             fn = getattr(obj, name, None)
             if fn is not None and not getattr(fn, "_vqsuite_lora", False):
                 object.__setattr__(obj, name, _within_dispatch(fn))
+    fn = getattr(pipe, "_maybe_expand_lora_state_dict", None)
+    if fn is not None and not getattr(fn, "_vqsuite_lora", False):
+        object.__setattr__(pipe, "_maybe_expand_lora_state_dict", _expand_skipping_quantized(fn))
     return pipe
 
 
