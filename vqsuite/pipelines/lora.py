@@ -328,6 +328,11 @@ def lora_checkpoint(pipe: Any) -> tuple[dict[str, torch.Tensor], dict[str, Any]]
     comps: dict[str, Any] = {}
     for cname, comp in getattr(pipe, "components", {}).items():
         if not _is_quantized(comp):
+            if isinstance(comp, nn.Module) and _tuner_layers(comp):
+                raise UserError(
+                    f"{cname} (not quantized) carries LoRA layers its own save_pretrained would not keep separable; "
+                    "unload_lora_weights() (after fuse_lora() to keep their effect) before saving"
+                )
             continue
         layers = _tuner_layers(comp)
         if not layers:
