@@ -39,6 +39,8 @@ from vqsuite.pipelines.lora import (  # noqa: E402
 #: a float32 LoRA forward, concatenated into the branch or run beside the layer, agrees to float32 rounding
 #: (measured 120-140 dB); a wrong λ, scaling or column order gives < 10 dB
 MIN_LORA_SQNR_DB = 60.0
+#: Triton (interpreted) vs reference path on a frozen fp16 layer (the bar of tests/kernels/test_triton_mma8.py)
+MIN_TRITON_VS_REF_SQNR_DB = 40.0
 #: CPU kernel family vs reference on an svdquant-int4 layer with two adapters concatenated (the act-quant bar of
 #: tests/kernels/test_cpu_qlinear.py: an activation near a rounding boundary may take the neighbouring code)
 MIN_CPU_VS_REF_SQNR_DB = 38.0
@@ -134,6 +136,23 @@ def test_frozen_concatenated_branch_same_kernel_cpu_matches_reference() -> None:
             cpu.MAX_M.update(saved)
         assert sqnr_db(y, y_ref) >= MIN_CPU_VS_REF_SQNR_DB
         assert sqnr_db(y_ref, _side(model.proj, x, ["a", "b"])) >= MIN_LORA_SQNR_DB
+
+
+def test_triton_runs_the_concatenated_branch(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the dispatcher offers Triton for CPU tensors only then
+    torch.manual_seed(0)
+    spec = get_preset("svdquant-int4").default
+    q = QLinearLowRank.from_float(nn.Linear(128, 48).half(), spec, smooth=(torch.rand(128) + 0.5).half()).freeze()
+    model = _with_lora(q, {"a": (4, 8), "b": (8, 16)})
+    x = torch.randn(21, 128).half()
+    with torch.no_grad():
+        with vk.prefer("triton"):
+            y = model(x)
+            assert q.__dict__["_kernel_call"][1].name == "triton.mma8"
+        with vk.prefer("reference"):
+            y_ref = model(x)
+    assert sqnr_db(y, y_ref) >= MIN_TRITON_VS_REF_SQNR_DB
 
 
 def test_side_branches_on_qlinear_and_qconv() -> None:
