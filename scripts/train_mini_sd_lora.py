@@ -10,7 +10,8 @@ result is written with ``StableDiffusionPipeline.save_lora_weights`` (``pytorch_
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/train_mini_sd_lora.py --steps 400 --out /tmp/mini_sd_lora
 
-Measured (2026-12-03, shared 2-core x86 machine, one thread): 400 steps of batch 32, see ``train_lora.json``.
+Measured (2026-12-03, shared 2-core x86 machine, one thread, ``--steps 500 --n-train 5000``): 33 s encoding, 362 s
+training (``train_lora.json``), 46,592 trainable parameters; the final loss EMA 0.060.
 """
 
 from __future__ import annotations
