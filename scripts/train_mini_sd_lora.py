@@ -8,7 +8,7 @@ peft/diffusers conventions (diffusers' ``train_text_to_image_lora.py``): the UNe
 result is written with ``StableDiffusionPipeline.save_lora_weights`` (``pytorch_lora_weights.safetensors``), so
 ``pipe.load_lora_weights(out_dir)`` reads it like any LoRA file. Nothing large is committed: ``--out`` is a temp dir.
 
-    OMP_NUM_THREADS=1 .venv/bin/python scripts/train_mini_sd_lora.py --steps 400 --out /tmp/mini_sd_lora
+    OMP_NUM_THREADS=1 .venv/bin/python scripts/train_mini_sd_lora.py --steps 500 --n-train 5000 --out /tmp/mini_sd_lora
 
 Measured (2026-12-03, shared 2-core x86 machine, one thread, ``--steps 500 --n-train 5000``): 33 s encoding, 362 s
 training (``train_lora.json``), 46,592 trainable parameters; the final loss EMA 0.060.
