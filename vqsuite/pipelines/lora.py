@@ -28,7 +28,9 @@ Layers (peft's LoRA layer conventions, so peft's bookkeeping, state-dict names a
   kernel size, stride, padding) then a ``1×1`` conv, as a float side branch.
 
 Dropout in training, DoRA-style variants and per-sample ``adapter_names`` fall back to the side-branch math.
-Merging (``fuse_lora``) into a quantized weight is refused. Saving: :func:`lora_checkpoint` (each adapter's own
+Merging (``fuse_lora``) into a quantized weight is refused. PixArt pipelines and models have no LoRA loader in
+diffusers 0.42: :func:`inject_lora` loads a PEFT-format LoRA into such a denoiser (diffusers' config inference, the
+same layers). Saving: :func:`lora_checkpoint` (each adapter's own
 tensors in diffusers' PEFT key format, its config and every layer's scaling) and :func:`restore_lora_checkpoint`;
 see :mod:`vqsuite.pipelines.diffusers_io`.
 """
@@ -305,6 +307,35 @@ def attach_lora_support(pipe: Any) -> Any:
     return pipe
 
 
+def inject_lora(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    *,
+    config: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Load a PEFT-format LoRA (``{module}.lora_A.weight [r, K]``, ``{module}.lora_B.weight [N, r]``) into ``model``,
+    for a denoiser whose diffusers class has no LoRA loader (PixArt in diffusers 0.42): diffusers' own
+    ``get_peft_kwargs`` (rank per module from ``lora_B``, ``lora_alpha = r``) or the saved ``config``, then peft's
+    injection with :data:`QUANT_LORA_LAYERS`. Afterwards peft's layer API applies (``set_adapter``, ``scaling``,
+    ``diffusers.utils.peft_utils.set_weights_and_activate_adapters``)."""
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    if config is None:
+        from diffusers.utils.peft_utils import get_peft_kwargs
+
+        rank = {f"^{k}": v.shape[1] for k, v in state_dict.items() if "lora_B" in k and v.ndim > 1}
+        if not rank:
+            raise UserError(f"LoRA {adapter_name!r}: no '<module>.lora_B.weight' entry (not a PEFT-format LoRA)")
+        config = get_peft_kwargs(rank, None, state_dict, model_state_dict=model.state_dict(), adapter_name=adapter_name)
+    import peft
+
+    with quantized_lora_dispatch():
+        peft.inject_adapter_in_model(LoraConfig(**config), model, adapter_name=adapter_name, state_dict=state_dict)
+    set_peft_model_state_dict(model, state_dict, adapter_name)
+    return model
+
+
 # --------------------------------------------------------------------------- checkpoint
 def _tuner_layers(model: nn.Module) -> dict[str, BaseTunerLayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, BaseTunerLayer) and hasattr(m, "base_layer")}
@@ -386,12 +417,15 @@ def restore_lora_checkpoint(pipe: Any, tensors: dict[str, torch.Tensor], meta: d
     comps = pipe.components
     for cname, entry in meta["components"].items():
         comp = comps.get(cname)
-        if comp is None or not hasattr(comp, "load_lora_adapter"):
-            raise UserError(f"{where}: LoRA for component {cname!r}, which the pipeline lacks or cannot adapt")
+        if not isinstance(comp, nn.Module):
+            raise UserError(f"{where}: LoRA for component {cname!r}, which the pipeline lacks")
         for adapter, config in entry["configs"].items():
             prefix = f"{adapter}/{cname}."
             sd = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            comp.load_lora_adapter(sd, prefix=None, adapter_name=adapter, metadata=dict(config))
+            if hasattr(comp, "load_lora_adapter"):
+                comp.load_lora_adapter(sd, prefix=None, adapter_name=adapter, metadata=dict(config))
+            else:  # a denoiser diffusers has no LoRA loader for (PixArt)
+                inject_lora(comp, sd, adapter, config=dict(config))
         layers = _tuner_layers(comp)
         for name, scalings in entry["scaling"].items():
             if name not in layers:
