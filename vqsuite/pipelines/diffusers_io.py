@@ -7,6 +7,9 @@ Folder layout (a diffusers pipeline folder, with quantized components in vqsuite
     text_encoder/, vae/, ...  unquantized components, written by their own save_pretrained
     transformer/              a quantized component: config.json (the float architecture, diffusers' save_config),
                               model.safetensors + vqsuite_config.json (vqsuite.save_quantized)
+    lora/                     only with LoRA adapters on quantized components (vqsuite.pipelines.lora): their own
+                              tensors (adapters.safetensors, diffusers' PEFT key names per adapter) and lora.json
+                              (each adapter's LoraConfig, the active ones, every layer's scaling = the strengths)
 
 Loading rebuilds each quantized component from its ``config.json`` with parameters on the meta device (buffers
 real, so non-persistent ones such as positional embeddings are computed as usual), swaps in the quantized layers
