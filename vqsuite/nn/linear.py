@@ -72,14 +72,15 @@ class QLinear(QuantLayer):
         """
         x = input
         if not (self.frozen and self.quantizes_weight):
+            proj_down, proj_up = self.lowrank_branch()
             return reference.linear_with_weight(
                 x,
                 self.quantized_gemm_weight(x.dtype),
                 self.bias,
                 self.quantize_input,
                 smooth=getattr(self, "smooth", None),
-                proj_down=getattr(self, "proj_down", None),
-                proj_up=getattr(self, "proj_up", None),
+                proj_down=proj_down,
+                proj_up=proj_up,
             )
         if x.numel() == 0:  # an empty batch: nothing to launch under any kernel preference, the reference's is exact
             return reference.qlinear(x, self.qlinear_operands())
@@ -117,6 +118,7 @@ class QLinear(QuantLayer):
             (id(t), t._version) for n, t in self._buffers.items() if t is not None and not n.startswith(PACKED_PREFIX)
         )
         params = tuple((id(t), t._version) for t in self._parameters.values() if t is not None)
+        branch = self.__dict__.get("_branch_override")
         return (
             current_preference(self.spec.kernel),
             x.device,
@@ -129,7 +131,29 @@ class QLinear(QuantLayer):
             self.layer_name,
             state,
             params,
+            None if branch is None else tuple((id(t), t._version) for t in branch),
         )
+
+    def lowrank_branch(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(proj_down [K, r'], proj_up [N, r'])`` the layer runs: its own low-rank branch, or the longer one set by
+        :meth:`set_branch_override` (LoRA adapters concatenated onto it, :mod:`vqsuite.pipelines.lora`)."""
+        branch = self.__dict__.get("_branch_override")
+        if branch is not None:
+            return branch
+        return self._parameters.get("proj_down"), self._parameters.get("proj_up")
+
+    def set_branch_override(self, branch: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        """Run ``branch = (proj_down [K, r'], proj_up [N, r'])`` (seeing the smoothed input ``x/λ``) in place of the
+        stored ``proj_down``/``proj_up`` until called with ``None``. Nothing stored changes (state dict, checkpoint);
+        the kernel-call cache keys on the override's tensors."""
+        if branch is not None:
+            down, up = branch
+            if down.ndim != 2 or up.shape != (self.out_features, down.shape[1]) or down.shape[0] != self.in_features:
+                raise ValueError(
+                    f"{self.layer_name or type(self).__name__}: branch override proj_down {tuple(down.shape)} / "
+                    f"proj_up {tuple(up.shape)} does not fit [K={self.in_features}, r] / [N={self.out_features}, r]"
+                )
+        self.__dict__["_branch_override"] = branch
 
     def qlinear_operands(self) -> QLinearOperands:
         """The frozen layer's tensors and format facts for a ``qlinear`` kernel (built per call: cheap)."""
@@ -138,8 +162,7 @@ class QLinear(QuantLayer):
         b = self._buffers
         spec = self.spec
         observing = self.act_observing
-        proj_down = self._parameters.get("proj_down")
-        proj_up = self._parameters.get("proj_up")
+        proj_down, proj_up = self.lowrank_branch()
         return QLinearOperands(
             qweight=b["qweight"],
             wscales=b["wscales"],

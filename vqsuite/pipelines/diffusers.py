@@ -493,6 +493,9 @@ def quantize_pipeline(
     pipe.vqsuite_report = report
     for line in report.summary().splitlines():
         logger.info("%s", line)
+    from vqsuite.pipelines.diffusers_io import attach_lora_support_if_available
+
+    attach_lora_support_if_available(pipe)  # pipe.load_lora_weights on the quantized layers
     return pipe
 
 

@@ -7,6 +7,9 @@ Folder layout (a diffusers pipeline folder, with quantized components in vqsuite
     text_encoder/, vae/, ...  unquantized components, written by their own save_pretrained
     transformer/              a quantized component: config.json (the float architecture, diffusers' save_config),
                               model.safetensors + vqsuite_config.json (vqsuite.save_quantized)
+    lora/                     only with LoRA adapters on quantized components (vqsuite.pipelines.lora): their own
+                              tensors (adapters.safetensors, diffusers' PEFT key names per adapter) and lora.json
+                              (each adapter's LoraConfig, the active ones, every layer's scaling = the strengths)
 
 Loading rebuilds each quantized component from its ``config.json`` with parameters on the meta device (buffers
 real, so non-persistent ones such as positional embeddings are computed as usual), swaps in the quantized layers
@@ -62,6 +65,11 @@ PIPELINE_FORMAT = "vqsuite-quantized-pipeline"
 PIPELINE_VERSION = 1
 MODEL_INDEX_NAME = "model_index.json"
 COMPONENT_CONFIG_NAME = "config.json"
+#: LoRA adapters on the quantized components (vqsuite.pipelines.lora): their own tensors and a JSON of configs and
+#: strengths, in a folder diffusers' from_pretrained does not read
+LORA_DIR = "lora"
+LORA_WEIGHTS_NAME = "adapters.safetensors"
+LORA_META_NAME = "lora.json"
 
 #: safetensors header dtype names -> torch dtypes (for rebuilding a component with the saved dtypes)
 _ST_DTYPES = {
@@ -155,7 +163,7 @@ def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
             if isinstance(mod, nn.Module) and _module_dtype(mod) is not None
         },
     }
-    with atomic_folder(path) as tmp:
+    with atomic_folder(path) as tmp, _save_lora(pipe, tmp):
         pipe.save_config(str(tmp))  # model_index.json
         for name, comp in components.items():
             if comp is None:
@@ -168,6 +176,56 @@ def save_quantized_pipeline(pipe: Any, path: str | os.PathLike) -> Path:
         write_json(tmp / PIPELINE_META_NAME, meta)
     logger.info("saved %s with quantized %s to %s", type(pipe).__name__, ", ".join(quantized), path)
     return path
+
+
+def attach_lora_support_if_available(pipe: Any) -> None:
+    """:func:`vqsuite.pipelines.lora.attach_lora_support` when peft is installed (diffusers' LoRA loading needs it)."""
+    try:
+        from vqsuite.pipelines.lora import attach_lora_support
+    except ImportError as e:
+        logger.debug("LoRA on quantized layers unavailable (%s)", first_line(e))
+        return
+    attach_lora_support(pipe)
+
+
+def _save_lora(pipe: Any, folder: Path) -> Any:
+    """Write the LoRA adapters on the quantized components (if any) to ``folder/lora/`` and return a context that
+    takes them out of the modules while the quantized weights are written."""
+    import contextlib
+
+    try:
+        from vqsuite.pipelines.lora import lora_checkpoint, lora_detached
+    except ImportError:
+        return contextlib.nullcontext()
+    state = lora_checkpoint(pipe)
+    if state is not None:
+        from safetensors.torch import save_file
+
+        tensors, lora_meta = state
+        (folder / LORA_DIR).mkdir()
+        save_file(tensors, str(folder / LORA_DIR / LORA_WEIGHTS_NAME))
+        write_json(folder / LORA_DIR / LORA_META_NAME, lora_meta)
+    return lora_detached(pipe)
+
+
+def _load_lora(pipe: Any, path: Path) -> None:
+    """Put back the LoRA adapters saved beside the quantized weights (``path/lora/``), if any."""
+    attach_lora_support_if_available(pipe)
+    meta_file = contained_file(path, f"{LORA_DIR}/{LORA_META_NAME}", "the LoRA config")
+    if not meta_file.exists():
+        return
+    from safetensors.torch import load_file
+
+    from vqsuite.pipelines.lora import restore_lora_checkpoint
+
+    weights = contained_file(path, f"{LORA_DIR}/{LORA_WEIGHTS_NAME}", "the LoRA weights")
+    tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}  # own, aligned storage (see _realign)
+    try:
+        restore_lora_checkpoint(pipe, tensors, read_json_file(meta_file), str(meta_file))
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot restore the LoRA adapters of {path}: {first_line(e)}") from None
 
 
 def _vqsuite_version() -> str:
@@ -387,6 +445,7 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
         for name, mod in loaded.items():
             setattr(pipe, name, mod)
         attach_step_tracker_if_needed(pipe)  # per-step static scales read the step from the denoiser's hook
+        _load_lora(pipe, path)
         return pipe
 
     import diffusers
@@ -419,4 +478,5 @@ def load_quantized_pipeline(path: str | os.PathLike, pipe: Any = None, *, device
     if str(device) != "cpu":
         pipe.to(device)
     attach_step_tracker_if_needed(pipe)
+    _load_lora(pipe, path)
     return pipe
