@@ -204,7 +204,8 @@ def _validate_layer(name: str, entry: Any, file: Path) -> None:
     if not isinstance(cls, str) or cls not in LAYER_ARGS:
         raise CheckpointError(
             f"{file}: layer {name_repr(name)}: unknown quantized class {short_repr(cls)} ({field}.class is one of "
-            f"{', '.join(LAYER_ARGS)})"
+            f"{', '.join(n for n in LAYER_ARGS if not n.endswith('LowRank') or n == 'QLinearLowRank')}, or a conv "
+            "class + 'LowRank')"
         )
     args = _table(entry["args"], file, f"{field}.args")
     checks, required = LAYER_ARGS[cls]
