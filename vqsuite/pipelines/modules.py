@@ -511,9 +511,11 @@ def _svdquant_layers(
     calib_data: CalibData,
     rank0: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, tuple[QuantLayer | None, str]]:
-    """SVDQuant for the Linear targets with ``rank > 0``, and with calibration data also for the Linears named in
-    ``rank0`` (narrow layers whose rank fell back to 0: smoothing search and GPTQ without a branch): name ->
-    (calibrated layer or ``None``, report note).
+    """SVDQuant for the Linear and (``groups == 1``) conv targets with ``rank > 0``, and with calibration data also
+    for the layers named in ``rank0`` (narrow layers whose rank fell back to 0: smoothing search and GPTQ without a
+    branch): name -> (calibrated layer or ``None``, report note). A conv is captured as its GEMM rows (im2col rows,
+    a transposed conv's input pixels; :func:`~vqsuite.calibrators.svdquant.conv_capture_transform`) and calibrated
+    on its own.
 
     One pass over ``calib_data`` captures each layer's :class:`InputStats` and which layers receive the identical
     input tensor; such layers form a shared-input group (one λ, one shared ``proj_down``) when they also share a
