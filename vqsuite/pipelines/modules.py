@@ -208,7 +208,7 @@ def _rank_fallback(module: nn.Module, spec: QuantSpec) -> tuple[QuantSpec, str |
         return spec, None
     if geometry[2] is not None and not _branchable_conv(module):
         g = getattr(effective_layer(module), "groups", 1)
-        why = f"groups={g}" if g != 1 else f"{type(module).__name__} has its own quantized layer"
+        why = f"groups={g}" if g != 1 else f"{type(module).__name__} is built by its layer adapter"
         return spec.replace(rank=0), f"conv: no low-rank branch ({why}; rank 0)"
     for fallback in RANK_FALLBACKS:
         got = fallback(*geometry, spec)
