@@ -466,11 +466,15 @@ def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, sp
     QTensor is adopted with ``set_pending_qtensor``, so ``freeze()`` stores exactly GPTQ's codes. A static
     activation scale (``act_mode="static"``) is set from the calibration rows. Do not re-split one member with
     ``set_smoothing_and_lowrank``: it would rewrite the ``proj_down`` the other members share.
+
+    A single float conv (``groups == 1``) becomes its low-rank twin (:class:`~vqsuite.nn.QConv2dLowRank` & co) holding
+    λ per input channel (``state.smooth`` is the GEMM view's, one value repeated per tap).
     """
     if len(linears) != len(state.residuals):
         raise ValueError(f"{len(linears)} layers for a state of {len(state.residuals)}")
     if isinstance(linears[0], FLOAT_CONV_TYPES):
-        return [_build_lowrank_conv(linears[0], state, spec)] if len(linears) == 1 else _one_conv(linears)
+        _check_svdquant_layers(linears)  # a conv is calibrated, and built, on its own
+        return [_build_lowrank_conv(linears[0], state, spec)]
     first = linears[0].weight
     shared_down = None
     if state.rank > 0:
@@ -495,10 +499,6 @@ def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, sp
     return out
 
 
-def _one_conv(layers: list[nn.Module]) -> list:
-    raise UserError(f"a conv is calibrated on its own, got a group of {len(layers)} layers")
-
-
 def _build_lowrank_conv(conv: nn.Module, state: SVDQuantGroupState, spec: QuantSpec) -> QuantLayer:
     """The low-rank twin of a float conv (``groups == 1``) holding ``state`` (fake-quant state): λ per input channel
     (``state.smooth`` is the GEMM view's, repeated per tap), the GEMM residual, the branch."""
@@ -519,7 +519,7 @@ def _check_svdquant_layers(layers: list[nn.Module]) -> None:
     for lin in layers:
         if isinstance(lin, FLOAT_CONV_TYPES):
             if len(layers) != 1:
-                _one_conv(layers)
+                raise UserError(f"a conv is calibrated on its own, got a group of {len(layers)} layers")
             if lin.groups != 1:
                 raise UserError(f"svdquant_group: a {type(lin).__name__} with groups={lin.groups} has no branch")
         elif not isinstance(lin, nn.Linear):
