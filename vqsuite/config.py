@@ -202,8 +202,6 @@ class QuantSpec:
         a = in_features if act_features is None else act_features
         if self.act_mode == "dynamic_per_group" and a % self.act_group_size != 0:
             return f"act_group_size={self.act_group_size} must divide the activation channels {a}"
-        if self.rank > 0 and act_features is not None:
-            return "the low-rank branch is only for linear layers"
         return None
 
     def with_fitting_groups(self, in_features: int, *, act_features: int | None = None) -> QuantSpec | None:

@@ -162,7 +162,7 @@ def test_bad_inputs_are_rejected() -> None:
     with pytest.raises(ValueError, match="no rows"):
         svdquant_group(layers, InputStats(128), spec, OPTS)
     with pytest.raises(ValueError, match="nn.Linear"):
-        svdquant_group([nn.Conv2d(128, 8, 1)], _stats(x), spec, OPTS)
+        svdquant_group([nn.Embedding(4, 128)], _stats(x), spec, OPTS)  # convs are taken now (conv_lowrank)
 
 
 def test_max_samples_limits_the_rows() -> None:

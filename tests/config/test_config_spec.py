@@ -85,9 +85,8 @@ def test_invalid_spec_raises_value_error_naming_the_value(kwargs: dict, needle: 
             {"act_features": 3},
             "act_group_size=64 must divide the activation channels 3",
         ),
-        (QuantSpec(weight="int8", rank=8), 64, {"act_features": 64}, "low-rank branch is only for linear"),
     ],
-    ids=["int4-g48-k1000", "nvfp4-k72", "int4-odd-k", "act-group-vs-channels", "rank-on-conv"],
+    ids=["int4-g48-k1000", "nvfp4-k72", "int4-odd-k", "act-group-vs-channels"],
 )
 def test_validate_for_names_the_mismatch(spec: QuantSpec, in_features: int, kw: dict, needle: str) -> None:
     assert needle in (spec.incompatibility(in_features, **kw) or "")
@@ -98,6 +97,7 @@ def test_validate_for_names_the_mismatch(spec: QuantSpec, in_features: int, kw: 
 
 def test_validate_for_accepts_fitting_shapes() -> None:
     QuantSpec(weight="int4", weight_group_size=64).validate_for(1024)
+    QuantSpec(weight="int8", rank=8).validate_for(64, act_features=64)  # a conv takes a low-rank branch too
     QuantSpec(weight="int8").validate_for(9)  # per channel: any K, 8-bit needs no packing
     assert QuantSpec(weight="int4", weight_group_size=48).incompatibility(960) is None
 

@@ -88,7 +88,8 @@ def _resnet(seed: int = 0) -> nn.Module:
 
 def test_small_resnet_under_svdquant_is_quantized() -> None:
     """Before the fallbacks svdquant-int4 quantized nothing here: stem (g64 vs K = 147), head (rank 32 vs 10 classes)
-    and every conv (no low-rank branch) were skipped."""
+    and every conv (then without a low-rank branch) were skipped. Convs now take the branch at the useful rank of
+    their GEMM view (``vqsuite.nn.conv_lowrank``)."""
     float_model = _resnet()
     gen = torch.Generator().manual_seed(1)
     calib = [torch.randn(4, 3, 32, 32, generator=gen) for _ in range(2)]
@@ -100,11 +101,11 @@ def test_small_resnet_under_svdquant_is_quantized() -> None:
     assert report.quantized_fraction >= MIN_QUANTIZED_FRACTION and report.skipped == []
     rows = _rows(model)
     stem = rows["conv1"]
-    assert stem.spec == "W:int8/ch A:int4/tok"
-    for note in ("conv: no low-rank branch yet (rank 0)", "group fallback", "per channel", "int4 -> int8"):
+    assert stem.spec == "W:int8/ch A:int4/tok r16"  # GEMM [64, 147]: rank min(N, K) / 4
+    for note in ("conv low-rank rank 16", "group fallback", "per channel", "int4 -> int8"):
         assert note in stem.reason, stem.reason
-    assert rows["layer1.0.conv2"].spec == "W:int4/g16 A:int4/g16"  # K = 144: halved group
-    assert all("conv: no low-rank branch yet (rank 0)" in e.reason for e in report.quantized if e.type == "Conv2d")
+    assert rows["layer1.0.conv2"].spec == "W:int4/g16 A:int4/g16 r4"  # K = 144: halved group; N = 16: rank 4
+    assert all("conv low-rank rank" in e.reason for e in report.quantized if e.type == "Conv2d")
     assert isinstance(model.fc, QLinearLowRank) and model.fc.rank == 0  # SVDQuant-calibrated, no branch
     assert rows["fc"].reason.startswith("svdquant rank 0")
     assert "rank 32 -> 0: layer narrower than the rank (min(N, K) = 10)" in rows["fc"].reason
@@ -145,7 +146,7 @@ def test_rank_fallback_can_be_turned_off() -> None:
         vqsuite.quantize_model(model, "svdquant-int4", rank_fallback=False)
     reasons = {e.name: e.reason for e in model.vqsuite_report.skipped}
     assert reasons["0"] == "rank=32 exceeds min(in_features, out_features)=10"
-    assert reasons["1"] == "the low-rank branch is only for linear layers"
+    assert reasons["1"] == "rank=32 exceeds min(N, K)=8 of the conv's GEMM view [8, 64]"
 
 
 class _Attention(nn.Module):
@@ -230,7 +231,7 @@ def test_block_formats_skip_with_a_clear_reason(preset: str) -> None:
     assert f"{fmt} blocks of {block} are fixed by the format: no group fallback" in reasons["dw3"]
     assert "stem" in reasons and isinstance(model.pw, QConv2d)  # K = 32 fits either block
     if preset.startswith("svdquant"):
-        assert "conv: no low-rank branch yet (rank 0)" in _rows(model)["pw"].reason
+        assert "conv low-rank rank 8" in _rows(model)["pw"].reason
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -257,8 +258,8 @@ def test_round_trip_with_every_fallback_is_bit_identical(tmp_path: Path) -> None
     calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
     _quietly(model, _svdq(), calib_data=calib)
     assert (model.fc1.rank, model.fc2.rank) == (8, 0)
-    assert model.stem.spec.short() == "W:int8/ch A:int4/tok" and model.dw.spec.short() == "W:int8/ch A:int4/g16"
-    assert model.pw.spec.short() == "W:int4/g16 A:int4/g16"
+    assert model.stem.spec.short() == "W:int8/ch A:int4/tok r4" and model.dw.spec.short() == "W:int8/ch A:int4/g16"
+    assert model.pw.spec.short() == "W:int4/g16 A:int4/g16 r4"  # GEMM [16, 27] and [64, 16]: rank 4
     x = torch.randn(3, 3, 8, 8)
     with torch.no_grad():
         y = model(x)

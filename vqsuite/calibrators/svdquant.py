@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vqsuite.calibrators.capture import DEFAULT_RESERVOIR, InputStats
@@ -53,8 +55,8 @@ from vqsuite.calibrators.smoothing import (
 from vqsuite.config import QuantSpec
 from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import QTensor, dequantize
-from vqsuite.nn import QLinearLowRank
-from vqsuite.nn.base import copy_float_params
+from vqsuite.nn import FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, FLOAT_LOWRANK_CONV_TWINS, QLinearLowRank
+from vqsuite.nn.base import QuantLayer, copy_float_params
 from vqsuite.nn.quantizers import static_scale_from_amax
 
 logger = logging.getLogger(__name__)
@@ -212,6 +214,26 @@ def _static_act_scale(spec: QuantSpec, x_absmax: torch.Tensor, lam: torch.Tensor
     return static_scale_from_amax((x_absmax.double().to(lam.device) / lam).amax(), spec.act)
 
 
+def _tie_taps(v: torch.Tensor, taps: int) -> torch.Tensor:
+    """``[C·taps]`` -> each channel's max over its taps, repeated (λ per input channel of a conv)."""
+    return v if taps == 1 else v.reshape(-1, taps).amax(dim=1).repeat_interleave(taps)
+
+
+def _rows_quantizer(taps: int) -> Callable[..., torch.Tensor]:
+    """Activation fake-quant of calibration rows: per row (a token, a transposed conv's pixel), or for im2col rows
+    ``[M, C·taps]`` per pixel across the C channels (each row holds ``taps`` pixels), as the conv layer does."""
+    if taps == 1:
+        return quantize_input_rows
+
+    def per_pixel(x_hat: torch.Tensor, spec: QuantSpec, act_scale: torch.Tensor | None = None) -> torch.Tensor:
+        m, k = x_hat.shape
+        pixels = x_hat.reshape(m, k // taps, taps).transpose(1, 2).reshape(m * taps, k // taps)
+        xq = quantize_input_rows(pixels, spec, act_scale)
+        return xq.reshape(m, taps, k // taps).transpose(1, 2).reshape(m, k)
+
+    return per_pixel
+
+
 @torch.no_grad()
 def calibrate_svdquant_group(
     weights: list[torch.Tensor],
@@ -220,12 +242,18 @@ def calibrate_svdquant_group(
     options: SVDQuantOptions | None = None,
     *,
     dtype: torch.dtype | None = None,
+    taps: int = 1,
 ) -> SVDQuantGroupState:
     """SVDQuant state for layers ``weights`` (``[N_i, K]`` each) that all read the input described by ``stats``.
 
     ``dtype``: the layers' parameter dtype; λ is rounded to it before anything is computed with it, so the
     stored smoothing vector is the one the search scored. The math runs on ``options.device`` (default: the
     first weight's device).
+
+    ``taps``: GEMM columns per input channel, ``prod(kernel)`` for a conv whose ``stats`` rows are im2col rows
+    (:func:`conv_gemm_rows`; K ordered channel, then tap). λ is then tied per channel (from the channel's max over
+    its taps, so ``state.smooth`` holds it repeated ``taps`` times) and activations are quantized per pixel across
+    channels, as the conv layer does; the rest of the search is the Linear one on the GEMM view.
     """
     options = options or SVDQuantOptions()
     if not weights:
@@ -245,8 +273,10 @@ def calibrate_svdquant_group(
     w_cat = torch.cat([w.detach().to(device=device, dtype=torch.float64) for w in weights], dim=0)
     x = _calibration_rows(stats, options.max_samples, device)
     y = x @ w_cat.float().t()  # reference output without bias (the bias cancels in every error)
-    x_absmax = stats.absmax.double().to(device)
-    w_absmax = weight_column_absmax(weights).to(device)
+    x_absmax = _tie_taps(stats.absmax.double().to(device), taps)
+    w_absmax = _tie_taps(weight_column_absmax(weights).to(device), taps)
+    # the calibration rows are quantized as the layer quantizes its input (per pixel for im2col rows)
+    quantize_input_rows = _rows_quantizer(taps)
 
     grid_errors: list[float] = []
     best: tuple[float, float, float, torch.Tensor] | None = None  # (err, alpha, beta, lam)
@@ -329,6 +359,104 @@ def calibrate_svdquant_group(
     return state
 
 
+# ------------------------------------------------------------------------------------------ convolutions
+#: im2col rows a conv's capture hook keeps per forward call (a uniform random subset of the call's output pixels):
+#: bounds the memory of unfolding a large feature map; the reservoir then samples across calls
+CONV_ROWS_PER_CALL = 4096
+
+
+def conv_gemm_weight(conv: nn.Module) -> torch.Tensor:
+    """A float conv's weight in its quantized layer's GEMM view (``groups == 1``): ``[O, C·prod(k)]`` for a conv,
+    ``[O·prod(k), C]`` (rows ordered output channel, then tap) for a transposed conv."""
+    w = conv.weight
+    if isinstance(conv, FLOAT_CONV_TRANSPOSE_TYPES):  # [C, O, *k] -> [O, *k, C]
+        return w.movedim(0, -1).reshape(-1, w.shape[0])
+    return w.reshape(w.shape[0], -1)
+
+
+def conv_taps(conv: nn.Module) -> int:
+    """GEMM columns per input channel: ``prod(kernel)`` for a conv, 1 for a transposed conv."""
+    return 1 if isinstance(conv, FLOAT_CONV_TRANSPOSE_TYPES) else math.prod(conv.kernel_size)
+
+
+def _conv_padded(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``x [B, C, *spatial]`` padded as the conv pads it (``padding`` ints or ``"same"``/``"valid"``, any mode)."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return x
+        pads = []  # "same" (stride 1): the extra element goes after, as torch does
+        for k, d in zip(conv.kernel_size, conv.dilation, strict=True):
+            total = d * (k - 1)
+            pads.append((total // 2, total - total // 2))
+    else:
+        pads = [(p, p) for p in conv.padding]
+    flat = [v for pair in reversed(pads) for v in pair]
+    if not any(flat):
+        return x
+    return F.pad(x, flat) if conv.padding_mode == "zeros" else F.pad(x, flat, mode=conv.padding_mode)
+
+
+def conv_gemm_rows(conv: nn.Module, x: torch.Tensor, max_rows: int | None = None, seed: int = 0) -> torch.Tensor:
+    """The GEMM-view input rows of a float conv (``groups == 1``) for input ``x [B, C, *spatial]`` (or unbatched):
+    ``rows @ conv_gemm_weight(conv).T`` is the GEMM the quantized layer runs.
+
+    Conv: im2col rows ``[B·prod(out), C·prod(k)]`` (K ordered channel, then tap; the layer's padding, stride and
+    dilation). Transposed conv: its input pixels ``[B·prod(in), C]`` (col2im of ``rows @ W^T`` is the output).
+    ``max_rows``: keep a uniform random subset of at most that many rows (``seed``), chosen before unfolding.
+    """
+    dims = len(conv.kernel_size)
+    if x.ndim == dims + 1:
+        x = x.unsqueeze(0)
+    if isinstance(conv, FLOAT_CONV_TRANSPOSE_TYPES):
+        rows = x.movedim(1, -1).reshape(-1, x.shape[1])
+        if max_rows is not None and rows.shape[0] > max_rows:
+            gen = torch.Generator().manual_seed(seed)
+            rows = rows[torch.randperm(rows.shape[0], generator=gen)[:max_rows].to(rows.device)]
+        return rows
+    x = _conv_padded(conv, x)
+    windows = x
+    for i, (k, s, d) in enumerate(zip(conv.kernel_size, conv.stride, conv.dilation, strict=True)):
+        windows = windows.unfold(2 + i, d * (k - 1) + 1, s)[..., ::d]  # [B, C, *out, *k] after the loop
+    b, c = windows.shape[:2]
+    out_shape = tuple(windows.shape[2 : 2 + dims])
+    # [B, C, *out, *k] -> [B, *out, C, *k] (still a strided view): rows are output pixels, columns (channel, tap)
+    windows = windows.movedim(1, 1 + dims)
+    n_rows = b * math.prod(out_shape)
+    if max_rows is not None and n_rows > max_rows:
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(n_rows, generator=gen)[:max_rows].to(x.device)
+        windows = windows[torch.unravel_index(idx, (b, *out_shape))]  # only the kept rows are materialised
+    return windows.reshape(-1, c * conv_taps(conv))
+
+
+def _flat_rows(rows: torch.Tensor, conv: nn.Module) -> torch.Tensor:
+    """``rows [R, K]`` shaped so the capture hooks read them as rows: an N-D conv's hook moves dim ``-(N + 1)`` of a
+    ``N + 1``- or ``N + 2``-dim input to the end, which a 2-D (or, for Conv1d, 4-D) tensor never is."""
+    return rows.reshape(1, 1, *rows.shape) if len(conv.kernel_size) == 1 else rows
+
+
+def conv_capture_transform(
+    convs: dict[str, nn.Module], max_rows: int = CONV_ROWS_PER_CALL
+) -> Callable[[str, nn.Module, torch.Tensor], torch.Tensor]:
+    """A ``capture_inputs`` transform: the inputs of the convs named in ``convs`` (name -> the float conv whose
+    geometry applies, an adapter's effective layer) become their GEMM rows (at most ``max_rows`` per call)."""
+    calls: dict[str, int] = {}
+
+    def transform(name: str, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        conv = convs.get(name)
+        if conv is None:
+            return x
+        calls[name] = calls.get(name, 0) + 1
+        rows = conv_gemm_rows(conv, x.detach(), max_rows, seed=calls[name])
+        return _flat_rows(rows, conv)
+
+    return transform
+
+
+def _lowrank_twin(conv: nn.Module) -> type[QuantLayer]:
+    return FLOAT_LOWRANK_CONV_TWINS[next(t for t in FLOAT_LOWRANK_CONV_TWINS if isinstance(conv, t))]
+
+
 @torch.no_grad()
 def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, spec: QuantSpec) -> list[QLinearLowRank]:
     """``QLinearLowRank`` layers (fake-quant state) holding ``state``.
@@ -338,9 +466,15 @@ def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, sp
     QTensor is adopted with ``set_pending_qtensor``, so ``freeze()`` stores exactly GPTQ's codes. A static
     activation scale (``act_mode="static"``) is set from the calibration rows. Do not re-split one member with
     ``set_smoothing_and_lowrank``: it would rewrite the ``proj_down`` the other members share.
+
+    A single float conv (``groups == 1``) becomes its low-rank twin (:class:`~vqsuite.nn.QConv2dLowRank` & co) holding
+    λ per input channel (``state.smooth`` is the GEMM view's, one value repeated per tap).
     """
     if len(linears) != len(state.residuals):
         raise ValueError(f"{len(linears)} layers for a state of {len(state.residuals)}")
+    if isinstance(linears[0], FLOAT_CONV_TYPES):
+        _check_svdquant_layers(linears)  # a conv is calibrated, and built, on its own
+        return [_build_lowrank_conv(linears[0], state, spec)]
     first = linears[0].weight
     shared_down = None
     if state.rank > 0:
@@ -365,24 +499,52 @@ def build_lowrank_layers(linears: list[nn.Linear], state: SVDQuantGroupState, sp
     return out
 
 
+def _build_lowrank_conv(conv: nn.Module, state: SVDQuantGroupState, spec: QuantSpec) -> QuantLayer:
+    """The low-rank twin of a float conv (``groups == 1``) holding ``state`` (fake-quant state): λ per input channel
+    (``state.smooth`` is the GEMM view's, repeated per tap), the GEMM residual, the branch."""
+    q = _lowrank_twin(conv).from_float(conv, spec.replace(rank=state.rank), split=False)
+    taps = conv_taps(conv)
+    (residual,), (up,), (qt,) = state.residuals, state.ups, state.qtensors
+    q.set_lowrank_state(state.smooth[::taps], residual, up if state.rank else None, state.down if state.rank else None)
+    if qt is not None:
+        q.set_pending_qtensor(qt)
+    if state.act_scale is not None and getattr(q, "act_scale", None) is not None:
+        q.act_scale.copy_(state.act_scale.to(q.act_scale.device))
+    return q
+
+
+def _check_svdquant_layers(layers: list[nn.Module]) -> None:
+    if not layers:
+        raise UserError("linears is empty")
+    for lin in layers:
+        if isinstance(lin, FLOAT_CONV_TYPES):
+            if len(layers) != 1:
+                raise UserError(f"a conv is calibrated on its own, got a group of {len(layers)} layers")
+            if lin.groups != 1:
+                raise UserError(f"svdquant_group: a {type(lin).__name__} with groups={lin.groups} has no branch")
+        elif not isinstance(lin, nn.Linear):
+            raise UserError(f"svdquant_group takes nn.Linear or conv layers, got {type(lin).__name__}")
+
+
 @torch.no_grad()
 def svdquant_group(
-    linears: list[nn.Linear],
+    linears: list[nn.Module],
     stats: InputStats,
     spec: QuantSpec,
     options: SVDQuantOptions | None = None,
-) -> list[QLinearLowRank]:
+) -> list[QuantLayer]:
     """Calibrate SVDQuant for ``linears`` (which all read the input ``stats`` describes) and build their
     ``QLinearLowRank`` replacements in the fake-quant state; ``layer.svdquant_info`` holds the group's numbers
-    (:meth:`SVDQuantGroupState.info`: α, β, rank, errors, calibration SQNR)."""
-    if not linears:
-        raise UserError("linears is empty")
-    for lin in linears:
-        if not isinstance(lin, nn.Linear):
-            raise UserError(f"svdquant_group takes nn.Linear layers, got {type(lin).__name__}")
-    state = calibrate_svdquant_group(
-        [lin.weight for lin in linears], stats, spec, options, dtype=linears[0].weight.dtype
-    )
+    (:meth:`SVDQuantGroupState.info`: α, β, rank, errors, calibration SQNR).
+
+    A conv (``groups == 1``, alone in its group) is calibrated the same way on its GEMM view: ``stats`` must hold
+    its GEMM rows (:func:`conv_gemm_rows`, :func:`conv_capture_transform`); it becomes its low-rank twin
+    (:class:`~vqsuite.nn.QConv2dLowRank` & co)."""
+    _check_svdquant_layers(linears)
+    is_conv = isinstance(linears[0], FLOAT_CONV_TYPES)
+    weights = [conv_gemm_weight(linears[0])] if is_conv else [lin.weight for lin in linears]
+    taps = conv_taps(linears[0]) if is_conv else 1
+    state = calibrate_svdquant_group(weights, stats, spec, options, dtype=linears[0].weight.dtype, taps=taps)
     layers = build_lowrank_layers(linears, state, spec)
     info = state.info()
     for q in layers:
@@ -390,8 +552,11 @@ def svdquant_group(
     return layers
 
 
-def data_free_lowrank_layer(linear: nn.Linear, spec: QuantSpec) -> QLinearLowRank:
-    """SVDQuant without calibration data: λ = 1 and the rank-r SVD of W (no search, no refinement)."""
+def data_free_lowrank_layer(linear: nn.Module, spec: QuantSpec) -> QuantLayer:
+    """SVDQuant without calibration data: λ = 1 and the rank-r SVD of W (no search, no refinement); a conv
+    (``groups == 1``) becomes its low-rank twin, split in its GEMM view."""
+    if isinstance(linear, FLOAT_CONV_TYPES):
+        return _lowrank_twin(linear).from_float(linear, spec)
     return QLinearLowRank.from_float(linear, spec)
 
 
@@ -405,10 +570,14 @@ def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 __all__ = [
+    "CONV_ROWS_PER_CALL",
     "SVDQuantGroupState",
     "SVDQuantOptions",
     "build_lowrank_layers",
     "calibrate_svdquant_group",
+    "conv_capture_transform",
+    "conv_gemm_rows",
+    "conv_gemm_weight",
     "data_free_lowrank_layer",
     "sqnr_db",
     "svdquant_group",

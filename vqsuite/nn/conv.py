@@ -149,13 +149,15 @@ class QConvNd(QConvBase):
     def forward(self, input: torch.Tensor) -> torch.Tensor:  # noqa: A002 - the float layer's own name
         """input: ``[B, C_in, *spatial]`` (or unbatched ``[C_in, *spatial]``) -> ``[B, C_out, *spatial']``."""
         xq = self.quantize_input(input, channel_dim=self.act_channel_dim)
-        w = self.effective_weight(input.dtype)
-        b = self._bias_for(input)
+        return self._conv(xq, self.effective_weight(input.dtype), self._bias_for(input), self.groups)
+
+    def _conv(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, groups: int) -> torch.Tensor:
+        """This layer's convolution (stride, padding and padding mode, dilation) of ``x`` with any weight ``w``."""
         conv = _CONV_FNS[self.dims]
         if self.padding_mode != "zeros":
             pad = [p for p in reversed(self.padding) for _ in range(2)]
-            return conv(F.pad(xq, pad, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, self.groups)
-        return conv(xq, w, b, self.stride, self.padding, self.dilation, self.groups)
+            return conv(F.pad(x, pad, mode=self.padding_mode), w, b, self.stride, 0, self.dilation, groups)
+        return conv(x, w, b, self.stride, self.padding, self.dilation, groups)
 
 
 class QConv1d(QConvNd):
@@ -254,22 +256,30 @@ class QConvTransposeNd(QConvBase):
     def forward(self, input: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:  # noqa: A002
         """input: ``[B, C_in, *spatial]`` (or unbatched) -> ``[B, C_out, *spatial']``; ``output_size`` picks the
         output padding as torch's transposed convs do."""
-        output_padding = self.output_padding
-        if output_size is not None:
-            output_padding = _ConvTransposeNd._output_padding(
-                self,
-                input,
-                output_size,
-                list(self.stride),
-                list(self.padding),
-                list(self.kernel_size),
-                self.dims,
-                list(self.dilation),
-            )
+        output_padding = self._resolved_output_padding(input, output_size)
         xq = self.quantize_input(input, channel_dim=self.act_channel_dim)
         w = self.effective_weight(input.dtype)
         fn = _CONV_T_FNS[self.dims]
         return fn(xq, w, self._bias_for(input), self.stride, self.padding, output_padding, self.groups, self.dilation)
+
+    def _resolved_output_padding(
+        self,
+        input: torch.Tensor,
+        output_size: list[int] | None,  # noqa: A002
+    ) -> tuple[int, ...] | list[int]:
+        """The output padding of this call: the layer's own, or the one ``output_size`` asks for (as torch)."""
+        if output_size is None:
+            return self.output_padding
+        return _ConvTransposeNd._output_padding(
+            self,
+            input,
+            output_size,
+            list(self.stride),
+            list(self.padding),
+            list(self.kernel_size),
+            self.dims,
+            list(self.dilation),
+        )
 
 
 class QConvTranspose1d(QConvTransposeNd):

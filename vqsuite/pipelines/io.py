@@ -30,7 +30,7 @@ from vqsuite.fileio import (  # noqa: F401 - re-exported: atomic saving lives in
     recover_interrupted_save,
     write_json,
 )
-from vqsuite.nn import CONV_TWINS, QConv2dSame, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import CONV_TWINS, FLOAT_LOWRANK_CONV_TWINS, QConv2dSame, QLinear, QLinearLowRank, QuantLayer
 from vqsuite.pipelines.errors import CheckpointError, first_line, name_repr, read_json_file, short_repr
 from vqsuite.pipelines.folder import contained_file
 from vqsuite.pipelines.layer_adapters import accept_extra_args, adapter_for
@@ -49,6 +49,7 @@ LAYER_CLASSES: dict[str, tuple[type[QuantLayer], type[nn.Module]]] = {
     "QLinear": (QLinear, nn.Linear),
     "QLinearLowRank": (QLinearLowRank, nn.Linear),
     **{q.__name__: (q, t) for t, q in CONV_TWINS.items()},
+    **{q.__name__: (q, t) for t, q in FLOAT_LOWRANK_CONV_TWINS.items()},  # SVDQuant convs (smoothing + branch)
     "QConv2dSame": (QConv2dSame, nn.Conv2d),  # timm Conv2dSame & co (layer adapters)
 }
 

@@ -26,7 +26,15 @@ from vqsuite.calibrators.timestep import attach_step_tracker, calibrate_static_s
 from vqsuite.config import QuantConfig, QuantSpec, resolve_config
 from vqsuite.errors import ConfigError, UserError
 from vqsuite.formats import get_format
-from vqsuite.nn import CONV_TWINS, FLOAT_CONV_TRANSPOSE_TYPES, FLOAT_CONV_TYPES, QLinear, QLinearLowRank, QuantLayer
+from vqsuite.nn import (
+    CONV_TWINS,
+    FLOAT_CONV_TRANSPOSE_TYPES,
+    FLOAT_CONV_TYPES,
+    FLOAT_LOWRANK_CONV_TWINS,
+    QLinear,
+    QLinearLowRank,
+    QuantLayer,
+)
 from vqsuite.pipelines.layer_adapters import LayerAdapter, accept_extra_args, adapter_for, effective_layer
 from vqsuite.pipelines.report import (
     OVERRIDES_FORWARD,
@@ -60,14 +68,52 @@ def _conv_gemm_k(module: nn.Module) -> int:
     return module.in_channels // module.groups * math.prod(module.kernel_size)
 
 
+def _conv_branch_reason(module: nn.Module, spec: QuantSpec) -> str | None:
+    """Why a conv cannot take ``spec``'s low-rank branch (grouped, or wider than its GEMM view), or ``None``."""
+    if spec.rank == 0:
+        return None
+    if module.groups != 1:
+        return f"groups={module.groups}: the low-rank branch needs groups=1"
+    k = _conv_gemm_k(module)
+    n = module.weight.numel() // k
+    if spec.rank > min(n, k):
+        return f"rank={spec.rank} exceeds min(N, K)={min(n, k)} of the conv's GEMM view [{n}, {k}]"
+    return None
+
+
 def _conv_reason(module: nn.Module, spec: QuantSpec) -> str | None:
     if module.padding_mode != "zeros" and isinstance(module.padding, str):
         return f"padding={module.padding!r} with padding_mode={module.padding_mode!r} is not supported"
-    return spec.incompatibility(_conv_gemm_k(module), act_features=module.in_channels)
+    return _conv_branch_reason(module, spec) or spec.incompatibility(
+        _conv_gemm_k(module), act_features=module.in_channels
+    )
 
 
 def _convt_reason(module: nn.Module, spec: QuantSpec) -> str | None:
-    return spec.incompatibility(_conv_gemm_k(module), act_features=module.in_channels)
+    return _conv_branch_reason(module, spec) or spec.incompatibility(
+        _conv_gemm_k(module), act_features=module.in_channels
+    )
+
+
+def _conv_builder(plain: type[QuantLayer], lowrank: type[QuantLayer]) -> Callable[[Any, QuantSpec], QuantLayer]:
+    """A conv rule's builder: the low-rank twin (data-free split: λ = 1, rank-r SVD of the GEMM view) when the spec
+    has a branch, the plain quantized conv otherwise."""
+
+    def build(module: nn.Module, spec: QuantSpec) -> QuantLayer:
+        return (lowrank if spec.rank > 0 else plain).from_float(module, spec)
+
+    return build
+
+
+def _branchable_conv(module: nn.Module) -> bool:
+    """A conv that can take SVDQuant's branch and smoothing: ``groups == 1``, a plain float conv type or an adapted
+    layer whose effective layer is one and which has no builder of its own (timm ``Conv2dSame``'s dynamic padding
+    has no low-rank twin)."""
+    adapter = adapter_for(module)
+    if adapter is not None and adapter.build is not None:
+        return False
+    geometry = module if adapter is None else adapter.effective(module)
+    return type(geometry) in FLOAT_LOWRANK_CONV_TWINS and geometry.groups == 1
 
 
 def _gemm_geometry(module: nn.Module) -> tuple[int, int, int | None] | None:
@@ -130,9 +176,13 @@ def _useful_rank(rank: int, n: int, k: int) -> int:
 
 
 def _conv_rank_fallback(n: int, k: int, act: int | None, spec: QuantSpec) -> tuple[int, str] | None:
+    """A conv's branch gets the useful rank of its GEMM view ``[N, K = C·prod(k)]`` (at most ``min(N, K) / 4``)."""
     if act is None:
         return None
-    return 0, "conv: no low-rank branch yet (rank 0)"
+    r = _useful_rank(spec.rank, n, k)
+    return r, f"conv low-rank rank {r}" + (
+        f" (rank {spec.rank} -> {r}: min(N, K) = {min(n, k)})" if r != spec.rank else ""
+    )
 
 
 def _narrow_rank_fallback(n: int, k: int, act: int | None, spec: QuantSpec) -> tuple[int, str] | None:
@@ -156,6 +206,10 @@ def _rank_fallback(module: nn.Module, spec: QuantSpec) -> tuple[QuantSpec, str |
     geometry = _gemm_geometry(module) if spec.rank > 0 else None
     if geometry is None:
         return spec, None
+    if geometry[2] is not None and not _branchable_conv(module):
+        g = getattr(effective_layer(module), "groups", 1)
+        why = f"groups={g}" if g != 1 else f"{type(module).__name__} is built by its layer adapter"
+        return spec.replace(rank=0), f"conv: no low-rank branch ({why}; rank 0)"
     for fallback in RANK_FALLBACKS:
         got = fallback(*geometry, spec)
         if got is not None:
@@ -169,7 +223,10 @@ LAYER_RULES: dict[
 ] = {
     nn.Linear: (_linear_reason, _linear_rule),
     **{
-        t: (_convt_reason if t in FLOAT_CONV_TRANSPOSE_TYPES else _conv_reason, q.from_float)
+        t: (
+            _convt_reason if t in FLOAT_CONV_TRANSPOSE_TYPES else _conv_reason,
+            _conv_builder(q, FLOAT_LOWRANK_CONV_TWINS[t]),
+        )
         for t, q in CONV_TWINS.items()
     },
 }
@@ -306,10 +363,12 @@ def quantize_model(
             none does (depthwise K = 9, RGB stems K = 27 or 147), weights get per-channel scales and activations
             per-token ones, and a 4-bit weight on an odd K its 8-bit format (:meth:`QuantSpec.with_fallbacks`).
             The report says so. Block formats (NVFP4, MXFP4) keep their block and skip such layers.
-        rank_fallback: under a recipe with a low-rank branch, a conv is quantized with rank 0 (convs have no
-            branch yet) and a Linear narrower than the rank (``rank >= min(N, K)``) gets the largest useful rank,
-            a power of two ``<= min(N, K) / 4``, or rank 0 below :data:`MIN_FALLBACK_RANK` (SVDQuant still
-            searches its smoothing and runs GPTQ when the recipe does); the report says so. ``False`` skips them.
+        rank_fallback: under a recipe with a low-rank branch, a conv gets the largest useful rank of its GEMM view
+            ``[N, K = C·prod(k)]`` (a power of two ``<= min(N, K) / 4``, at most the recipe's; report note "conv
+            low-rank rank r"), a grouped conv rank 0, and a Linear narrower than the rank (``rank >= min(N, K)``)
+            the largest useful rank, or rank 0 below :data:`MIN_FALLBACK_RANK` (SVDQuant still searches the
+            smoothing of rank-0 layers and runs GPTQ when the recipe does); the report says so. ``False`` skips
+            the layers that cannot take the recipe's rank.
 
     The per-layer report is ``model.vqsuite_report`` (:class:`QuantReport`): what was quantized with which
     spec, what was skipped and why. Quantizing nothing, or under half of the matrix weights, warns loudly.
@@ -330,7 +389,7 @@ def quantize_model(
     report = QuantReport(total_weight_numel=matrix_weight_numel(model), bytes_before=module_nbytes(model))
     targets: list[tuple[str, nn.Module, QuantSpec, Any]] = []
     fallback_notes: dict[str, str] = {}
-    rank0_linears: set[str] = set()  # Linears whose rank fell back to 0: SVDQuant still calibrates them
+    rank0_layers: set[str] = set()  # Linears and convs whose rank fell back to 0: SVDQuant still calibrates them
     for name, module in model.named_modules():
         if isinstance(module, QuantLayer):
             report.layers.append(LayerEntry(name, type(module).__name__, "skipped", "already quantized"))
@@ -366,8 +425,8 @@ def quantize_model(
         spec, why, notes = layer_spec(
             module, spec, rule[0], rank_fallback=rank_fallback, group_fallback=group_fallback, name=name
         )
-        if recipe_rank > 0 and spec.rank == 0 and _is_linear(module):
-            rank0_linears.add(name)
+        if recipe_rank > 0 and spec.rank == 0 and _svdquant_kind(module) is not None:
+            rank0_layers.add(name)
         if notes and why is None:
             fallback_notes[name] = "; ".join(notes)
         if why is not None:
@@ -385,7 +444,7 @@ def quantize_model(
     refs = module_references(model)
     try:
         # SVDQuant calibrates on the float model, before any layer is swapped
-        prebuilt = _svdquant_layers(model, targets, cfg, calib_data, rank0_linears) if cfg.method == "svdquant" else {}
+        prebuilt = _svdquant_layers(model, targets, cfg, calib_data, rank0_layers) if cfg.method == "svdquant" else {}
         with torch.no_grad():
             for name, module, spec, rule in targets:
                 q, how = prebuilt.get(name, (None, ""))
@@ -454,9 +513,11 @@ def _svdquant_layers(
     calib_data: CalibData,
     rank0: set[str] | frozenset[str] = frozenset(),
 ) -> dict[str, tuple[QuantLayer | None, str]]:
-    """SVDQuant for the Linear targets with ``rank > 0``, and with calibration data also for the Linears named in
-    ``rank0`` (narrow layers whose rank fell back to 0: smoothing search and GPTQ without a branch): name ->
-    (calibrated layer or ``None``, report note).
+    """SVDQuant for the Linear and (``groups == 1``) conv targets with ``rank > 0``, and with calibration data also
+    for the layers named in ``rank0`` (narrow layers whose rank fell back to 0: smoothing search and GPTQ without a
+    branch): name -> (calibrated layer or ``None``, report note). A conv is captured as its GEMM rows (im2col rows,
+    a transposed conv's input pixels; :func:`~vqsuite.calibrators.svdquant.conv_capture_transform`) and calibrated
+    on its own.
 
     One pass over ``calib_data`` captures each layer's :class:`InputStats` and which layers receive the identical
     input tensor; such layers form a shared-input group (one λ, one shared ``proj_down``) when they also share a
@@ -464,13 +525,13 @@ def _svdquant_layers(
     data-free low-rank init: λ = 1, SVD of W).
     """
     from vqsuite.calibrators.shared_inputs import track_shared_inputs
-    from vqsuite.calibrators.svdquant import SVDQuantOptions, svdquant_group
+    from vqsuite.calibrators.svdquant import SVDQuantOptions, conv_capture_transform, svdquant_group
 
     opts = SVDQuantOptions.from_dict(cfg.options)
     lowrank = {
         name: (module, spec)
         for name, module, spec, _ in targets
-        if _is_linear(module) and (spec.rank > 0 or (name in rank0 and calib_data is not None))
+        if _svdquant_kind(module) is not None and (spec.rank > 0 or (name in rank0 and calib_data is not None))
     }
     if not lowrank:
         return {}
@@ -483,9 +544,17 @@ def _svdquant_layers(
         )
         return {name: (None, data_free) for name in lowrank}
     modules = {name: module for name, (module, _) in lowrank.items()}
+    # a conv is captured as its GEMM rows (im2col rows; a transposed conv's input pixels) and calibrated alone
+    convs = {name: effective_layer(m) for name, m in modules.items() if _svdquant_kind(m) == "conv"}
+    linears = {name: m for name, m in modules.items() if name not in convs}
     with (
-        capture_inputs(modules, reservoir=opts.reservoir, track_gram=opts.gptq and opts.gptq_gram) as stats,
-        track_shared_inputs(modules) as tracker,
+        capture_inputs(
+            modules,
+            reservoir=opts.reservoir,
+            track_gram=opts.gptq and opts.gptq_gram,
+            transform=conv_capture_transform(convs) if convs else None,
+        ) as stats,
+        track_shared_inputs(linears) as tracker,
     ):
         run_calibration_data(model, calib_data)
     out: dict[str, tuple[QuantLayer | None, str]] = {}
@@ -504,8 +573,8 @@ def _svdquant_layers(
             len(missing_rank0),
             missing_rank0[0],
         )
-    groups: list[list[str]] = []
-    for group in tracker.groups([name for name in lowrank if name in stats]):
+    groups: list[list[str]] = [[name] for name in convs if name in stats]
+    for group in tracker.groups([name for name in linears if name in stats]):
         # only layers with the same recipe, dtype and device can share λ and a proj_down Parameter
         by_kind: dict[tuple, list[str]] = {}
         for name in group:
@@ -519,17 +588,22 @@ def _svdquant_layers(
         floats = [effective_layer(lowrank[n][0]) for n in group]
         layers = svdquant_group(floats, stats[group[0]], lowrank[group[0]][1], opts)
         for name, q in zip(group, layers, strict=True):
-            note = q.svdquant_info["summary"]
+            note = q.svdquant_info["summary"] if name not in convs else "conv " + q.svdquant_info["summary"]
             if len(group) > 1:
                 note += "; shares lambda and proj_down with " + ", ".join(n for n in group if n != name)
             out[name] = (q, note)
     return out
 
 
-def _is_linear(module: nn.Module) -> bool:
-    """A Linear, or a layer whose adapter makes it one (the layers SVDQuant calibrates)."""
+def _svdquant_kind(module: nn.Module) -> str | None:
+    """``"linear"`` for a Linear (or a layer whose adapter makes it one), ``"conv"`` for a conv that can take the
+    branch (:func:`_branchable_conv`), ``None`` otherwise: the layers SVDQuant calibrates."""
     adapter = adapter_for(module)
-    return isinstance(module, nn.Linear) if adapter is None else issubclass(adapter.base, nn.Linear)
+    if isinstance(module, nn.Linear) if adapter is None else issubclass(adapter.base, nn.Linear):
+        return "linear"
+    if isinstance(module, FLOAT_CONV_TYPES) or (adapter is not None and issubclass(adapter.base, FLOAT_CONV_TYPES)):
+        return "conv" if _branchable_conv(module) else None
+    return None
 
 
 def _log_report(report: QuantReport) -> None:

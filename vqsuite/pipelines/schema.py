@@ -183,6 +183,9 @@ LAYER_ARGS: dict[str, tuple[dict[str, _Arg], frozenset[str]]] = {
     **{f"QConv{n}d": (_conv_args(n, transposed=False), _CONV_REQUIRED) for n in (1, 2, 3)},
     **{f"QConvTranspose{n}d": (_conv_args(n, transposed=True), _CONV_REQUIRED) for n in (1, 2, 3)},
 }
+#: SVDQuant convs (``QConv2dLowRank`` & co) record the plain conv's arguments and the branch rank
+for _base in [name for name in LAYER_ARGS if name.startswith("QConv")]:
+    LAYER_ARGS[f"{_base}LowRank"] = ({**LAYER_ARGS[_base][0], "rank": _RANK}, LAYER_ARGS[_base][1])
 #: TF-"SAME" convs (timm ``Conv2dSame`` & co) record QConv2d's arguments
 LAYER_ARGS["QConv2dSame"] = LAYER_ARGS["QConv2d"]
 _LAYER_KEYS = frozenset({"class", "args", "spec", "frozen", "weight_dtype"})
@@ -201,7 +204,8 @@ def _validate_layer(name: str, entry: Any, file: Path) -> None:
     if not isinstance(cls, str) or cls not in LAYER_ARGS:
         raise CheckpointError(
             f"{file}: layer {name_repr(name)}: unknown quantized class {short_repr(cls)} ({field}.class is one of "
-            f"{', '.join(LAYER_ARGS)})"
+            f"{', '.join(n for n in LAYER_ARGS if not n.endswith('LowRank') or n == 'QLinearLowRank')}, or a conv "
+            "class + 'LowRank')"
         )
     args = _table(entry["args"], file, f"{field}.args")
     checks, required = LAYER_ARGS[cls]
