@@ -27,8 +27,7 @@ from vqsuite.config import QuantSpec, get_preset
 from vqsuite.errors import ConfigError
 
 #: the fast calibration's final error may exceed the exhaustive one's by at most this fraction (0.21 dB); measured
-#: on these groups: between -0.5 % and +1.2 % (the refinement's early stop and the coarse grid cost little, and the
-#: warm-started refinement sometimes ends lower)
+#: on these four cases: +0.5 % to +1.5 % (0.02 to 0.07 dB calibration SQNR)
 FAST_MAX_EXCESS = 0.05
 #: evaluations of the fast search on the default 39-point grid (9 coarse + at most 4 local on the best's line, 8
 #: when the best coarse point is (0, 0), which lies on both lines)
@@ -91,7 +90,7 @@ def test_pick_best_rules() -> None:
 
 
 CASES = {
-    "single-256": (256, (256,)),
+    "single-192": (192, (192,)),
     "qkv-128": (128, (128, 128, 64)),
 }
 
@@ -99,10 +98,10 @@ CASES = {
 @pytest.mark.parametrize(
     ("preset", "case", "subset"),
     [
-        ("svdquant-int4", "single-256", False),
+        ("svdquant-int4", "single-192", False),
         ("svdquant-int4", "qkv-128", True),
         ("svdquant-nvfp4", "qkv-128", False),
-        ("svdquant-nvfp4", "single-256", True),
+        ("svdquant-nvfp4", "single-192", True),
     ],
     ids=["int4-single-all-rows", "int4-qkv-row-subset", "nvfp4-qkv-all-rows", "nvfp4-single-row-subset"],
 )

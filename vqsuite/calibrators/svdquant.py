@@ -11,6 +11,12 @@ For a group of linear layers that read the same input (q/k/v; in FLUX single blo
     refine_lowrank(...)                                          # iterate SVD(Ŵ - Q_prev), early stop
     optionally GPTQ(R_i) with the Hessian of X/λ                 # codes kept exactly (QTensor)
 
+That loop is ``SVDQuantOptions(search="exhaustive")``. The default ``search="fast"`` computes the same objective
+with less work (see :class:`SVDQuantOptions`): a coarse-to-fine walk over the grid
+(:mod:`vqsuite.calibrators.smoothing_search`, ~13 of 39 candidates), scored on a seeded subset of the group's
+output rows on large layers, each candidate's randomized SVD warm-started from the previous one's subspace, then a
+warm-started refinement that stops when it gains less than 0.1 % (at most 8 iterations).
+
 Calibrators produce plain state (:class:`SVDQuantGroupState`); :func:`build_lowrank_layers` turns it into
 ``QLinearLowRank`` layers (fake-quant state) whose ``proj_down`` is one shared Parameter.
 
