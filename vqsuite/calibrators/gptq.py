@@ -244,6 +244,85 @@ def gptq_quantize(
     return gq.assemble(codes)
 
 
+def _batched_inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """:func:`_inverse_hessian_cholesky` for ``h [g, K, K]`` at once; a group that needs more damping retries alone."""
+    diag_mean = h.diagonal(dim1=-2, dim2=-1).mean(-1)
+    hd = h.clone()
+    hd.diagonal(dim1=-2, dim2=-1).add_((damp * diag_mean).unsqueeze(-1))
+    chol, info = torch.linalg.cholesky_ex(hd)
+    up, info2 = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+    for j in ((info != 0) | (info2 != 0)).nonzero().flatten().tolist():
+        up[j] = _inverse_hessian_cholesky(h[j], damp)
+    return up
+
+
+@torch.no_grad()
+def gptq_quantize_grouped(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    damp: float = DEFAULT_DAMP,
+    block_size: int = DEFAULT_BLOCK,
+    scale_mode: ScaleMode = "dynamic",
+    tensor_scale: torch.Tensor | None = None,
+) -> QTensor:
+    """GPTQ of ``w [g, O/g, K]`` where rows of group ``j`` have their own Hessian ``hessian[j] [K, K]`` (a grouped
+    or depthwise conv), all groups swept together: the codes of :func:`gptq_quantize` run on each group in natural
+    column order (``scale_mode="static"`` precomputes the scales but keeps that order: one column order serves all
+    groups). Returns the QTensor of the ``[g·O/g, K]`` weight.
+    """
+    if spec.weight is None:
+        raise ConfigError("spec.weight is None: there is no weight format to GPTQ-quantize to")
+    g, o_g, k = w.shape
+    if tuple(hessian.shape) != (g, k, k):
+        raise ValueError(f"hessian must be [{g}, {k}, {k}] for w of shape {tuple(w.shape)}, got {tuple(hessian.shape)}")
+    if not bool(torch.isfinite(w).all()):
+        raise UserError("w holds non-finite values; refusing to quantize it")
+    W3 = w.detach().float().clone()
+    H = hessian.detach().to(device=w.device, dtype=torch.float32).clone()
+    dead = H.diagonal(dim1=-2, dim2=-1) == 0  # [g, K]
+    if bool(dead.any()):
+        H.diagonal(dim1=-2, dim2=-1)[dead] = 1.0
+        W3.masked_fill_(dead.unsqueeze(1), 0.0)
+    n = g * o_g
+    W = W3.view(n, k)
+    gq = _GroupQuantizer(W, spec, tensor_scale)
+    G = gq.group
+    if scale_mode == "static":
+        for gi in range(gq.n_groups):
+            gq.set_group(gi, W[:, gi * G : (gi + 1) * G])
+    hinv = _batched_inverse_cholesky(H, damp)
+    del H
+    codes = torch.empty(n, k, dtype=_codes_dtype(spec), device=w.device)
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        w1 = W[:, i1:i2].clone()
+        w1g = w1.view(g, o_g, i2 - i1)
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            c = i1 + i
+            if scale_mode == "dynamic" and c % G == 0:
+                g_end = c + G
+                cur = w1[:, i : min(g_end, i2) - i1]
+                if g_end > i2:  # columns past the block still owe this block's lazy update
+                    rest = W3[:, :, i2:g_end]
+                    if i > 0:
+                        rest = rest - torch.bmm(err1[:, :i].reshape(g, o_g, i), hinv[:, i1 : i1 + i, i2:g_end])
+                    cur = torch.cat([cur, rest.reshape(n, -1)], dim=1)
+                gq.set_group(c // G, cur)
+            col = w1[:, i]
+            q, deq = gq.quantize_column(col, c // G)
+            codes[:, c] = q
+            e = (col - deq) / h1[:, i, i].repeat_interleave(o_g)
+            w1g[:, :, i:] -= e.view(g, o_g, 1) * h1[:, i, i:].unsqueeze(1)
+            err1[:, i] = e
+        if i2 < k:
+            W3[:, :, i2:] -= torch.bmm(err1.view(g, o_g, i2 - i1), hinv[:, i1:i2, i2:])
+    return gq.assemble(codes)
+
+
 def _codes_dtype(spec: QuantSpec) -> torch.dtype:
     fmt = get_format(spec.weight)
     if fmt.kind == "int":
@@ -357,8 +436,8 @@ def gemm_rows(layer: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...] | No
 
 
 def _im2col_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """The rows of a 2-D conv by ``F.unfold`` (a gather, no GEMM): ``[g, M, K']``, or ``None`` when the layer's
-    padding is not a fixed amount (``padding="same"``: :func:`gemm_rows` handles it)."""
+    """The im2col columns of a 2-D conv by ``F.unfold`` (a gather, no GEMM): ``[B, g·K', L]``, or ``None`` when the
+    layer's padding is not a fixed amount (``padding="same"``: :func:`gemm_rows` handles it)."""
     if isinstance(layer.padding, str):
         return None
     pad = tuple(layer.padding)
@@ -367,9 +446,7 @@ def _im2col_2d(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     elif layer.padding_mode != "zeros":
         x = F.pad(x, layer._reversed_padding_repeated_twice, mode=layer.padding_mode)
         pad = (0, 0)
-    cols = F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)  # [B, C·P, L]
-    g, kk = hessian_width(layer)
-    return cols.reshape(cols.shape[0], g, kk, -1).permute(1, 0, 3, 2).reshape(g, -1, kk)
+    return F.unfold(x, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)  # [B, C·P, L]
 
 
 def _conv_transpose_out_spatial(layer: nn.Module, x: torch.Tensor, out_shape: tuple[int, ...] | None) -> list[int]:
@@ -459,9 +536,13 @@ class StreamingHessian:
         if self.fast and isinstance(layer, FLOAT_CONV_TRANSPOSE_TYPES):
             return _conv_transpose_phase_rows(layer, x, out_shape)
         if self.fast and isinstance(layer, nn.Conv2d) and x.ndim == 4:
-            rows = _im2col_2d(layer, x)
-            if rows is not None:
-                return [(None, rows)]
+            cols = _im2col_2d(layer, x)
+            if cols is not None:
+                b, _, length = cols.shape
+                cols = cols.view(b, self.groups, self.width, length)
+                if self.width <= length:  # per-sample Grams straight from the unfold layout, no transpose copy
+                    return [(None, cols)]
+                return [(None, cols.permute(1, 0, 3, 2).reshape(self.groups, -1, self.width))]
         return [(None, gemm_rows(layer, x, out_shape))]
 
     @torch.no_grad()
@@ -486,6 +567,11 @@ class StreamingHessian:
                 continue
             m = 0
             for cols, rows in self._blocks(c, out_shape):
+                if rows.ndim == 4:  # im2col columns [B, g, K', L]
+                    part = (rows @ rows.transpose(-1, -2)).sum(0).double()
+                    self.sum.add_(part)
+                    m += rows.shape[0] * rows.shape[3]
+                    continue
                 part = (rows.transpose(1, 2) @ rows).double()
                 if cols is None:
                     self.sum.add_(part)
@@ -534,12 +620,11 @@ def gptq_layer(
     if get_format(spec.weight).name == "nvfp4":  # one level-0 scale for the whole layer, as the stored weight has
         t = view.abs().amax() / (E2M1_MAX * E4M3_MAX)
         tscale = torch.where(t == 0, torch.ones_like(t), t).reshape(())
-    parts = [
-        gptq_quantize(
-            view[i], hessian[i], gspec, damp=damp, block_size=block_size, scale_mode=scale_mode, tensor_scale=tscale
-        )
-        for i in range(g)
-    ]
+    kw = {"damp": damp, "block_size": block_size, "scale_mode": scale_mode, "tensor_scale": tscale}
+    if g == 1:
+        parts = [gptq_quantize(view[0], hessian[0], gspec, **kw)]
+    else:  # all groups in one sweep (a depthwise conv has hundreds of tiny ones)
+        parts = [gptq_quantize_grouped(view, hessian, gspec, **kw)]
     n = view.shape[0] * view.shape[1]
     rows = n * math.prod(layer.kernel_size) if transposed else n
     codes = torch.cat([p.codes for p in parts]).reshape(rows, -1)
