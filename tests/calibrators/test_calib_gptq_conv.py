@@ -14,6 +14,8 @@ from vqsuite.calibrators.gptq import (
     StreamingHessian,
     gemm_rows,
     gptq_layer,
+    gptq_quantize,
+    gptq_quantize_grouped,
     hessian_width,
     weight_from_gemm,
     weight_view,
@@ -215,3 +217,23 @@ def test_conv_gptq_beats_rtn_and_is_what_the_layer_stores(name: str, scale_mode:
     assert torch.equal(stored.codes, qt.codes) and torch.equal(stored.scales, qt.scales)
     if qt.zero_points is not None:
         assert torch.equal(stored.zero_points, qt.zero_points)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [QuantSpec(weight="int4", weight_group_size=16), QuantSpec(weight="int8"), QuantSpec(weight="int4_asym")],
+    ids=["int4-g16", "int8-channel", "int4-asym-channel"],
+)
+def test_grouped_sweep_equals_gptq_per_group(spec: QuantSpec) -> None:
+    """All conv groups swept at once give each group's own GPTQ codes (dynamic scales, natural order)."""
+    gen = torch.Generator().manual_seed(0)
+    g, o_g, k = 6, 4, 32
+    w = torch.randn(g, o_g, k, generator=gen)
+    x = torch.randn(g, 256, k, generator=gen) @ (torch.eye(k) + 0.3 * torch.randn(k, k, generator=gen))
+    h = 2.0 / 256 * x.transpose(1, 2) @ x
+    together = gptq_quantize_grouped(w, h, spec, block_size=8)
+    for j in range(g):
+        alone = gptq_quantize(w[j], h[j], spec, block_size=8)
+        rows = slice(j * o_g, (j + 1) * o_g)
+        assert torch.equal(together.codes[rows], alone.codes), f"group {j}"
+        assert torch.equal(together.scales[rows], alone.scales), f"group {j}"
