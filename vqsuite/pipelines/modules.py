@@ -297,6 +297,8 @@ def quantize_model(
             captures a bounded sample of every low-rank layer's input); a tensor, an iterable of
             tensors/tuples/dicts, or a callable ``fn(model)`` (a whole diffusion pipeline run, say).
             ``method="svdquant"`` without it falls back to a data-free branch (λ = 1, SVD of W) with a warning.
+            ``method="gptq"`` needs it (every layer's codes come from the Hessian of its inputs; a ConfigError
+            otherwise).
         include: if given, only layers whose name matches one of these fnmatch patterns are quantized.
         exclude: extra fnmatch patterns to leave in float (added to the config's).
         freeze: pack weights into low-bit storage now (memory drops). ``False`` keeps the fake-quant state
