@@ -564,7 +564,7 @@ for _name, _base in _GPTQ_PRESETS.items():
     register_preset(
         _name,
         replace(get_preset(_base), method="gptq"),
-        f"{describe_presets()[_base]}; GPTQ weights (sequential, damp 0.01, needs calib_data)",
+        f"{describe_presets()[_base]}; GPTQ weights (Hessians from one float pass, damp 0.01; needs calib_data)",
     )
 
 #: ViT PTQ variants: name suffix -> (weight range, method_options); weights per output channel

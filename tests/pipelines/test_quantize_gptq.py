@@ -96,9 +96,9 @@ def test_presets_are_registered() -> None:
     [
         ("w4a16", "w4a16-gptq", {}),
         ("w4a16-asym", "w4a16-asym-gptq", {}),
-        ("w4a16", "w4a16-gptq", {"sequential": False, "scale_mode": "dynamic"}),
+        ("w4a16", "w4a16-gptq", {"sequential": True, "scale_mode": "static"}),
     ],
-    ids=["int4-sequential", "int4-asym-sequential", "int4-one-pass"],
+    ids=["int4-one-pass", "int4-asym-one-pass", "int4-sequential-act-order"],
 )
 def test_gptq_beats_rtn_on_a_cnn_with_depthwise_and_transposed_convs(rtn: str, gptq: str, options: dict) -> None:
     s_rtn, _ = _quantized_sqnr(rtn)
