@@ -67,7 +67,9 @@ def quantize(model: nn.Module, preset: str, calib: Any) -> tuple[nn.Module, floa
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "under half of the weights quantized" is in the table's own columns
         q = vqsuite.quantize_model(
-            copy.deepcopy(model), preset, calib_data=calib if vqsuite.get_preset(preset).method == "svdquant" else None
+            copy.deepcopy(model),
+            preset,
+            calib_data=calib if vqsuite.get_preset(preset).method in ("svdquant", "gptq") else None,
         )
     return q, time.perf_counter() - t0
 

@@ -20,10 +20,13 @@ CONFIG_VERSION = 1
 
 ActMode = Literal["none", "dynamic_per_token", "dynamic_per_group", "static"]
 KernelPreference = Literal["auto", "triton", "reference"]
-#: how layer state is computed: plain round-to-nearest, SVDQuant (smoothing + low-rank + quantized residual), or
-#: ViT PTQ (RTN weights plus PTQ4ViT / RepQ-ViT activation quantizers, :mod:`vqsuite.calibrators.vit_ptq`), or a
-#: QAT model frozen by :func:`vqsuite.finetune.freeze_qat` (recorded in checkpoints; not a ``quantize_model`` recipe)
-METHODS: tuple[str, ...] = ("rtn", "svdquant", "vit-ptq", "qat")
+#: how layer state is computed: plain round-to-nearest, SVDQuant (smoothing + low-rank + quantized residual),
+#: ViT PTQ (RTN weights plus PTQ4ViT / RepQ-ViT activation quantizers, :mod:`vqsuite.calibrators.vit_ptq`), GPTQ
+#: weights for every layer (:mod:`vqsuite.calibrators.gptq_model`), or a QAT model frozen by
+#: :func:`vqsuite.finetune.freeze_qat` (recorded in checkpoints; not a ``quantize_model`` recipe)
+METHODS: tuple[str, ...] = ("rtn", "svdquant", "vit-ptq", "gptq", "qat")
+#: methods that need calibration data (GPTQ refuses to run without it; SVDQuant falls back to a data-free branch)
+CALIBRATED_METHODS: tuple[str, ...] = ("svdquant", "vit-ptq", "gptq")
 ACT_MODES: tuple[str, ...] = ("none", "dynamic_per_token", "dynamic_per_group", "static")
 KERNEL_PREFERENCES: tuple[str, ...] = ("auto", "triton", "reference")
 #: how static activation scales follow the denoising step (see :mod:`vqsuite.nn.steps`)
@@ -544,6 +547,26 @@ register_preset(
     _spec(method="svdquant", weight="int8", act="int8", act_mode="dynamic_per_token", rank=32),
     "SVDQuant with 8-bit both sides: smoothing + rank-32 branch, INT8 per-channel residual, per-token INT8 acts",
 )
+
+register_preset(
+    "w4a16-asym",
+    _spec(weight="int4_asym", weight_group_size=64, scale_dtype="bfloat16"),
+    "asymmetric INT4 weights (zero point per group of 64, bf16 scales), 16-bit activations",
+)
+#: GPTQ variants of the plain presets: name -> (base preset, what the base is)
+_GPTQ_PRESETS: dict[str, str] = {
+    "w8a16-gptq": "w8a16",
+    "w8a8-gptq": "w8a8",
+    "w4a16-gptq": "w4a16",
+    "w4a8-gptq": "w4a8",
+    "w4a16-asym-gptq": "w4a16-asym",
+}
+for _name, _base in _GPTQ_PRESETS.items():
+    register_preset(
+        _name,
+        replace(get_preset(_base), method="gptq"),
+        f"{describe_presets()[_base]}; GPTQ weights (Hessians from one float pass, damp 0.01; needs calib_data)",
+    )
 
 #: ViT PTQ variants: name suffix -> (weight range, method_options); weights per output channel
 _VIT_PTQ_VARIANTS: dict[str, tuple[str, dict[str, Any], str]] = {

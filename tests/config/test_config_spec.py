@@ -117,7 +117,7 @@ def test_block_formats_fill_in_their_group() -> None:
         ({"overrides": ((3, QuantSpec()),)}, "override (3,"),
         ({"overrides": (("a", QuantSpec(), "b"),)}, "must be a (pattern, QuantSpec | None) pair"),
         ({"version": CONFIG_VERSION + 1}, f"version={CONFIG_VERSION + 1}"),
-        ({"method": "gptq"}, "method='gptq'"),
+        ({"method": "awq"}, "method='awq'"),
     ],
     ids=["default-not-spec", "override-not-spec", "pattern-not-str", "override-triple", "future-version", "method"],
 )

@@ -1020,7 +1020,7 @@ def _quantize(target: BuiltModel, cfg: Any, model: ModelSpec, batch_size: int) -
         return
     module = _measured_module(target)
     calib = None
-    needs = cfg.method == "svdquant" or any(
+    needs = cfg.method in ("svdquant", "gptq") or any(
         s is not None and s.act_mode == "static" for s in [cfg.default, *(spec for _, spec in cfg.overrides)]
     )
     if needs:

@@ -316,7 +316,7 @@ def make_calibration(
 
 def _needs_calibration(cfg: QuantConfig) -> bool:
     specs = [cfg.default] + [s for _, s in cfg.overrides if s is not None]
-    return cfg.method == "svdquant" or any(s.act_mode == "static" for s in specs)
+    return cfg.method in ("svdquant", "gptq") or any(s.act_mode == "static" for s in specs)
 
 
 # ------------------------------------------------------------------------------ entry point

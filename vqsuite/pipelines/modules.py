@@ -354,6 +354,8 @@ def quantize_model(
             captures a bounded sample of every low-rank layer's input); a tensor, an iterable of
             tensors/tuples/dicts, or a callable ``fn(model)`` (a whole diffusion pipeline run, say).
             ``method="svdquant"`` without it falls back to a data-free branch (λ = 1, SVD of W) with a warning.
+            ``method="gptq"`` needs it (every layer's codes come from the Hessian of its inputs; a ConfigError
+            otherwise).
         include: if given, only layers whose name matches one of these fnmatch patterns are quantized.
         exclude: extra fnmatch patterns to leave in float (added to the config's).
         freeze: pack weights into low-bit storage now (memory drops). ``False`` keeps the fake-quant state
@@ -445,11 +447,15 @@ def quantize_model(
     try:
         # SVDQuant calibrates on the float model, before any layer is swapped
         prebuilt = _svdquant_layers(model, targets, cfg, calib_data, rank0_layers) if cfg.method == "svdquant" else {}
+        gptq_codes = _gptq_codes(model, targets, cfg, calib_data) if cfg.method == "gptq" else {}
         with torch.no_grad():
             for name, module, spec, rule in targets:
                 q, how = prebuilt.get(name, (None, ""))
                 if q is None:
                     q = rule[1](module, spec)
+                if name in gptq_codes:  # adopt the codes GPTQ chose (freeze stores exactly them)
+                    q.set_pending_qtensor(gptq_codes[name][0])
+                    how = gptq_codes[name][1]
                 q.layer_name = name
                 accept_extra_args(q, adapter_for(module))  # callers keep passing the adapted class's extra args
                 replace_module(model, refs, module, q)  # a reused layer is swapped everywhere it is used
@@ -477,7 +483,7 @@ def quantize_model(
             from vqsuite.calibrators.vit_ptq import calibrate_vit_ptq
 
             calibrate_vit_ptq(model, calib_data)
-        elif not static and calib_data is not None and not any(q is not None for q, _ in prebuilt.values()):
+        elif not static and calib_data is not None and not gptq_codes and all(q is None for q, _ in prebuilt.values()):
             logger.info("calib_data given but no layer needs static calibration or SVDQuant; it was not used")
     except BaseException:
         # a failed call (bad calibration data, say) leaves the model as it was, not half quantized
@@ -593,6 +599,17 @@ def _svdquant_layers(
                 note += "; shares lambda and proj_down with " + ", ".join(n for n in group if n != name)
             out[name] = (q, note)
     return out
+
+
+def _gptq_codes(
+    model: nn.Module, targets: list[tuple[str, nn.Module, QuantSpec, Any]], cfg: QuantConfig, calib_data: CalibData
+) -> dict[str, tuple[Any, str]]:
+    """``method="gptq"``: name -> (GPTQ's QTensor, report note), from the float model (see
+    :mod:`vqsuite.calibrators.gptq_model`); adapted layers are quantized as their effective float layer."""
+    from vqsuite.calibrators.gptq_model import GPTQTarget, gptq_model_codes
+
+    gptq_targets = [GPTQTarget(name, module, effective_layer(module), spec) for name, module, spec, _ in targets]
+    return gptq_model_codes(model, gptq_targets, cfg.options, calib_data)
 
 
 def _svdquant_kind(module: nn.Module) -> str | None:
