@@ -16,8 +16,9 @@ needs_mini_clip = pytest.mark.skipif(
     "mini-clip" not in zoo.list(), reason="mini-clip weights (vqsuite/zoo/weights/mini-clip) not present"
 )
 N_DIGITS = 200
-#: CLIP-score points (100 x cosine) by which matched captions must beat a random permutation of the same captions
-MATCHED_MARGIN = 5.0
+#: CLIP-score points (100 x cosine) by which matched captions must beat a random permutation of the same captions;
+#: measured on these 200 digits: 81.3 matched vs 30.0 shuffled
+MATCHED_MARGIN = 20.0
 
 
 def _digits() -> tuple[torch.Tensor, list[str], list[str]]:

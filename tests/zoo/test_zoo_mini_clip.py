@@ -16,11 +16,11 @@ from vqsuite.zoo import mini_clip
 pytestmark = pytest.mark.skipif(
     "mini-clip" not in zoo.list(), reason="mini-clip weights (vqsuite/zoo/weights/mini-clip) not present"
 )
-#: zero-shot top-1 on the first N_ZERO_SHOT test images must reach these; measured on the full 10k sets (train.json,
-#: BENCHMARKS.md "### mini-clip"), and on these 200 images when the bars were set; chance is 10 %
+#: zero-shot top-1 on the first N_ZERO_SHOT test images must reach these (chance 10 %). Measured: MNIST 96.0 %,
+#: Fashion-MNIST 81.5 % on these 200; 96.37 % / 80.11 % on the full 10k sets (train.json, BENCHMARKS.md)
 N_ZERO_SHOT = 200
-MNIST_ZERO_SHOT_BAR = 0.80
-FASHION_ZERO_SHOT_BAR = 0.60
+MNIST_ZERO_SHOT_BAR = 0.90
+FASHION_ZERO_SHOT_BAR = 0.70
 
 
 @pytest.fixture(scope="module")
