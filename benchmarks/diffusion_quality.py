@@ -25,7 +25,8 @@ resumes. The markdown table of everything in ``--out`` is printed at the end.
         --n-per-digit 50 --out benchmarks/quality/results-mini-sd.jsonl
 
 ``--only-clip`` measures alignment and the CLIP score alone (no Inception: FID, PSNR/SSIM and the FP-vs-FP floor
-are left out), for adding the CLIP column at a smaller N than the rest of the table.
+are left out), and ``--subset-per-digit M`` samples only the first M images of each digit with the seeds they have
+in the full run, for adding the CLIP column at a smaller N than the rest of the table.
 """
 
 from __future__ import annotations
@@ -60,15 +61,24 @@ def call_kwargs(pipe: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def generate(pipe: Any, prompt_of: Any, digits: torch.Tensor, seed: int, steps: int, batch: int) -> torch.Tensor:
-    """uint8 ``[N, 1, 28, 28]`` digits; image ``i`` from its own generator ``manual_seed(seed + i)``."""
+def generate(
+    pipe: Any,
+    prompt_of: Any,
+    digits: torch.Tensor,
+    seed: int,
+    steps: int,
+    batch: int,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 ``[N, 1, 28, 28]`` digits; image ``i`` from its own generator ``manual_seed(seed + index[i])``
+    (``index``: default ``arange(N)``; a subset keeps the full run's seed of each image)."""
     from vqsuite.zoo.mini_sd import images_to_digits
 
     kw = call_kwargs(pipe)
     out = []
     for s in range(0, digits.numel(), batch):
         idx = range(s, min(s + batch, digits.numel()))
-        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
+        gens = [torch.Generator().manual_seed(seed + (i if index is None else int(index[i]))) for i in idx]
         imgs = pipe([prompt_of(int(digits[i])) for i in idx], num_inference_steps=steps, guidance_scale=GUIDANCE,
                     generator=gens, output_type="pt", **kw).images  # fmt: skip
         out.append(images_to_digits(imgs))
@@ -133,6 +143,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="JSON lines, appended; existing rows are skipped")
     p.add_argument("--no-clip", action="store_true", help="leave out the CLIP score (mini-clip)")
     p.add_argument("--only-clip", action="store_true", help="alignment and CLIP score only (no Inception)")
+    p.add_argument("--subset-per-digit", type=int, default=0,
+                   help="sample only the first M images of each digit, with the full run's seeds (0: all)")  # fmt: skip
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -160,12 +172,16 @@ def main() -> None:
         clip = load_clip()  # the shipped mini-clip, loaded once
     cnn = zoo.load("mnist-cnn3")
     digits = torch.arange(10).repeat_interleave(a.n_per_digit)
+    index = None
+    if a.subset_per_digit:  # image j < M of digit k keeps the seed it has in the full run: seed + k * n_per_digit + j
+        index = torch.arange(digits.numel()).reshape(10, -1)[:, : a.subset_per_digit].reshape(-1)
+        digits = digits[index]
     n = int(digits.numel())
     pipe, prompt_of = load()
     calib_prompts = [prompt_of(k) for k in range(10)]
 
     t0 = time.perf_counter()
-    fp = generate(pipe, prompt_of, digits, a.seed, a.steps, a.batch)
+    fp = generate(pipe, prompt_of, digits, a.seed, a.steps, a.batch, index)
     fp_s = time.perf_counter() - t0
     fp_feats = None if a.only_clip else _stats(rgb(fp), net, batch_size=16, accelerator=None, progress=False)
     prompts = [prompt_of(int(d)) for d in digits]
@@ -182,6 +198,8 @@ def main() -> None:
         with torch.no_grad():
             pred = cnn.model(cnn.preprocess(u8)).argmax(-1)
         row: dict[str, Any] = {"model": a.model, "config": label, "n": n}
+        if index is not None:
+            row["subset_of_n"] = a.n_per_digit * 10
         if not a.only_clip:
             stats = _stats(rgb(u8), net, batch_size=16, accelerator=None, progress=False)
             row["fid"] = round(frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma), 2)
@@ -240,7 +258,7 @@ def main() -> None:
         den = find_denoiser(pipe)[1]
         extra["denoiser_mib"] = round(module_nbytes(den) / MIB, 3)
         t0 = time.perf_counter()
-        u8 = generate(pipe, prompt_of, digits, a.seed, a.steps, a.batch)
+        u8 = generate(pipe, prompt_of, digits, a.seed, a.steps, a.batch, index)
         extra["generate_s"] = round(time.perf_counter() - t0, 1)
         append_row(a.out, measure(label, u8, extra))
     print(table(a.out))
