@@ -3,7 +3,11 @@
 MODEL is a float diffusers pipeline folder, ``timm:<name>`` / ``torchvision:<name>`` (``--weights``), or a built-in
 model; each preset is quantized from the float model and measured with the metric sets of
 :mod:`vqsuite.evals.sweep` (classifiers: ``agreement``, ``accuracy``, ``sqnr``; pipelines: ``fidelity``,
-``fid-vs-fp``). Results go to ``--out`` as a sweep folder, so an interrupted eval resumes like a sweep.
+``fid-vs-fp``, ``clip``). Results go to ``--out`` as a sweep folder, so an interrupted eval resumes like a sweep.
+
+``--metrics clip`` scores the samples against their prompts with the CLIP in ``--clip`` (a local
+``save_pretrained`` folder), by default the shipped ``mini-clip`` (trained here on digits and clothing); the hub is
+never asked.
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ def add_parser(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     e.add_argument("--steps", type=int, help="pipelines: denoising steps")
     e.add_argument("--height", type=int)
     e.add_argument("--width", type=int)
+    e.add_argument("--clip", metavar="FOLDER", help="--metrics clip: local CLIP folder (default: the shipped "
+                   "mini-clip)")  # fmt: skip
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--no-fp", action="store_true", help="leave out the full-precision row")
     e.add_argument("--out", required=True, help="results folder (resumed when it holds an earlier eval)")
@@ -97,6 +103,21 @@ def _register_builtin(name: str, sweep_mod: Any) -> None:
         return sweep_mod.BuiltModel("classifier", z.model, transform)
 
     sweep_mod.register_model(name, factory)
+
+
+def _clip_folder(arg: str | None) -> str:
+    """The CLIP folder of ``--metrics clip``: ``--clip`` or the shipped mini-clip, checked to be a CLIP folder."""
+    if arg:
+        folder = Path(arg).expanduser()
+        if not (folder / "config.json").is_file():
+            raise CLIError(f"--clip {arg} is not a CLIP model folder (no config.json)")
+        return str(folder.resolve())
+    from vqsuite.evals.clip import default_clip_dir
+
+    folder = default_clip_dir()
+    if not (folder / "model.safetensors").is_file():
+        raise CLIError(f"mini-clip does not ship in this install ({folder} is missing); pass --clip FOLDER")
+    return str(folder)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -187,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     metrics = [m.strip() for m in args.metrics.split(",") if m.strip()] if args.metrics else list(default_metrics)
     if not metrics:
         raise CLIError("--metrics is empty")
-    decl = {
+    decl: dict[str, Any] = {
         "name": f"eval-{model['name']}",
         "metrics": metrics,
         "batch_size": args.batch_size,
@@ -195,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
         "models": [model],
         "configs": presets,
     }
+    if "clip" in metrics:
+        decl["clip"] = _clip_folder(args.clip)
+    elif args.clip:
+        raise CLIError("--clip applies to --metrics clip")
     spec = sweep_mod.spec_from_dict(decl)
     check_configs(spec)
     out = Path(args.out).expanduser()

@@ -9,13 +9,16 @@ tensors again; :func:`clip_scorer` hands torchmetrics a callable returning ``(ad
 Tested with the versions in :data:`CLIP_TESTED_VERSIONS`; with transformers 4.x the methods already return tensors
 and the adapter passes them through.
 
-No real CLIP weights exist offline on this project's machines: the tests score a tiny randomly initialised CLIP
-saved to a temp folder, which checks the wiring only -- such a number is not a CLIP score and is never reported.
+No public CLIP weights install offline, so the default CLIP is ``mini-clip`` (:mod:`vqsuite.zoo.mini_clip`): a
+small ``CLIPModel`` trained here on MNIST + Fashion-MNIST with templated captions, shipped in the package. Its scores
+are real CLIP scores *of that model*: meaningful for digit and clothing images with captions in its language ("a
+photo of the digit seven"), not comparable with numbers from OpenAI's CLIP.
 
 API::
 
-    model, processor = load_clip("/path/to/clip-vit-large-patch14")     # a save_pretrained folder
-    s = clip_score(images_uint8, prompts, "/path/to/clip-folder")        # mean 100 * cos(img, text), float
+    model, processor = load_clip()                                       # mini-clip (sha256-checked)
+    model, processor = load_clip("/path/to/clip-vit-large-patch14")     # any save_pretrained folder
+    s = clip_score(images_uint8, prompts)                                # mean 100 * cos(img, text), float
     metric = clip_scorer("/path/to/clip-folder")                         # torchmetrics CLIPScore, for update()
 """
 
@@ -69,21 +72,37 @@ class CLIPFeatureAdapter(nn.Module):
         return self.model(*args, **kw)
 
 
-def load_clip(folder: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CLIPFeatureAdapter, Any]:
+def default_clip_dir() -> Path:
+    """The folder of the shipped ``mini-clip`` (the CLIP used when none is given)."""
+    from vqsuite.zoo.mini_clip import WEIGHTS_DIR
+
+    return WEIGHTS_DIR
+
+
+def load_clip(
+    folder: str | os.PathLike | None = None, device: str | torch.device = "cpu"
+) -> tuple[CLIPFeatureAdapter, Any]:
     """``(adapter, processor)`` from a local ``CLIPModel.save_pretrained`` + ``CLIPProcessor.save_pretrained``
-    folder (never the hub)."""
-    folder = Path(folder)
+    folder (never the hub); ``None``: the shipped ``mini-clip``, whose weights are checked against their sha256."""
+    folder = Path(folder) if folder is not None else default_clip_dir()
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a CLIP model folder (no config.json)")
     from transformers import CLIPModel, CLIPProcessor
 
-    model = CLIPModel.from_pretrained(str(folder), local_files_only=True).eval().to(device)
+    if folder.resolve() == default_clip_dir().resolve():
+        from vqsuite.zoo.mini_clip import load_mini_clip
+
+        model, processor = load_mini_clip(folder)
+        return CLIPFeatureAdapter(model.to(device)), processor
+    model = CLIPModel.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval().to(device)
     processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
     return CLIPFeatureAdapter(model), processor
 
 
-def clip_scorer(source: str | os.PathLike | tuple[nn.Module, Any], device: str | torch.device = "cpu") -> Any:
-    """torchmetrics ``CLIPScore`` over a local CLIP (folder, or a ``(model, processor)`` pair)."""
+def clip_scorer(
+    source: str | os.PathLike | tuple[nn.Module, Any] | None = None, device: str | torch.device = "cpu"
+) -> Any:
+    """torchmetrics ``CLIPScore`` over a local CLIP (folder, a ``(model, processor)`` pair, or ``None``: mini-clip)."""
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     if isinstance(source, tuple):
@@ -98,7 +117,7 @@ def clip_scorer(source: str | os.PathLike | tuple[nn.Module, Any], device: str |
 def clip_score(
     images: torch.Tensor,
     prompts: list[str],
-    source: str | os.PathLike | tuple[nn.Module, Any],
+    source: str | os.PathLike | tuple[nn.Module, Any] | None = None,
     *,
     batch_size: int = 16,
     progress: bool = True,
@@ -108,7 +127,7 @@ def clip_score(
     Args:
         images: uint8 ``[N, 3, H, W]`` (or float in [0, 1]).
         prompts: ``N`` strings, ``prompts[i]`` belongs to ``images[i]``.
-        source: a local CLIP folder or a ``(model, processor)`` pair.
+        source: a local CLIP folder, a ``(model, processor)`` pair, or ``None`` (the shipped ``mini-clip``).
     """
     from tqdm.auto import tqdm
 
