@@ -19,7 +19,8 @@ Point labels (``--points``, comma-separated; ``+`` joins modifiers):
   ``group_size``, ``use_svd``/``svd_rank``, ``quant_conv``, and ``:all`` = its size thresholds off
   (``minimum_allowed_numel=0``, ``minimum_allowed_channel_size=1``: its defaults skip layers under 16384 weights,
   i.e. most of a 1M-parameter denoiser);
-- modifiers: ``+kept8`` (the layers the architecture rule keeps float get INT8 per-channel weights),
+- modifiers: ``+kept8`` (the layers the architecture rule keeps float get INT8 per-channel weights; ``+kept8t``: all
+  but the timestep embedder),
   ``+norules`` (no architecture rule: every layer gets the recipe), ``+all`` (mixed: the kept layers take part in
   the allocation too), ``+bf16`` (every layer left float is stored and run in bfloat16 — for SDNQ too).
 
@@ -62,6 +63,7 @@ MIB = 2**20
 DIFFUSION_MODELS = ("mini-sd", "mini-pixart")
 IMAGENET_MODELS = ("mobilenet-v2", "efficientnet-lite0")
 SENSITIVITY_STEPS = 4
+SENSITIVITY_IMAGES = 8
 #: the allocation's candidates: per-layer INT4 g64 (bf16 scales) or INT8 per-channel weights, 16-bit activations
 MIXED_CANDIDATES = ("w4a16", "w8a16")
 
@@ -97,7 +99,7 @@ DIFFUSION_POINTS = (
 )
 IMAGENET_POINTS = (
     "fp32",
-    "vq:w8a16", "vq:w8a8", "vq:w4a16", "vq:w8a16+bf16", "vq:mixed5", "vq:mixed6",
+    "vq:w8a16", "vq:w8a8", "vq:w4a16", "vq:w8a16+bf16", "vq:mixed6",
     "sdnq:int8:conv", "sdnq:int8:conv:all", "sdnq:int6:conv:all", "sdnq:uint4:conv:all", "sdnq:uint4:g32:conv:all",
     "sdnq:int8:conv:all+bf16",
 )  # fmt: skip
@@ -232,14 +234,22 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ vqsuite points
-def kept8_config(model: nn.Module, preset: str) -> Any:
-    """``preset`` plus one INT8 per-channel override for each layer the architecture rule keeps float."""
+#: ``+kept8t``: the timestep embedder stays float (SDNQ's default skip list keeps ``time_embed*`` too)
+TIME_EMBEDDER_PATTERNS = ("time_embedding.*", "*timestep_embedder*")
+
+
+def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = ()) -> Any:
+    """``preset`` plus one INT8 per-channel override for each layer the architecture rule keeps float, except the
+    layers matching ``spare``."""
+    import fnmatch
+
     from vqsuite.calibrators.allocation import _escape
     from vqsuite.config import QuantSpec, resolve_config
     from vqsuite.pipelines.rules import _weight_layers, denoiser_config
 
     folded = denoiser_config(model, preset)
     kept = [n for n, _ in _weight_layers(model) if folded.spec_for(n) is None]
+    kept = [n for n in kept if not any(fnmatch.fnmatchcase(n, p) for p in spare)]
     cfg = resolve_config(preset)
     extra = tuple((_escape(n), QuantSpec(weight="int8")) for n in kept)
     return dataclasses.replace(cfg, overrides=extra + tuple(cfg.overrides), name=f"{cfg.name}+kept8")
@@ -300,8 +310,8 @@ class Runner:
             if preset.startswith("mixed"):
                 cfg = self.mixed_config(pipe, float(preset[5:]), "all" in mods)
                 extra["avg_bits"] = round(self._last_alloc.avg_bits, 3)
-            elif "kept8" in mods:
-                cfg = kept8_config(den, preset)
+            elif "kept8" in mods or "kept8t" in mods:
+                cfg = kept8_config(den, preset, TIME_EMBEDDER_PATTERNS if "kept8t" in mods else ())
             else:
                 cfg = preset
             rule = ArchRule("none", description="no rule: every layer gets the recipe") if "norules" in mods else None
@@ -325,8 +335,8 @@ class Runner:
             layers = [n for n, _ in _weight_layers(den)] if with_kept else None
             kw: dict[str, Any] = dict(num_inference_steps=SENSITIVITY_STEPS, prompts=self.calib_prompts,
                                       pipe_kwargs=dict(guidance_scale=4.0, **self.kw), layers=layers)  # fmt: skip
-        else:
-            kw = dict(calib_data=self.calib)
+        else:  # one model run per layer and candidate: score on the first SENSITIVITY_IMAGES calibration photos
+            kw = dict(calib_data=[self.calib[0][:SENSITIVITY_IMAGES]])
         cfg, alloc, sens = allocate_bits(pipe, budget, MIXED_CANDIDATES, sensitivity=self._sens.get(with_kept),
                                          return_details=True, **kw)  # fmt: skip
         self._sens[with_kept] = sens
