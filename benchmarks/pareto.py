@@ -55,7 +55,8 @@ os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# this checkout's vqsuite (not whichever one the venv installed), and the sibling benchmark helpers
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 logger = logging.getLogger("pareto")
 
