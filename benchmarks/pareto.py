@@ -20,7 +20,7 @@ Point labels (``--points``, comma-separated; ``+`` joins modifiers):
   (``minimum_allowed_numel=0``, ``minimum_allowed_channel_size=1``: its defaults skip layers under 16384 weights,
   i.e. most of a 1M-parameter denoiser);
 - modifiers: ``+kept8`` (the layers the architecture rule keeps float get INT8 per-channel weights; ``+kept8t``: all
-  but the timestep embedder),
+  but the timestep embedder; ``+kept8io``: all but the first and last layers),
   ``+norules`` (no architecture rule: every layer gets the recipe), ``+all`` (mixed: the kept layers take part in
   the allocation too), ``+bf16`` (every layer left float is stored and run in bfloat16 — for SDNQ too).
 
@@ -239,10 +239,16 @@ def plot(rows: list[dict], metric: str, path: Path, title: str) -> None:
 TIME_EMBEDDER_PATTERNS = ("time_embedding.*", "*timestep_embedder*")
 
 
-def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = ()) -> Any:
+#: ``+kept8io``: the first and last layers stay float (by the rule's role text: "input conv (first layer)", ...)
+IO_ROLES = ("first layer", "last layer")
+
+
+def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = (), spare_roles: tuple[str, ...] = ()) -> Any:
     """``preset`` plus one INT8 per-channel override for each layer the architecture rule keeps float, except the
-    layers matching ``spare``."""
+    layers matching ``spare`` and those whose rule role mentions one of ``spare_roles``."""
     import fnmatch
+
+    from vqsuite.pipelines.rules import layer_role, rule_for
 
     from vqsuite.calibrators.allocation import _escape
     from vqsuite.config import QuantSpec, resolve_config
@@ -251,6 +257,8 @@ def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = ()) -> 
     folded = denoiser_config(model, preset)
     kept = [n for n, _ in _weight_layers(model) if folded.spec_for(n) is None]
     kept = [n for n in kept if not any(fnmatch.fnmatchcase(n, p) for p in spare)]
+    rules = rule_for(model)[0].layer_rules(model)
+    kept = [n for n in kept if not any(r in getattr(layer_role(rules, n), "role", "") for r in spare_roles)]
     cfg = resolve_config(preset)
     extra = tuple((_escape(n), QuantSpec(weight="int8")) for n in kept)
     return dataclasses.replace(cfg, overrides=extra + tuple(cfg.overrides), name=f"{cfg.name}+kept8")
@@ -311,8 +319,9 @@ class Runner:
             if preset.startswith("mixed"):
                 cfg = self.mixed_config(pipe, float(preset[5:]), "all" in mods)
                 extra["avg_bits"] = round(self._last_alloc.avg_bits, 3)
-            elif "kept8" in mods or "kept8t" in mods:
-                cfg = kept8_config(den, preset, TIME_EMBEDDER_PATTERNS if "kept8t" in mods else ())
+            elif mods & {"kept8", "kept8t", "kept8io"}:
+                spare = TIME_EMBEDDER_PATTERNS if "kept8t" in mods else ()
+                cfg = kept8_config(den, preset, spare, IO_ROLES if "kept8io" in mods else ())
             else:
                 cfg = preset
             rule = ArchRule("none", description="no rule: every layer gets the recipe") if "norules" in mods else None
