@@ -248,11 +248,9 @@ def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = (), spa
     layers matching ``spare`` and those whose rule role mentions one of ``spare_roles``."""
     import fnmatch
 
-    from vqsuite.pipelines.rules import layer_role, rule_for
-
     from vqsuite.calibrators.allocation import _escape
     from vqsuite.config import QuantSpec, resolve_config
-    from vqsuite.pipelines.rules import _weight_layers, denoiser_config
+    from vqsuite.pipelines.rules import _weight_layers, denoiser_config, layer_role, rule_for
 
     folded = denoiser_config(model, preset)
     kept = [n for n, _ in _weight_layers(model) if folded.spec_for(n) is None]
