@@ -20,7 +20,8 @@ Point labels (``--points``, comma-separated; ``+`` joins modifiers):
   (``minimum_allowed_numel=0``, ``minimum_allowed_channel_size=1``: its defaults skip layers under 16384 weights,
   i.e. most of a 1M-parameter denoiser);
 - modifiers: ``+kept8`` (the layers the architecture rule keeps float get INT8 per-channel weights; ``+kept8t``: all
-  but the timestep embedder; ``+kept8io``: all but the first and last layers),
+  but the timestep embedder; ``+kept8io``: all but the first and last layers; ``+kept8g``: the first and last
+  layers in groups of 4), ``+g<N>`` (ImageNet CNNs: the preset's weights in groups of N along K),
   ``+norules`` (no architecture rule: every layer gets the recipe), ``+all`` (mixed: the kept layers take part in
   the allocation too), ``+bf16`` (every layer left float is stored and run in bfloat16 — for SDNQ too).
 
@@ -241,11 +242,21 @@ TIME_EMBEDDER_PATTERNS = ("time_embedding.*", "*timestep_embedder*")
 
 #: ``+kept8io``: the first and last layers stay float (by the rule's role text: "input conv (first layer)", ...)
 IO_ROLES = ("first layer", "last layer")
+#: ``+kept8g``: as ``+kept8`` but the first and last layers get INT8 in groups of this many weights along K (SDNQ's
+#: INT8 conv scales are per output channel *and* kernel tap, which is what saves its first/last convs)
+KEPT_IO_GROUP = 4
 
 
-def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = (), spare_roles: tuple[str, ...] = ()) -> Any:
+def kept8_config(
+    model: nn.Module,
+    preset: str,
+    spare: tuple[str, ...] = (),
+    spare_roles: tuple[str, ...] = (),
+    io_group: int | None = None,
+) -> Any:
     """``preset`` plus one INT8 per-channel override for each layer the architecture rule keeps float, except the
-    layers matching ``spare`` and those whose rule role mentions one of ``spare_roles``."""
+    layers matching ``spare`` and those whose rule role mentions one of ``spare_roles``; with ``io_group``, the
+    first and last layers get INT8 in groups of ``io_group`` instead."""
     import fnmatch
 
     from vqsuite.calibrators.allocation import _escape
@@ -258,7 +269,9 @@ def kept8_config(model: nn.Module, preset: str, spare: tuple[str, ...] = (), spa
     rules = rule_for(model)[0].layer_rules(model)
     kept = [n for n in kept if not any(r in getattr(layer_role(rules, n), "role", "") for r in spare_roles)]
     cfg = resolve_config(preset)
-    extra = tuple((_escape(n), QuantSpec(weight="int8")) for n in kept)
+    io = {n for n in kept if any(r in getattr(layer_role(rules, n), "role", "") for r in IO_ROLES)}
+    grouped = QuantSpec(weight="int8", weight_group_size=io_group) if io_group else QuantSpec(weight="int8")
+    extra = tuple((_escape(n), grouped if n in io else QuantSpec(weight="int8")) for n in kept)
     return dataclasses.replace(cfg, overrides=extra + tuple(cfg.overrides), name=f"{cfg.name}+kept8")
 
 
@@ -317,9 +330,10 @@ class Runner:
             if preset.startswith("mixed"):
                 cfg = self.mixed_config(pipe, float(preset[5:]), "all" in mods)
                 extra["avg_bits"] = round(self._last_alloc.avg_bits, 3)
-            elif mods & {"kept8", "kept8t", "kept8io"}:
+            elif mods & {"kept8", "kept8t", "kept8io", "kept8g"}:
                 spare = TIME_EMBEDDER_PATTERNS if "kept8t" in mods else ()
-                cfg = kept8_config(den, preset, spare, IO_ROLES if "kept8io" in mods else ())
+                io_group = KEPT_IO_GROUP if "kept8g" in mods else None
+                cfg = kept8_config(den, preset, spare, IO_ROLES if "kept8io" in mods else (), io_group)
             else:
                 cfg = preset
             rule = ArchRule("none", description="no rule: every layer gets the recipe") if "norules" in mods else None
@@ -405,6 +419,12 @@ class Runner:
                 extra["avg_bits"] = round(self._last_alloc.avg_bits, 3)
             else:
                 cfg = preset
+            groups = [int(x[1:]) for x in mods if x.startswith("g") and x[1:].isdigit()]
+            if groups:
+                from vqsuite.config import get_preset
+
+                base = get_preset(preset)
+                cfg = dataclasses.replace(base, default=base.default.replace(weight_group_size=groups[0]))
             needs_calib = preset.startswith("svdquant")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
