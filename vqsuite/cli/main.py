@@ -92,9 +92,11 @@ def _cmd_presets(args: argparse.Namespace) -> int:
 def _cmd_formats(args: argparse.Namespace) -> int:
     from vqsuite.formats import get_format, list_formats
 
-    for name in list_formats():
+    names = list_formats()
+    width = max(map(len, names), default=0)
+    for name in names:
         f = get_format(name)
-        print(f"{name:<10} {f.bits} bits  {f.bits_per_element:5.2f} bits/elem with block scales  {f.description}")
+        print(f"{name:<{width}} {f.bits} bits  {f.bits_per_element:5.2f} bits/elem with block scales  {f.description}")
     return 0
 
 
